@@ -1,0 +1,26 @@
+"""neuralfield_reg: deformable image registration with implicit neural fields.
+
+Convention (the ICON family's, used throughout):
+
+* an image of shape ``(N_0, ..., N_{d-1})`` (d = 2 or 3) covers the unit cube ``[0, 1]^d``;
+  coordinate component ``k`` runs along array axis ``k`` and voxel ``i`` has its centre at
+  ``i / (N_k - 1)``;
+* a map is a function of such coordinates, ``(N, d) -> (N, d)``;
+* for a moving image A and a fixed image B, ``phi_AB`` takes B's coordinates to A's, so that
+  ``A o phi_AB ~ B``: warping samples A at ``phi_AB(x)`` for every voxel ``x`` of B's grid.
+
+The three-line path::
+
+    result = fit_pair(moving, fixed)
+    warped_labels = result.warp(moving_labels, mode="nearest")
+    result.save("pair.pt")
+"""
+
+from ._version import __version__
+from .config import AffineConfig, FitConfig
+from .encoders import BackendUnavailableError, HashGridConfig
+from .fit import FitDivergedError, fit_pair
+from .result import RegistrationResult
+
+__all__ = ["AffineConfig", "BackendUnavailableError", "FitConfig", "FitDivergedError", "HashGridConfig",
+           "RegistrationResult", "__version__", "fit_pair"]

@@ -1,0 +1,207 @@
+"""The global stage: an affine map (and its exact inverse) fitted before the fields.
+
+The affine is parametrised in physical coordinates centred on each domain's centre,
+``p_A = L p_B + t`` with ``p = S (x - 1/2)`` and ``S = diag(extent)``, so that rotations are
+rotations in millimetres (or voxels) whatever the grid shapes. ``phi_BA`` is the exact inverse.
+
+1. Start: the images' intensity centroids and an isotropic scale from their second moments.
+2. Search: from that start under each candidate rotation, a short batched Adam run fits a
+   similarity transform (scale, translation and, in 2D, the angle) on heavily blurred small
+   images; the candidate with the lowest symmetric SSD wins.
+3. Refinement: Adam on the full affine with a blur schedule, on images resampled to at most
+   ``working_size`` voxels per axis.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import AffineConfig
+from .coords import identity_grid, sample
+from .filters import gaussian_blur, resample
+
+
+@dataclass(frozen=True)
+class AffineTransform:
+    """``p_A = linear @ p_B + translation`` in centred physical coordinates.
+
+    ``linear`` is ``(..., d, d)`` and ``translation`` ``(..., d)``: a batch of transforms is allowed.
+    """
+
+    linear: torch.Tensor
+    translation: torch.Tensor
+    extent_A: tuple[float, ...]
+    extent_B: tuple[float, ...]
+
+    def unit_AB(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(matrix, offset)`` of phi_AB in unit coordinates: ``x_A = matrix @ x_B + offset``."""
+        return _unit_affine(self.linear, self.translation, self.extent_A, self.extent_B)
+
+    def unit_BA(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(matrix, offset)`` of phi_BA = phi_AB^-1 in unit coordinates."""
+        inverse = torch.linalg.inv(self.linear)
+        return _unit_affine(inverse, -(inverse @ self.translation[..., None])[..., 0], self.extent_B, self.extent_A)
+
+
+def _unit_affine(linear, translation, extent_to, extent_from):
+    s_to = torch.as_tensor(extent_to, dtype=linear.dtype, device=linear.device)
+    s_from = torch.as_tensor(extent_from, dtype=linear.dtype, device=linear.device)
+    matrix = linear * s_from / s_to[:, None]
+    offset = 0.5 + translation / s_to - (matrix @ torch.full_like(s_from, 0.5)[:, None])[..., 0]
+    return matrix, offset
+
+
+def _apply(matrix: torch.Tensor, offset: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``(..., d, d)``, ``(..., d)`` applied to ``(P, d)`` points -> ``(..., P, d)``."""
+    return points @ matrix.transpose(-1, -2) + offset[..., None, :]
+
+
+def _moments(image: torch.Tensor, extent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intensity centroid ``(d,)`` and covariance ``(d, d)`` in centred physical coordinates."""
+    weights = image - image.min()
+    weights = weights / weights.sum().clamp_min(1e-12)
+    points = (identity_grid(image.shape, dtype=image.dtype, device=image.device) - 0.5) * extent
+    points = points.reshape(-1, image.ndim)
+    w = weights.reshape(-1, 1)
+    centroid = (w * points).sum(0)
+    centred = points - centroid
+    covariance = (w * centred).T @ centred
+    return centroid, covariance
+
+
+def _rotation_2d(angle: torch.Tensor) -> torch.Tensor:
+    """``(..., 2, 2)`` rotation matrices of angles ``(...)``."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+
+
+def _rotation_3d(angles: Sequence[float]) -> torch.Tensor:
+    rotation = torch.eye(3, dtype=torch.float64)
+    for axis, angle in enumerate(angles):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [k for k in range(3) if k != axis]
+        step = torch.eye(3, dtype=torch.float64)
+        step[i, i], step[i, j], step[j, i], step[j, j] = c, -s, s, c
+        rotation = step @ rotation
+    return rotation
+
+
+def candidate_rotations(dim: int, steps_2d: int = 36) -> torch.Tensor:
+    """``(K, d, d)`` rotations tried by the search: a full circle in 2D; +-30 degrees about each
+    axis (27 combinations) in 3D."""
+    if dim == 2:
+        return _rotation_2d(torch.arange(steps_2d, dtype=torch.float64) * (2.0 * math.pi / steps_2d))
+    angles = (-math.pi / 6.0, 0.0, math.pi / 6.0)
+    return torch.stack([_rotation_3d(combo) for combo in itertools.product(angles, repeat=3)])
+
+
+def _working_shape(shape: Sequence[int], size: int) -> tuple[int, ...]:
+    factor = min(1.0, size / max(shape))
+    return tuple(max(4, int(round(n * factor))) for n in shape)
+
+
+def symmetric_ssd(moving: torch.Tensor, fixed: torch.Tensor, transform: AffineTransform,
+                  grid_moving: torch.Tensor, grid_fixed: torch.Tensor) -> torch.Tensor:
+    """SSD of ``moving o phi_AB`` against ``fixed`` plus ``fixed o phi_BA`` against ``moving``,
+    one value per transform of a batch."""
+    dim = moving.ndim
+    warped_moving = sample(moving, _apply(*transform.unit_AB(), grid_fixed.reshape(-1, dim)))
+    warped_fixed = sample(fixed, _apply(*transform.unit_BA(), grid_moving.reshape(-1, dim)))
+    return ((warped_moving - fixed.reshape(-1)) ** 2).mean(-1) + ((warped_fixed - moving.reshape(-1)) ** 2).mean(-1)
+
+
+class _Images:
+    """Both images resampled to at most ``size`` voxels per axis, with their identity grids."""
+
+    def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, size: int):
+        self.moving = resample(moving, _working_shape(moving.shape, size))
+        self.fixed = resample(fixed, _working_shape(fixed.shape, size))
+        self.grid_moving = identity_grid(self.moving.shape, dtype=moving.dtype, device=moving.device)
+        self.grid_fixed = identity_grid(self.fixed.shape, dtype=fixed.dtype, device=fixed.device)
+
+    def blurred(self, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return gaussian_blur(self.moving, sigma), gaussian_blur(self.fixed, sigma)
+
+
+def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequence[float],
+               extent_fixed: Sequence[float], config: AffineConfig = AffineConfig()) -> AffineTransform:
+    """Fit the affine stage between two images normalised to [0, 1].
+
+    Args:
+        moving, fixed: ``(*spatial)`` images (shapes may differ, same number of axes).
+        extent_moving, extent_fixed: physical size of each domain per axis.
+    """
+    dim = moving.ndim
+    dtype, device = torch.float64, moving.device
+    s_A = torch.tensor(extent_moving, dtype=dtype, device=device)
+    s_B = torch.tensor(extent_fixed, dtype=dtype, device=device)
+    moving64, fixed64 = moving.to(dtype), fixed.to(dtype)
+    # Translations are optimised in units of the mean extent so that one learning rate suits all.
+    length = float(torch.cat([s_A, s_B]).mean())
+
+    def transform(linear, translation):
+        return AffineTransform(linear, translation * length, tuple(extent_moving), tuple(extent_fixed))
+
+    centroid_A, covariance_A = _moments(moving64, s_A)
+    centroid_B, covariance_B = _moments(fixed64, s_B)
+    scale = torch.sqrt(torch.trace(covariance_A).clamp_min(1e-12) / torch.trace(covariance_B).clamp_min(1e-12))
+    log_scale0 = float(torch.log(scale.clamp(0.5, 2.0)))
+
+    rotations = candidate_rotations(dim, config.rotation_steps_2d).to(device) if config.rotation_search \
+        else torch.eye(dim, dtype=dtype, device=device)[None]
+    count = rotations.shape[0]
+    log_scale = torch.full((count,), log_scale0, dtype=dtype, device=device, requires_grad=True)
+    angle = torch.zeros(count, dtype=dtype, device=device, requires_grad=True)
+
+    def similarity(log_scale, angle, translation=None):
+        linear = torch.exp(log_scale)[:, None, None] * rotations
+        if dim == 2:
+            linear = linear @ _rotation_2d(angle)
+        if translation is None:  # the moments start: centroid of B onto centroid of A
+            translation = (centroid_A - (linear @ centroid_B[:, None])[..., 0]) / length
+        return linear, translation
+
+    translation = similarity(log_scale, angle)[1].detach().clone().requires_grad_(True)
+    if config.search_iterations > 0:
+        images = _Images(moving64, fixed64, config.search_size)
+        small_A, small_B = images.blurred(config.search_sigma)
+        optimizer = torch.optim.Adam([log_scale, angle, translation], lr=config.search_learning_rate)
+        for _ in range(config.search_iterations):
+            optimizer.zero_grad()
+            costs = symmetric_ssd(small_A, small_B, transform(*similarity(log_scale, angle, translation)),
+                                  images.grid_moving, images.grid_fixed)
+            costs.sum().backward()   # candidates are independent: one batched step for all
+            optimizer.step()
+        with torch.no_grad():
+            costs = symmetric_ssd(small_A, small_B, transform(*similarity(log_scale, angle, translation)),
+                                  images.grid_moving, images.grid_fixed)
+        best = int(torch.argmin(costs))
+    else:
+        best = 0
+    with torch.no_grad():
+        linear, translation = similarity(log_scale, angle, translation)
+    linear, translation = linear[best].detach().clone(), translation[best].detach().clone()
+
+    if config.iterations > 0:
+        images = _Images(moving64, fixed64, config.working_size)
+        linear.requires_grad_(True)
+        translation.requires_grad_(True)
+        optimizer = torch.optim.Adam([linear, translation], lr=config.learning_rate)
+        per_stage = max(1, config.iterations // len(config.blur_sigmas))
+        for stage, sigma in enumerate(config.blur_sigmas):
+            blurred_A, blurred_B = images.blurred(sigma)
+            last = stage == len(config.blur_sigmas) - 1
+            steps = config.iterations - per_stage * stage if last else per_stage
+            for _ in range(max(0, steps)):
+                optimizer.zero_grad()
+                loss = symmetric_ssd(blurred_A, blurred_B, transform(linear, translation),
+                                     images.grid_moving, images.grid_fixed)
+                loss.backward()
+                optimizer.step()
+    final = transform(linear.detach(), translation.detach())
+    return final

@@ -1,0 +1,161 @@
+"""Settings of a fit, gathered in small frozen dataclasses with measured defaults.
+
+``FitConfig()`` is what ``fit_pair`` uses when no config is given; every field can be changed
+with ``dataclasses.replace(FitConfig(), iterations=1000)``. ``to_dict``/``from_dict`` turn a
+config into plain Python values (for saving results) and back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Sequence
+
+from .encoders.base import HashGridConfig
+
+SIMILARITY_NAMES = ("ssd", "ncc", "lncc")
+
+
+def _require(condition: bool, name: str, expected: str, value) -> None:
+    if not condition:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AffineConfig:
+    """Settings of the affine stage (see ``affine.py``). Blur sigmas are in voxels of the grid
+    they apply to: ``search_size`` for the search, ``working_size`` for the refinement."""
+
+    iterations: int = 200
+    learning_rate: float = 0.01
+    working_size: int = 64
+    blur_sigmas: tuple[float, ...] = (4.0, 2.0, 1.0)
+    rotation_search: bool = True
+    search_iterations: int = 40
+    search_learning_rate: float = 0.05
+    search_size: int = 32
+    search_sigma: float = 2.0
+    rotation_steps_2d: int = 36
+
+    def __post_init__(self):
+        _require(self.iterations >= 0, "AffineConfig.iterations", "an integer >= 0", self.iterations)
+        _require(self.learning_rate > 0, "AffineConfig.learning_rate", "a positive number", self.learning_rate)
+        _require(self.working_size >= 4, "AffineConfig.working_size", "at least 4 voxels", self.working_size)
+        _require(self.search_size >= 4, "AffineConfig.search_size", "at least 4 voxels", self.search_size)
+        _require(len(self.blur_sigmas) > 0 and all(s >= 0 for s in self.blur_sigmas),
+                 "AffineConfig.blur_sigmas", "one or more sigmas >= 0", self.blur_sigmas)
+        _require(self.search_iterations >= 0, "AffineConfig.search_iterations", "an integer >= 0",
+                 self.search_iterations)
+        _require(self.search_learning_rate > 0, "AffineConfig.search_learning_rate", "a positive number",
+                 self.search_learning_rate)
+        _require(self.rotation_steps_2d >= 1, "AffineConfig.rotation_steps_2d", "an integer >= 1",
+                 self.rotation_steps_2d)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Settings of :func:`neuralfield_reg.fit_pair`.
+
+    Attributes:
+        iterations: Adam steps of the field stage.
+        learning_rate: Adam learning rate for the hash tables and the MLPs.
+        learning_rate_decay: the learning rate follows a cosine from ``learning_rate`` down to
+            ``learning_rate * learning_rate_decay`` at the last iteration (1 keeps it constant).
+        similarity: ``"ssd"``, ``"ncc"`` (global) or ``"lncc"`` (local, ``lncc_window`` voxels).
+        gradient_icon_weight: lambda of the autograd gradient-ICON penalty.
+        gradient_icon_points: random points per iteration for the penalty.
+        icon_weight: weight of an optional plain ICON term (mean squared residual).
+        similarity_points: random fixed/moving voxels per iteration for ``ssd``/``ncc``; None uses
+            every voxel (``lncc`` always uses the whole grid).
+        blur_sigmas: coarse-to-fine schedule: Gaussian blur (voxels) of both images, one stage
+            each, stages of equal length.
+        level_ramp: fraction of the iterations over which the hash-grid levels are switched on,
+            coarse to fine, starting from ``start_levels`` levels.
+        encoding: hash-grid settings; None picks them from the image size (finest level at the
+            image resolution).
+        hidden_widths, output_scale: the MLP and the scale of its output (unit coordinates).
+        affine: settings of the global affine stage, or None to start from the identity.
+        backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
+    """
+
+    iterations: int = 500
+    learning_rate: float = 1e-2
+    learning_rate_decay: float = 0.01
+    similarity: str = "ssd"
+    lncc_window: int = 9
+    gradient_icon_weight: float = 0.5
+    gradient_icon_points: int = 512
+    icon_weight: float = 0.0
+    similarity_points: int | None = 4096
+    blur_sigmas: tuple[float, ...] = (6.0, 3.0, 1.5, 0.0)
+    level_ramp: float = 0.5
+    start_levels: int = 2
+    encoding: HashGridConfig | None = None
+    hidden_widths: tuple[int, ...] = (32, 32)
+    output_scale: float = 0.1
+    affine: AffineConfig | None = AffineConfig()
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _require(isinstance(self.iterations, int) and self.iterations >= 1, "FitConfig.iterations",
+                 "an integer >= 1", self.iterations)
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "FitConfig.learning_rate",
+                 "a positive number", self.learning_rate)
+        _require(0 < self.learning_rate_decay <= 1, "FitConfig.learning_rate_decay", "a fraction in (0, 1]",
+                 self.learning_rate_decay)
+        _require(self.similarity in SIMILARITY_NAMES, "FitConfig.similarity",
+                 f"one of {SIMILARITY_NAMES}", self.similarity)
+        _require(self.lncc_window >= 1 and self.lncc_window % 2 == 1, "FitConfig.lncc_window",
+                 "an odd integer >= 1", self.lncc_window)
+        for name in ("gradient_icon_weight", "icon_weight"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, f"FitConfig.{name}", "a number >= 0", value)
+        _require(self.gradient_icon_points >= 1, "FitConfig.gradient_icon_points", "an integer >= 1",
+                 self.gradient_icon_points)
+        _require(self.similarity_points is None or self.similarity_points >= 1,
+                 "FitConfig.similarity_points", "None or an integer >= 1", self.similarity_points)
+        _require(len(self.blur_sigmas) > 0 and all(s >= 0 for s in self.blur_sigmas),
+                 "FitConfig.blur_sigmas", "one or more sigmas >= 0", self.blur_sigmas)
+        _require(0 <= self.level_ramp <= 1, "FitConfig.level_ramp", "a fraction in [0, 1]", self.level_ramp)
+        _require(self.start_levels >= 1, "FitConfig.start_levels", "an integer >= 1", self.start_levels)
+        _require(len(self.hidden_widths) > 0 and all(w >= 1 for w in self.hidden_widths),
+                 "FitConfig.hidden_widths", "one or more positive widths", self.hidden_widths)
+        _require(math.isfinite(self.output_scale) and self.output_scale > 0, "FitConfig.output_scale",
+                 "a positive number", self.output_scale)
+        _require(self.backend in ("auto", "torch", "native", "tcnn"), "FitConfig.backend",
+                 "'auto', 'torch', 'native' or 'tcnn'", self.backend)
+
+    def resolved(self, shape: Sequence[int]) -> "FitConfig":
+        """This config with ``encoding`` filled in for images of ``shape``."""
+        if self.encoding is not None:
+            return self
+        return replace(self, encoding=default_encoding(shape))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FitConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"config: unknown FitConfig fields {sorted(unknown)}")
+        values = dict(values)
+        if values.get("encoding") is not None:
+            values["encoding"] = HashGridConfig(**values["encoding"])
+        if values.get("affine") is not None:
+            values["affine"] = AffineConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in values["affine"].items()})
+        for key in ("blur_sigmas", "hidden_widths"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def default_encoding(shape: Sequence[int]) -> HashGridConfig:
+    """8 levels from resolution 4 up to the image's largest axis, table large enough to be dense
+    at 128^2 and at most 2^19 rows (hashed on finer 3D levels)."""
+    finest = max(8, max(shape))
+    dense_rows = finest ** len(shape)
+    log2_size = int(min(19, max(14, math.ceil(math.log2(dense_rows)))))
+    return HashGridConfig.from_resolutions(4, finest, 8, log2_hashmap_size=log2_size)

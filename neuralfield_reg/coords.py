@@ -1,0 +1,121 @@
+"""Coordinates on the image domain and sampling images at arbitrary points.
+
+Convention (shared by the whole library, as in the ICON family):
+
+* An image of shape ``(N_0, ..., N_{d-1})`` covers the unit cube ``[0, 1]^d``.
+* Coordinate component ``k`` runs along array axis ``k`` (not reversed as in
+  ``torch.nn.functional.grid_sample``), and voxel ``i`` along that axis has its centre at
+  ``i / (N_k - 1)``: the first and last voxel centres lie on the faces of the cube.
+* The physical size of the domain along axis ``k`` is its extent ``(N_k - 1) * spacing_k``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .validation import check_choice, check_points
+
+
+def identity_grid(shape: Sequence[int], *, dtype: torch.dtype = torch.float32,
+                  device=None) -> torch.Tensor:
+    """Unit coordinates of every voxel centre.
+
+    Args:
+        shape: the grid, ``(H, W)`` or ``(D, H, W)``; each axis at least 2 voxels.
+    Returns:
+        Tensor of shape ``(*shape, d)``; ``grid[i, j] = (i / (H - 1), j / (W - 1))``.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 0 or min(shape) < 2:
+        raise ValueError(f"shape: expected every axis to have at least 2 voxels, got {shape}")
+    axes = [torch.linspace(0.0, 1.0, n, dtype=dtype, device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def _axis_sizes(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([n - 1 for n in shape], dtype=like.dtype, device=like.device)
+
+
+def voxel_to_unit(voxels: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Voxel indices (..., d), fractional allowed, to unit coordinates on a grid of ``shape``."""
+    return voxels / _axis_sizes(shape, voxels)
+
+
+def unit_to_voxel(points: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Unit coordinates (..., d) to fractional voxel indices on a grid of ``shape``."""
+    return points * _axis_sizes(shape, points)
+
+
+def physical_extent(shape: Sequence[int], spacing: Sequence[float]) -> tuple[float, ...]:
+    """Physical size of the domain along each axis: ``(N_k - 1) * spacing_k``."""
+    return tuple((n - 1) * s for n, s in zip(shape, spacing))
+
+
+def sample(image: torch.Tensor, points: torch.Tensor, *, mode: str = "linear",
+           padding: str = "border") -> torch.Tensor:
+    """Sample an image at unit coordinates.
+
+    Convention: ``points[..., k]`` runs along array axis ``k`` of the image, voxel centres
+    at ``i / (N_k - 1)``.
+
+    Args:
+        image: ``(*spatial)`` or ``(C, *spatial)`` with ``d`` spatial axes (``d`` is taken from
+            ``points``). ``mode="linear"`` needs a floating image; ``"nearest"`` takes any dtype
+            and returns that dtype (label maps stay integer).
+        points: ``(..., d)`` unit coordinates; differentiable in ``"linear"`` mode.
+        mode: ``"linear"`` (bi/trilinear) or ``"nearest"``.
+        padding: ``"border"`` (points outside take the nearest edge value) or ``"zeros"``.
+    Returns:
+        ``(...)`` or ``(C, ...)``: the image values at ``points``.
+    """
+    check_choice("mode", mode, ("linear", "nearest"))
+    check_choice("padding", padding, ("border", "zeros"))
+    ndim = points.shape[-1] if points.ndim else 0
+    if ndim not in (2, 3):
+        raise ValueError(f"points: expected shape (..., 2) or (..., 3), got {tuple(points.shape)}")
+    check_points("points", points, ndim)
+    if image.ndim not in (ndim, ndim + 1):
+        raise ValueError(f"image: expected {ndim} spatial axes, optionally after one channel axis, "
+                         f"got shape {tuple(image.shape)}")
+    has_channels = image.ndim == ndim + 1
+    spatial = tuple(image.shape[-ndim:])
+    batch_shape = points.shape[:-1]
+    flat = points.reshape(-1, ndim)
+    if mode == "nearest":
+        values = _sample_nearest(image if has_channels else image[None], flat, spatial, padding)
+    else:
+        if not image.is_floating_point():
+            raise TypeError(f"image: linear sampling needs a floating image, got {image.dtype}; "
+                            "use mode='nearest' for label maps")
+        values = _sample_linear(image if has_channels else image[None], flat, padding)
+    values = values.reshape(values.shape[0], *batch_shape)
+    return values if has_channels else values[0]
+
+
+def _sample_linear(image: torch.Tensor, flat: torch.Tensor, padding: str) -> torch.Tensor:
+    ndim = flat.shape[-1]
+    # grid_sample wants (x, y[, z]) = reversed array axes in [-1, 1]; align_corners=True puts
+    # -1 and 1 on the first and last voxel centres, which is our convention.
+    grid = (flat.flip(-1) * 2.0 - 1.0).to(image.dtype)
+    grid = grid.reshape(1, -1, *([1] * (ndim - 1)), ndim)
+    out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode=padding, align_corners=True)
+    return out.reshape(image.shape[0], -1)
+
+
+def _sample_nearest(image: torch.Tensor, flat: torch.Tensor, spatial: tuple[int, ...],
+                    padding: str) -> torch.Tensor:
+    voxels = torch.round(unit_to_voxel(flat.detach(), spatial)).long()
+    sizes = torch.tensor(spatial, device=flat.device)
+    inside = ((voxels >= 0) & (voxels < sizes)).all(-1)
+    voxels = torch.minimum(voxels.clamp_min(0), sizes - 1)
+    strides = torch.tensor([math.prod(spatial[k + 1:]) for k in range(len(spatial))],
+                           device=flat.device)
+    index = (voxels * strides).sum(-1)
+    values = image.reshape(image.shape[0], -1)[:, index]
+    if padding == "zeros":
+        values = torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return values

@@ -1,0 +1,164 @@
+"""Coordinate-network displacement fields and the forward/inverse pair of maps.
+
+Convention: a map is a function of unit coordinates, ``(N, d) -> (N, d)``. ``phi_AB`` takes
+points of the fixed image B's domain to the moving image A's domain, so that
+``A o phi_AB ~ B``; ``phi_BA`` goes the other way. Each map is a global affine part (fixed
+after the affine stage) plus a displacement field ``u(x) = output_scale * MLP(encoding(x))``:
+``phi(x) = M x + b + u(x)``. The MLP's last layer starts at zero, so ``u = 0`` at the start.
+
+Several fields are stored in one module with stacked parameters (one hash table and one MLP
+each) and are evaluated together in one batch of operations: the two maps of a pair cost
+about as much as one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .encoders import HashGridConfig, make_encoding
+
+Points = Sequence[torch.Tensor | None]
+
+
+class DisplacementFields(nn.Module):
+    """``n_fields`` independent fields ``u_t(x) = output_scale * MLP_t(encoding_t(clamp(x, 0, 1)))``.
+
+    Points are clamped to the unit cube before encoding: outside the domain a field continues
+    with its boundary value instead of reading wrapped (meaningless) table rows.
+    """
+
+    def __init__(self, dim: int, n_fields: int = 1, encoding: HashGridConfig = HashGridConfig(),
+                 hidden_widths: Sequence[int] = (64, 64), output_scale: float = 0.1,
+                 backend: str = "auto"):
+        super().__init__()
+        self.dim = dim
+        self.n_fields = n_fields
+        self.hidden_widths = tuple(int(w) for w in hidden_widths)
+        self.output_scale = float(output_scale)
+        self.encoding = make_encoding(dim, encoding, backend, n_tables=n_fields)
+        widths = [self.encoding.n_output_dims, *self.hidden_widths, dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for layer, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+            last = layer == len(widths) - 2
+            bound = 0.0 if last else 1.0 / math.sqrt(fan_in)   # nn.Linear's default; last layer zero
+            self.weights.append(nn.Parameter(torch.empty(n_fields, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n_fields, fan_out).uniform_(-bound, bound)))
+
+    @property
+    def backend(self) -> str:
+        return self.encoding.backend
+
+    def _mlp(self, features: torch.Tensor, field: int | None) -> torch.Tensor:
+        """``(n, F)`` features of one field, or ``(T, n, F)`` of all fields when ``field`` is None."""
+        h = features
+        last = len(self.weights) - 1
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            if field is None:
+                h = torch.baddbmm(bias[:, None, :], h, weight)
+            else:
+                h = torch.addmm(bias[field], h, weight[field])
+            if layer < last:
+                h = torch.relu(h)
+        return h
+
+    def forward(self, points: Points, level_weights: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """Displacements of each field at its own points.
+
+        Args:
+            points: one entry per field, ``(N_t, d)`` unit coordinates or None to skip the field.
+            level_weights: optional ``(n_levels,)`` weights in [0, 1] multiplying each level's
+                features (coarse-to-fine activation of the hash-grid levels).
+        Returns:
+            One ``(N_t, d)`` displacement (unit coordinates) per field, None where skipped.
+        """
+        if len(points) != self.n_fields:
+            raise ValueError(f"points: expected {self.n_fields} entries (one per field), got {len(points)}")
+        used = [t for t, p in enumerate(points) if p is not None]
+        if not used:
+            return [None] * self.n_fields
+        sizes = [points[t].shape[0] for t in used]
+        if len(used) == 1:
+            table_index = used[0]
+            flat = points[used[0]]
+        else:
+            flat = torch.cat([points[t] for t in used])
+            table_index = torch.repeat_interleave(torch.tensor(used, device=flat.device),
+                                                  torch.tensor(sizes, device=flat.device))
+        features = self.encoding(flat.clamp(0.0, 1.0), table_index)
+        if level_weights is not None:
+            per_feature = self.encoding.config.n_features_per_level
+            features = features * level_weights.to(features.dtype).repeat_interleave(per_feature)
+        out: list[torch.Tensor | None] = [None] * self.n_fields
+        if len(used) == self.n_fields and len(set(sizes)) == 1:
+            batched = self._mlp(features.reshape(self.n_fields, sizes[0], -1), None)
+            for t in range(self.n_fields):
+                out[t] = self.output_scale * batched[t]
+        else:
+            for t, chunk in zip(used, features.split(sizes)):
+                out[t] = self.output_scale * self._mlp(chunk, t)
+        return out
+
+
+class MapPair(nn.Module):
+    """The forward map ``phi_AB`` (fixed -> moving coordinates) and the inverse ``phi_BA``.
+
+    ``phi(x) = matrix @ x + offset + u(x)`` per direction; index 0 is AB, 1 is BA. Call
+    ``pair(points_AB, points_BA)`` to evaluate both maps in one batch, or use the
+    ``phi_AB``/``phi_BA`` callables for one direction.
+    """
+
+    def __init__(self, dim: int, *, encoding: HashGridConfig = HashGridConfig(),
+                 hidden_widths: Sequence[int] = (64, 64), output_scale: float = 0.1,
+                 backend: str = "auto", affine_AB: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 affine_BA: tuple[torch.Tensor, torch.Tensor] | None = None):
+        super().__init__()
+        self.dim = dim
+        self.fields = DisplacementFields(dim, 2, encoding, hidden_widths, output_scale, backend)
+        matrices, offsets = [], []
+        for affine in (affine_AB, affine_BA):
+            matrix, offset = affine if affine is not None else (torch.eye(dim), torch.zeros(dim))
+            matrices.append(matrix.detach().to(torch.float32))
+            offsets.append(offset.detach().to(torch.float32))
+        self.register_buffer("matrices", torch.stack(matrices))
+        self.register_buffer("offsets", torch.stack(offsets))
+
+    @property
+    def backend(self) -> str:
+        return self.fields.backend
+
+    def affine(self, points: torch.Tensor, direction: int) -> torch.Tensor:
+        return points @ self.matrices[direction].to(points.dtype).T + self.offsets[direction].to(points.dtype)
+
+    def forward(self, points_AB: torch.Tensor | None, points_BA: torch.Tensor | None,
+                level_weights: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(phi_AB(points_AB), phi_BA(points_BA))``; either input may be None."""
+        points = [points_AB, points_BA]
+        displacements = self.fields(points, level_weights)
+        return tuple(None if p is None else self.affine(p, t) + u
+                     for t, (p, u) in enumerate(zip(points, displacements)))
+
+    @property
+    def phi_AB(self) -> "DirectionalMap":
+        return DirectionalMap(self, 0)
+
+    @property
+    def phi_BA(self) -> "DirectionalMap":
+        return DirectionalMap(self, 1)
+
+
+class DirectionalMap:
+    """One direction of a :class:`MapPair` as a callable ``(N, d) -> (N, d)``."""
+
+    def __init__(self, pair: MapPair, direction: int):
+        self.pair = pair
+        self.direction = direction
+
+    def __call__(self, points: torch.Tensor, level_weights: torch.Tensor | None = None) -> torch.Tensor:
+        args = [None, None]
+        args[self.direction] = points
+        return self.pair(*args, level_weights=level_weights)[self.direction]

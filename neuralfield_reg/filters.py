@@ -1,0 +1,56 @@
+"""Image filters used by the coarse-to-fine schedules: Gaussian blur and resampling."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .coords import identity_grid, sample
+
+
+def gaussian_kernel1d(sigma: float, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Normalised 1D Gaussian of standard deviation ``sigma`` (voxels), radius ``ceil(3 sigma)``."""
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur with replicated edges.
+
+    Args:
+        image: ``(*spatial)`` with 2 or 3 spatial axes.
+        sigma: standard deviation in voxels, one number or one per axis; 0 leaves an axis as is.
+    Returns:
+        The blurred image, same shape and dtype.
+    """
+    ndim = image.ndim
+    sigmas = [float(sigma)] * ndim if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
+    if len(sigmas) != ndim:
+        raise ValueError(f"sigma: expected 1 or {ndim} values, got {len(sigmas)}")
+    out = image[None, None]
+    for axis, s in enumerate(sigmas):
+        if s <= 0:
+            continue
+        kernel = gaussian_kernel1d(s, dtype=image.dtype, device=image.device)
+        radius = kernel.numel() // 2
+        # Move the blurred axis last, run a 1D convolution over it, move it back.
+        moved = out.movedim(axis + 2, -1)
+        shape = moved.shape
+        rows = moved.reshape(-1, 1, shape[-1])
+        rows = F.pad(rows, (radius, radius), mode="replicate")
+        rows = F.conv1d(rows, kernel.view(1, 1, -1))
+        out = rows.reshape(shape).movedim(-1, axis + 2)
+    return out[0, 0]
+
+
+def resample(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Linear resampling of an image onto a grid of ``shape`` covering the same unit domain."""
+    if tuple(shape) == tuple(image.shape):
+        return image
+    grid = identity_grid(shape, dtype=image.dtype, device=image.device)
+    return sample(image, grid)

@@ -1,0 +1,138 @@
+"""Inverse-consistency penalties for a pair of maps ``phi_AB`` (B -> A) and ``phi_BA`` (A -> B).
+
+The residual on A's domain is ``r(x) = phi_AB(phi_BA(x)) - x``; on B's domain it is
+``phi_BA(phi_AB(y)) - y``. Every penalty here is symmetric: the mean of the two directions,
+evaluated at the same unit-cube points.
+
+Anisotropy: pass each domain's physical ``extent`` (``(N_k - 1) * spacing_k`` per axis) and the
+residual and its Jacobian are measured in physical units (the Jacobian becomes
+``S J S^-1`` with ``S = diag(extent)``, which is dimensionless; the residual of ``icon`` is
+divided by the largest extent so that it stays a fraction of the domain).
+
+Normalisation: both gradient penalties return the mean over points of the squared Frobenius
+norm of ``dr/dx``. (The GradICON reference code sums, over axes, the mean over points *and
+components* of the squared difference quotient, which is this value divided by ``d``.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+# Both maps at once: (points for phi_AB, points for phi_BA) -> (phi_AB(.), phi_BA(.)).
+PairMap = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def as_pair(phi_AB: Map, phi_BA: Map) -> PairMap:
+    """Two one-direction maps as a :data:`PairMap`."""
+    return lambda points_AB, points_BA: (phi_AB(points_AB), phi_BA(points_BA))
+
+
+def _scales(extent: Sequence[float] | None, like: torch.Tensor) -> torch.Tensor | None:
+    if extent is None:
+        return None
+    return torch.as_tensor(extent, dtype=like.dtype, device=like.device)
+
+
+def inverse_consistency_residual(phi_AB: Map, phi_BA: Map, points: torch.Tensor) -> torch.Tensor:
+    """``phi_AB(phi_BA(x)) - x`` at ``(N, d)`` points of A's domain, unit coordinates."""
+    return phi_AB(phi_BA(points)) - points
+
+
+def _physical_jacobian(jacobian: torch.Tensor, extent: Sequence[float] | None) -> torch.Tensor:
+    """``S J S^-1`` for ``(N, d, d)`` Jacobians ``J[n, k, j] = d r_k / d x_j``."""
+    scale = _scales(extent, jacobian)
+    if scale is None:
+        return jacobian
+    return jacobian * scale[:, None] / scale[None, :]
+
+
+def residual_jacobians(pair: PairMap, points: torch.Tensor, *, create_graph: bool = True):
+    """Residuals and their Jacobians in both directions, by ``torch.autograd.grad``.
+
+    Returns ``(residual_A, residual_B, jacobian_A, jacobian_B)``: ``(N, d)`` residuals
+    ``phi_AB(phi_BA(x)) - x`` and ``phi_BA(phi_AB(x)) - x``, and their ``(N, d, d)`` Jacobians
+    ``J[n, k, j] = d r_k / d x_j`` at the same ``(N, d)`` unit-cube points.
+
+    The ``d`` rows of every Jacobian come from one backward pass: the points are repeated ``d``
+    times and block ``k`` back-propagates the unit vector ``e_k`` (points are independent, so the
+    blocks do not mix). With ``create_graph=True`` (the default) the Jacobians can be
+    differentiated again, e.g. with respect to the maps' parameters: the double backward the
+    penalty needs.
+    """
+    n, dim = points.shape
+    x = points.detach().repeat(dim, 1).requires_grad_(True)     # A's domain
+    y = points.detach().repeat(dim, 1).requires_grad_(True)     # B's domain
+    with torch.enable_grad():
+        phi_AB_y, phi_BA_x = pair(y, x)
+        back_A, back_B = pair(phi_BA_x, phi_AB_y)
+        residual_A, residual_B = back_A - x, back_B - y
+        select = torch.eye(dim, dtype=points.dtype, device=points.device).repeat_interleave(n, dim=0)
+        grad_x, grad_y = torch.autograd.grad([residual_A, residual_B], [x, y], grad_outputs=[select, select],
+                                             create_graph=create_graph)
+    jacobian_A = grad_x.reshape(dim, n, dim).transpose(0, 1)
+    jacobian_B = grad_y.reshape(dim, n, dim).transpose(0, 1)
+    return residual_A[:n], residual_B[:n], jacobian_A, jacobian_B
+
+
+def inverse_consistency_terms(pair: PairMap, points: torch.Tensor, *,
+                              extent_A: Sequence[float] | None = None,
+                              extent_B: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """``{"gradient_icon": ..., "icon": ...}`` from one evaluation of both maps (see below)."""
+    residual_A, residual_B, jacobian_A, jacobian_B = residual_jacobians(pair, points)
+    gradient = 0.5 * sum((_physical_jacobian(j, e) ** 2).sum((1, 2)).mean()
+                         for j, e in ((jacobian_A, extent_A), (jacobian_B, extent_B)))
+    return {"gradient_icon": gradient, "icon": 0.5 * (_icon_one(residual_A, extent_A)
+                                                      + _icon_one(residual_B, extent_B))}
+
+
+def _icon_one(residual: torch.Tensor, extent: Sequence[float] | None) -> torch.Tensor:
+    scale = _scales(extent, residual)
+    if scale is not None:
+        residual = residual * (scale / scale.max())
+    return (residual ** 2).sum(-1).mean()
+
+
+def icon(phi_AB: Map, phi_BA: Map, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
+         extent_B: Sequence[float] | None = None) -> torch.Tensor:
+    """Plain ICON: mean squared residual, averaged over both directions."""
+    return 0.5 * (_icon_one(inverse_consistency_residual(phi_AB, phi_BA, points), extent_A)
+                  + _icon_one(inverse_consistency_residual(phi_BA, phi_AB, points), extent_B))
+
+
+def gradient_icon_autograd(phi_AB: Map, phi_BA: Map, points: torch.Tensor, *,
+                           extent_A: Sequence[float] | None = None,
+                           extent_B: Sequence[float] | None = None) -> torch.Tensor:
+    """Gradient inverse consistency with exact Jacobians: mean ``||d r / d x||_F^2``, both directions.
+
+    Each sample pins a neighbourhood of the residual (its first-order behaviour), not only its
+    value, in the spirit of a gradient penalty. Differentiable in the maps' parameters.
+    """
+    return inverse_consistency_terms(as_pair(phi_AB, phi_BA), points, extent_A=extent_A,
+                                     extent_B=extent_B)["gradient_icon"]
+
+
+def gradient_icon_fd(phi_AB: Map, phi_BA: Map, points: torch.Tensor, *, step: float = 1e-3,
+                     extent_A: Sequence[float] | None = None,
+                     extent_B: Sequence[float] | None = None) -> torch.Tensor:
+    """Finite-difference GradICON: forward differences of the residual, ``step`` per axis.
+
+    Same normalisation as :func:`gradient_icon_autograd` (mean squared Frobenius norm of the
+    difference-quotient Jacobian), so the two agree on smooth maps.
+    """
+    if not step > 0:
+        raise ValueError(f"step: expected a positive number, got {step!r}")
+    dim = points.shape[-1]
+
+    def one(f, g, extent):
+        base = inverse_consistency_residual(f, g, points)
+        columns = []
+        for k in range(dim):
+            shifted = points.clone()
+            shifted[..., k] += step
+            columns.append((inverse_consistency_residual(f, g, shifted) - base) / step)
+        jacobian = _physical_jacobian(torch.stack(columns, dim=-1), extent)
+        return (jacobian ** 2).sum((-2, -1)).mean()
+    return 0.5 * (one(phi_AB, phi_BA, extent_A) + one(phi_BA, phi_AB, extent_B))

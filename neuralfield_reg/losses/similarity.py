@@ -1,0 +1,59 @@
+"""Image similarity losses (lower is better) on tensors of equal shape.
+
+``ssd`` and ``ncc`` take values at any set of points (grids or flat samples); ``lncc`` needs
+images on a grid, ``(*spatial)`` with 2 or 3 spatial axes, because it uses neighbourhoods.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_pair(warped: torch.Tensor, target: torch.Tensor) -> None:
+    if warped.shape != target.shape:
+        raise ValueError(f"warped and target: expected equal shapes, got {tuple(warped.shape)} "
+                         f"and {tuple(target.shape)}")
+    if warped.numel() == 0:
+        raise ValueError("warped: expected a non-empty tensor")
+
+
+def ssd(warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference."""
+    _check_pair(warped, target)
+    return ((warped - target) ** 2).mean()
+
+
+def ncc(warped: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``1 - `` global normalised cross-correlation (0 for images equal up to gain and offset)."""
+    _check_pair(warped, target)
+    a = warped - warped.mean()
+    b = target - target.mean()
+    correlation = (a * b).mean() / torch.sqrt((a * a).mean() * (b * b).mean() + eps)
+    return 1.0 - correlation
+
+
+def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - `` mean local normalised cross-correlation over ``window``-wide cubic neighbourhoods.
+
+    Args:
+        warped, target: ``(*spatial)`` images on the same grid, 2 or 3 spatial axes.
+        window: odd neighbourhood width in voxels.
+    """
+    _check_pair(warped, target)
+    if warped.ndim not in (2, 3):
+        raise ValueError(f"warped: lncc expects a 2D or 3D image grid, got shape {tuple(warped.shape)}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window: expected an odd positive integer, got {window!r}")
+    pool = F.avg_pool2d if warped.ndim == 2 else F.avg_pool3d
+    stack = torch.stack([warped, target, warped * warped, target * target, warped * target])[None]
+    means = pool(stack, window, stride=1, padding=window // 2, count_include_pad=False)[0]
+    mean_a, mean_b, mean_aa, mean_bb, mean_ab = means
+    covariance = mean_ab - mean_a * mean_b
+    variance_a = (mean_aa - mean_a * mean_a).clamp_min(0.0)
+    variance_b = (mean_bb - mean_b * mean_b).clamp_min(0.0)
+    correlation = covariance * covariance / (variance_a * variance_b + eps)
+    return 1.0 - correlation.mean()
+
+
+SIMILARITIES = {"ssd": ssd, "ncc": ncc, "lncc": lncc}

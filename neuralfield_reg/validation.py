@@ -1,0 +1,98 @@
+"""Input checks shared by the public entry points.
+
+Every public function checks its inputs once, at the entry, and raises ``ValueError`` or
+``TypeError`` with a message that names the argument, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+def describe(value) -> str:
+    """A short description of a value for error messages: type, shape and dtype."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
+
+
+def as_tensor(name: str, value, *, device=None) -> tuple[torch.Tensor, bool]:
+    """Turn a numpy array or tensor into a tensor; return it and whether the input was numpy."""
+    if isinstance(value, torch.Tensor):
+        tensor = value if device is None else value.to(device)
+        return tensor, False
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise TypeError(f"{name}: expected a numeric array, got an array of Python objects")
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        return (tensor if device is None else tensor.to(device)), True
+    raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {describe(value)}")
+
+
+def check_image(name: str, value, *, dims: Sequence[int] = (2, 3), device=None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, bool]:
+    """Check an image of shape (H, W) or (D, H, W) and return it as a floating tensor.
+
+    Integer and boolean images are converted to ``dtype``; complex images, wrong ndim,
+    axes shorter than 2 voxels and NaN/Inf raise.
+    """
+    tensor, was_numpy = as_tensor(name, value, device=device)
+    if tensor.ndim not in dims:
+        expected = " or ".join(f"{d}D" for d in dims)
+        raise ValueError(
+            f"{name}: expected a {expected} image (H, W) or (D, H, W) with no channel or batch "
+            f"axis, got {describe(value)}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name}: the image is empty ({describe(value)})")
+    if min(tensor.shape) < 2:
+        raise ValueError(f"{name}: every axis needs at least 2 voxels, got shape {tuple(tensor.shape)}")
+    if tensor.is_complex():
+        raise TypeError(f"{name}: expected a real-valued image, got dtype {tensor.dtype}")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    elif tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.to(dtype)
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name}: the image contains NaN or Inf values")
+    return tensor, was_numpy
+
+
+def check_spacing(name: str, spacing, ndim: int) -> tuple[float, ...]:
+    """Check a voxel spacing: None (1 per axis), one positive number, or one per axis."""
+    if spacing is None:
+        return (1.0,) * ndim
+    if isinstance(spacing, (int, float)) and not isinstance(spacing, bool):
+        spacing = (float(spacing),) * ndim
+    try:
+        values = tuple(float(s) for s in spacing)
+    except TypeError as error:
+        raise TypeError(f"{name}: expected None, a number or {ndim} numbers, got {spacing!r}") from error
+    if len(values) != ndim:
+        raise ValueError(f"{name}: expected {ndim} values (one per axis), got {len(values)}: {spacing!r}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{name}: every spacing must be positive and finite, got {spacing!r}")
+    return values
+
+
+def check_points(name: str, points: torch.Tensor, ndim: int) -> None:
+    """Check coordinates of shape (..., ndim)."""
+    if not isinstance(points, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch tensor of shape (..., {ndim}), got {describe(points)}")
+    if points.ndim < 1 or points.shape[-1] != ndim:
+        raise ValueError(f"{name}: expected shape (..., {ndim}), got {tuple(points.shape)}")
+    if not points.is_floating_point():
+        raise TypeError(f"{name}: expected floating coordinates, got dtype {points.dtype}")
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def to_output(tensor: torch.Tensor, as_numpy: bool):
+    """Return a tensor as the kind that came in (numpy in, numpy out)."""
+    return tensor.detach().cpu().numpy() if as_numpy else tensor

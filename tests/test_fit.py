@@ -1,0 +1,119 @@
+"""fit_pair end to end, its input checks, determinism and divergence detection."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import neuralfield_reg as nfr
+from neuralfield_reg.data import Shape
+from neuralfield_reg.metrics import folding_fraction, mean_dice
+
+QUICK = nfr.FitConfig(iterations=5, gradient_icon_points=64, similarity_points=256,
+                      affine=nfr.AffineConfig(iterations=5))
+
+
+@pytest.fixture(scope="module")
+def pair64():
+    moving, moving_labels = Shape("triangle", (0.52, 0.47), 0.3, 0.4).render(64)
+    fixed, fixed_labels = Shape("circle", (0.5, 0.55), 0.27, 0.0).render(64)
+    return moving, fixed, moving_labels, fixed_labels
+
+
+def test_end_to_end_fit_raises_dice_without_folds(pair64):
+    moving, fixed, moving_labels, fixed_labels = pair64
+    config = dataclasses.replace(nfr.FitConfig(), iterations=150, blur_sigmas=(3.0, 1.5, 0.75, 0.0))
+    result = nfr.fit_pair(moving, fixed, config, progress=False)
+    before = mean_dice(moving_labels, fixed_labels)
+    after = mean_dice(result.warp(moving_labels, mode="nearest"), fixed_labels)
+    assert before < 0.8
+    assert after > 0.93, (before, after)
+    assert folding_fraction(result.jacobian_determinant()) < 1e-3
+    assert result.inverse_consistency_error() < 0.5
+    assert result.backend == "torch" and result.elapsed_s > 0
+    assert len(result.history["loss"]) == 150
+    assert ((result.warp(moving) - fixed) ** 2).mean() < 0.5 * ((moving - fixed) ** 2).mean()
+
+
+def test_same_seed_gives_bit_identical_results(pair64):
+    moving, fixed, _, _ = pair64
+    first = nfr.fit_pair(moving, fixed, QUICK, progress=False, seed=3)
+    second = nfr.fit_pair(moving, fixed, QUICK, progress=False, seed=3)
+    assert first.history == second.history
+    for a, b in zip(first.maps.state_dict().values(), second.maps.state_dict().values()):
+        assert torch.equal(a, b)
+    third = nfr.fit_pair(moving, fixed, QUICK, progress=False, seed=4)
+    assert third.history != first.history
+
+
+def test_torch_inputs_and_anisotropic_spacing(pair64):
+    moving, fixed, _, _ = pair64
+    result = nfr.fit_pair(torch.from_numpy(moving), torch.from_numpy(fixed[:, ::2].copy()), QUICK,
+                          spacing=((1.0, 1.0), (1.0, 2.0)), progress=False)
+    assert result.fixed_shape == (64, 32) and result.fixed_spacing == (1.0, 2.0)
+    warped = result.warp(torch.from_numpy(moving))
+    assert isinstance(warped, torch.Tensor) and warped.shape == (64, 32)
+
+
+def test_absurd_learning_rate_is_reported_as_divergence(pair64):
+    moving, fixed, _, _ = pair64
+    config = dataclasses.replace(QUICK, learning_rate=1e12, iterations=20)
+    with pytest.raises(nfr.FitDivergedError, match="iteration"):
+        nfr.fit_pair(moving, fixed, config, progress=False)
+
+
+@pytest.mark.parametrize("moving,fixed,error,fragment", [
+    (np.zeros((8, 8, 8)), np.zeros((8, 8)), ValueError, "same number of axes"),
+    (np.zeros(8), np.zeros(8), ValueError, "2D or 3D"),
+    (np.zeros((2, 3, 4, 5)), np.zeros((2, 3, 4, 5)), ValueError, "2D or 3D"),
+    (np.zeros((0, 5)), np.zeros((5, 5)), ValueError, "empty"),
+    (np.zeros((1, 8, 8)), np.zeros((1, 8, 8)), ValueError, "at least 2 voxels"),
+    (np.full((8, 8), np.nan), np.ones((8, 8)), ValueError, "NaN"),
+    (np.ones((8, 8)), np.full((8, 8), np.inf), ValueError, "fixed: the image contains NaN or Inf"),
+    (np.ones((8, 8), dtype=complex), np.ones((8, 8)), TypeError, "real-valued"),
+    ([[1.0, 2.0], [3.0, 4.0]], np.ones((2, 2)), TypeError, "numpy array or a torch tensor"),
+    (np.ones((8, 8)), np.ones((8, 8)), ValueError, "constant"),
+])
+def test_bad_inputs_raise_clear_errors(moving, fixed, error, fragment):
+    with pytest.raises(error, match=fragment):
+        nfr.fit_pair(moving, fixed, QUICK, progress=False)
+
+
+def test_bad_options_raise_clear_errors(pair64):
+    moving, fixed, _, _ = pair64
+    with pytest.raises(TypeError, match="config"):
+        nfr.fit_pair(moving, fixed, {"iterations": 3}, progress=False)
+    with pytest.raises(ValueError, match="spacing"):
+        nfr.fit_pair(moving, fixed, QUICK, spacing=(1.0, -1.0), progress=False)
+    with pytest.raises(nfr.BackendUnavailableError, match="native"):
+        nfr.fit_pair(moving, fixed, dataclasses.replace(QUICK, backend="native"), progress=False)
+
+
+@pytest.mark.parametrize("similarity", ["ncc", "lncc"])
+def test_other_similarities_run(pair64, similarity):
+    moving, fixed, _, _ = pair64
+    result = nfr.fit_pair(moving, fixed, dataclasses.replace(QUICK, similarity=similarity), progress=False)
+    assert np.isfinite(result.history["similarity"]).all()
+
+
+def test_integer_images_are_accepted(pair64):
+    moving, fixed, _, _ = pair64
+    result = nfr.fit_pair((moving * 255).astype(np.uint8), (fixed * 255).astype(np.uint8), QUICK, progress=False)
+    assert result.fixed_shape == (64, 64)
+
+
+@pytest.mark.parametrize("field,value", [("iterations", 0), ("learning_rate", -1.0), ("gradient_icon_weight", -0.1),
+                                         ("similarity", "mi"), ("blur_sigmas", ()), ("backend", "gpu"),
+                                         ("similarity_points", 0), ("lncc_window", 4),
+                                         ("learning_rate_decay", 0.0)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        nfr.FitConfig(**{field: value})
+
+
+def test_config_round_trips_through_plain_values():
+    config = nfr.FitConfig(encoding=nfr.HashGridConfig(n_levels=4), blur_sigmas=(2.0, 0.0))
+    assert nfr.FitConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown"):
+        nfr.FitConfig.from_dict({"iterations": 3, "colour": "red"})

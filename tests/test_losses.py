@@ -1,0 +1,137 @@
+"""Similarity and inverse-consistency losses against closed-form answers."""
+
+import math
+
+import pytest
+import torch
+
+from neuralfield_reg.losses import (as_pair, gradient_icon_autograd, gradient_icon_fd, icon,
+                                    inverse_consistency_residual, inverse_consistency_terms, lncc, ncc,
+                                    residual_jacobians, ssd)
+
+
+def affine_pair(dim, dtype=torch.float64):
+    matrix = torch.eye(dim, dtype=dtype) + 0.2 * torch.randn(dim, dim, dtype=dtype)
+    offset = 0.1 * torch.randn(dim, dtype=dtype)
+    inverse = torch.linalg.inv(matrix)
+    return (lambda x: x @ matrix.T + offset), (lambda y: (y - offset) @ inverse.T), matrix
+
+
+def smooth_pair(dim, dtype=torch.float64):
+    def phi_AB(x):
+        return x + 0.04 * torch.sin(2 * math.pi * x.roll(1, dims=-1)) + 0.02 * x ** 2
+
+    def phi_BA(x):
+        return x - 0.03 * torch.cos(3 * x) * x.roll(1, dims=-1)
+    return phi_AB, phi_BA
+
+
+def test_ssd_and_ncc_values():
+    a = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert float(ssd(a, a + 1)) == pytest.approx(1.0)
+    assert float(ncc(a, 3 * a + 5)) == pytest.approx(0.0, abs=1e-6)
+    assert float(ncc(a, -a)) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_lncc_is_zero_for_locally_affine_intensity_changes_and_positive_otherwise():
+    image = torch.rand(24, 24, dtype=torch.float64)
+    # Not exactly 0: eps = 1e-5 in the denominator, against local variances of ~0.1.
+    assert float(lncc(image, 2 * image + 1, window=5)) == pytest.approx(0.0, abs=2e-3)
+    assert float(lncc(image, torch.rand(24, 24, dtype=torch.float64), window=5)) > 0.5
+    volume = torch.rand(10, 11, 12, dtype=torch.float64)
+    assert float(lncc(volume, volume, window=3)) == pytest.approx(0.0, abs=2e-3)
+
+
+def test_similarity_errors():
+    with pytest.raises(ValueError, match="shapes"):
+        ssd(torch.ones(3), torch.ones(4))
+    with pytest.raises(ValueError, match="window"):
+        lncc(torch.ones(5, 5), torch.ones(5, 5), window=4)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_penalties_vanish_for_an_exact_inverse_pair(dim):
+    phi_AB, phi_BA, _ = affine_pair(dim)
+    points = torch.rand(200, dim, dtype=torch.float64)
+    assert float(icon(phi_AB, phi_BA, points)) < 1e-24
+    assert gradient_icon_autograd(phi_AB, phi_BA, points).item() < 1e-24
+    assert float(gradient_icon_fd(phi_AB, phi_BA, points)) < 1e-12
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_autograd_penalty_matches_the_analytic_jacobian(dim):
+    # phi_BA = identity, phi_AB(x) = x + a sin(2 pi x) componentwise: dr/dx = diag(2 pi a cos(2 pi x)).
+    a = 0.03
+
+    def phi_AB(x):
+        return x + a * torch.sin(2 * math.pi * x)
+
+    points = torch.rand(100, dim, dtype=torch.float64)
+    expected_one = ((2 * math.pi * a * torch.cos(2 * math.pi * points)) ** 2).sum(1).mean()
+    residual_A, residual_B, jacobian_A, jacobian_B = residual_jacobians(as_pair(phi_AB, lambda x: x), points)
+    expected = torch.diag_embed(2 * math.pi * a * torch.cos(2 * math.pi * points))
+    torch.testing.assert_close(jacobian_A, expected)
+    torch.testing.assert_close(jacobian_B, expected)
+    torch.testing.assert_close(residual_A, a * torch.sin(2 * math.pi * points))
+    # Symmetric: the other direction has the same residual here.
+    torch.testing.assert_close(gradient_icon_autograd(phi_AB, lambda x: x, points), expected_one)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_autograd_and_finite_difference_versions_agree_on_smooth_maps(dim):
+    phi_AB, phi_BA = smooth_pair(dim)
+    points = torch.rand(300, dim, dtype=torch.float64)
+    exact = gradient_icon_autograd(phi_AB, phi_BA, points)
+    approximate = gradient_icon_fd(phi_AB, phi_BA, points, step=1e-3)
+    assert exact.item() > 1e-3
+    assert float(approximate) == pytest.approx(exact.item(), rel=1e-2)
+
+
+def test_penalties_are_positive_for_a_non_inverse_pair():
+    phi_AB, _, _ = affine_pair(2)
+    phi_BA = lambda x: x  # noqa: E731
+    points = torch.rand(50, 2, dtype=torch.float64)
+    assert float(icon(phi_AB, phi_BA, points)) > 1e-4
+    assert gradient_icon_autograd(phi_AB, phi_BA, points).item() > 1e-3
+
+
+def test_anisotropic_extent_measures_the_jacobian_in_physical_units():
+    # r(x) = B x for a linear B: with S = diag(extent) the physical Jacobian is S B S^-1.
+    b = torch.tensor([[0.0, 0.3], [0.1, 0.0]], dtype=torch.float64)
+    phi_AB = lambda x: x + x @ b.T  # noqa: E731
+    points = torch.rand(10, 2, dtype=torch.float64)
+    extent = (10.0, 40.0)
+    scale = torch.tensor(extent, dtype=torch.float64)
+    physical = scale[:, None] * b / scale[None, :]
+    expected = (physical ** 2).sum()
+    value = gradient_icon_autograd(phi_AB, lambda x: x, points, extent_A=extent, extent_B=extent)
+    torch.testing.assert_close(value, expected)
+    fd = gradient_icon_fd(phi_AB, lambda x: x, points, extent_A=extent, extent_B=extent)
+    torch.testing.assert_close(fd, expected)
+
+
+def test_gradient_icon_is_differentiable_in_parameters():
+    weight = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    phi_AB = lambda x: x + weight * torch.sin(3 * x)  # noqa: E731
+    points = torch.rand(20, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda w: gradient_icon_autograd(lambda x: x + w * torch.sin(3 * x), lambda x: x, points), (weight,))
+    value = gradient_icon_autograd(phi_AB, lambda x: x, points)
+    (grad,) = torch.autograd.grad(value, weight)
+    assert float(grad) > 0
+
+
+def test_terms_match_the_one_direction_functions():
+    phi_AB, phi_BA = smooth_pair(2)
+    points = torch.rand(40, 2, dtype=torch.float64)
+    terms = inverse_consistency_terms(as_pair(phi_AB, phi_BA), points, extent_A=(3.0, 5.0), extent_B=(4.0, 4.0))
+    torch.testing.assert_close(terms["icon"], icon(phi_AB, phi_BA, points, extent_A=(3.0, 5.0), extent_B=(4.0, 4.0)))
+    torch.testing.assert_close(terms["gradient_icon"], gradient_icon_fd(
+        phi_AB, phi_BA, points, step=1e-6, extent_A=(3.0, 5.0), extent_B=(4.0, 4.0)), rtol=1e-4, atol=1e-8)
+
+
+def test_residual_definition():
+    phi_AB = lambda x: x + 0.1  # noqa: E731
+    phi_BA = lambda x: 2 * x  # noqa: E731
+    points = torch.rand(5, 2)
+    torch.testing.assert_close(inverse_consistency_residual(phi_AB, phi_BA, points), points + 0.1)

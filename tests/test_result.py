@@ -1,0 +1,142 @@
+"""RegistrationResult: warping, dense outputs and files, against analytic maps."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from neuralfield_reg import FitConfig, RegistrationResult
+from neuralfield_reg.fields import MapPair
+
+
+def affine_result(matrix, offset, shape=(20, 24), moving_shape=None, spacing=(1.0, 1.0)):
+    """A result whose maps are an exact affine pair (fields at zero): phi_AB(x) = M x + b."""
+    matrix = torch.as_tensor(matrix, dtype=torch.float32)
+    offset = torch.as_tensor(offset, dtype=torch.float32)
+    inverse = torch.linalg.inv(matrix)
+    maps = MapPair(len(shape), affine_AB=(matrix, offset), affine_BA=(inverse, -inverse @ offset))
+    return RegistrationResult(maps, moving_shape=moving_shape or shape, fixed_shape=shape,
+                              moving_spacing=spacing, fixed_spacing=spacing, config=FitConfig(),
+                              backend="torch", history={"loss": [1.0, 0.5]}, elapsed_s=1.5)
+
+
+def test_warp_of_a_known_translation():
+    shape = (20, 24)
+    shift_voxels = np.array([3.0, -2.0])
+    result = affine_result(np.eye(2), shift_voxels / (np.array(shape) - 1), shape)
+    labels = np.zeros(shape, dtype=np.int16)
+    labels[5:12, 6:15] = 7
+    warped = result.warp(labels, mode="nearest")
+    assert isinstance(warped, np.ndarray) and warped.dtype == np.int16
+    # warped(i) = labels(i + shift): the box moves by -shift.
+    expected = np.zeros(shape, dtype=np.int16)
+    expected[2:9, 8:17] = 7
+    np.testing.assert_array_equal(warped, expected)
+    # Linear warp of a smooth image: f(x) -> f(x + t), exact for a ramp away from the border.
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    ramp = (0.5 * i + 0.25 * j).astype(np.float32)
+    warped_ramp = result.warp(ramp)
+    np.testing.assert_allclose(warped_ramp[:15, 3:], (0.5 * (i + 3) + 0.25 * (j - 2))[:15, 3:], atol=1e-4)
+    # The inverse warp undoes it inside the overlap.
+    back = result.warp_inverse(warped_ramp)
+    np.testing.assert_allclose(back[3:15, 3:20], ramp[3:15, 3:20], atol=1e-4)
+
+
+def test_tensor_in_tensor_out_and_shape_check():
+    result = affine_result(np.eye(2), [0.0, 0.0])
+    image = torch.rand(20, 24)
+    out = result.warp(image)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, image, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="moving image's shape"):
+        result.warp(np.zeros((24, 20)))
+    with pytest.raises(ValueError, match="NaN"):
+        result.warp(np.full((20, 24), np.nan))
+    with pytest.raises(ValueError, match="mode"):
+        result.warp(image, mode="cubic")
+
+
+def test_displacement_jacobian_and_inverse_consistency_of_an_affine():
+    shape = (20, 24)
+    matrix = np.array([[1.2, 0.0], [0.0, 0.75]])
+    offset = np.array([0.05, -0.02])
+    result = affine_result(matrix, offset, shape)
+    displacement = result.displacement()
+    assert displacement.shape == (2, *shape)
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    expected_i = (1.2 * i / 19 + 0.05) * 19 - i
+    np.testing.assert_allclose(displacement[0], expected_i, atol=1e-4)
+    np.testing.assert_allclose(result.jacobian_determinant(), np.full(shape, 0.9), rtol=1e-5)
+    np.testing.assert_allclose(result.jacobian_determinant("BA"), np.full(shape, 1 / 0.9), rtol=1e-5)
+    assert result.inverse_consistency_error() < 1e-4
+
+
+def test_inverse_consistency_error_in_voxels():
+    shape = (11, 21)
+    result = affine_result(np.eye(2), [0.0, 0.0], shape)
+    # Break the inverse by half a voxel along axis 0 in phi_BA's offset.
+    result.maps.offsets[1] += torch.tensor([0.5 / 10, 0.0])
+    assert result.inverse_consistency_error() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_jacobian_in_physical_units_with_different_grids():
+    # Moving grid twice as fine along axis 0 with half the spacing: the same physical domain, so the
+    # identity in unit coordinates is the identity in millimetres (det 1).
+    maps = MapPair(2)
+    result = RegistrationResult(maps, moving_shape=(39, 20), fixed_shape=(20, 20), moving_spacing=(0.5, 1.0),
+                                fixed_spacing=(1.0, 1.0), config=FitConfig(), backend="torch")
+    np.testing.assert_allclose(result.jacobian_determinant(), 1.0, rtol=1e-5)
+
+
+def test_map_points_in_voxels():
+    shape = (20, 24)
+    result = affine_result(np.eye(2), [2.0 / 19, 0.0], shape)
+    mapped = result.map_points(np.array([[1.0, 1.0], [10.0, 5.0]]))
+    np.testing.assert_allclose(mapped, [[3.0, 1.0], [12.0, 5.0]], atol=1e-4)
+
+
+def test_save_load_round_trip(tmp_path):
+    result = affine_result(np.array([[1.1, 0.1], [0.0, 0.9]]), [0.02, 0.01])
+    with torch.no_grad():
+        for parameter in result.maps.parameters():
+            parameter.normal_(0, 0.01)
+    path = tmp_path / "pair.pt"
+    result.save(path)
+    loaded = RegistrationResult.load(path)
+    points = torch.rand(100, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.phi_AB(points), result.phi_AB(points))
+        torch.testing.assert_close(loaded.phi_BA(points), result.phi_BA(points))
+    assert loaded.history == result.history and loaded.elapsed_s == result.elapsed_s
+    assert loaded.config == result.config and loaded.backend == "torch"
+    assert loaded.fixed_shape == result.fixed_shape
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "pair.pt"
+    path.write_bytes(b"previous content")
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        affine_result(np.eye(2), [0.0, 0.0]).save(path)
+    assert path.read_bytes() == b"previous content"
+    assert os.listdir(tmp_path) == ["pair.pt"]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        RegistrationResult.load(tmp_path / "missing.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(ValueError, match="not a neuralfield_reg result"):
+        RegistrationResult.load(foreign)
+    good = tmp_path / "good.pt"
+    affine_result(np.eye(2), [0.0, 0.0]).save(good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated or foreign"):
+        RegistrationResult.load(truncated)
