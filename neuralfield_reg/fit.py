@@ -91,7 +91,7 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
     moving_t = normalize_intensity("moving", moving_t.float())
     fixed_t = normalize_intensity("fixed", fixed_t.float())
     config = config.resolved(fixed_t.shape)
-    backend = resolve_backend(config.backend)
+    backend = resolve_backend(config.backend, device)
 
     start_time = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -102,7 +102,7 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
     if config.affine is not None:
         transform = fit_affine(moving_t, fixed_t, extent_A, extent_B, config.affine)
         affine_AB, affine_BA = transform.unit_AB(), transform.unit_BA()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[]):      # the maps are initialised on the CPU, then moved
         torch.manual_seed(seed)
         maps = MapPair(dim, encoding=config.encoding, hidden_widths=config.hidden_widths,
                        output_scale=config.output_scale, backend=backend,

@@ -20,7 +20,7 @@ import torch
 from ._version import RESULT_FORMAT_VERSION, __version__
 from .config import FitConfig
 from .coords import identity_grid, sample
-from .encoders import HashGridConfig
+from .encoders import HashGridConfig, resolve_backend
 from .fields import MapPair
 from . import metrics
 from .validation import as_tensor, check_choice, describe, to_output
@@ -270,6 +270,7 @@ class RegistrationResult:
                              f"(written by neuralfield_reg {state.get('library_version')}); this version "
                              f"({__version__}) reads format {RESULT_FORMAT_VERSION}")
         architecture = state["architecture"]
+        backend = resolve_backend(backend, device)
         maps = MapPair(state["dim"], encoding=HashGridConfig(**architecture["encoding"]),
                        hidden_widths=tuple(architecture["hidden_widths"]),
                        output_scale=architecture["output_scale"], backend=backend)

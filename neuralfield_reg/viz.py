@@ -18,25 +18,26 @@ def _middle_slice(array: np.ndarray) -> np.ndarray:
     return array if array.ndim == 2 else array[array.shape[0] // 2]
 
 
-def plot_deformation_grid(ax, mapped_voxels: np.ndarray, step: int = 4, **style) -> None:
-    """Draw the lines of a regular grid after mapping.
+def plot_deformation_grid(ax, mapped_voxels: np.ndarray, step: float = 4.0, **style) -> None:
+    """Draw a map as a deformed grid on its target grid: the lines where one mapped coordinate
+    is a multiple of ``step`` (the source's regular grid, pulled back).
 
     Args:
-        mapped_voxels: ``(2, H, W)``: for every target pixel, where it samples the source, in source
-            pixel coordinates (axis 0, axis 1).
-        step: draw every ``step``-th grid line.
+        mapped_voxels: ``(2, H, W)``: for every target pixel, the source position it samples, in
+            source pixel coordinates (axis 0, axis 1).
     """
-    style = {"color": "tab:orange", "linewidth": 0.6, **style}
-    rows, cols = mapped_voxels
-    for i in range(0, rows.shape[0], step):
-        ax.plot(cols[i, :], rows[i, :], **style)
-    for j in range(0, rows.shape[1], step):
-        ax.plot(cols[:, j], rows[:, j], **style)
+    style = {"colors": "tab:orange", "linewidths": 0.7, **style}
+    for component in mapped_voxels:
+        low, high = np.floor(component.min() / step), np.ceil(component.max() / step)
+        levels = np.arange(low, high + 1) * step
+        if len(levels) > 1:
+            ax.contour(component, levels=levels, **style)
 
 
 def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: str | None = None):
     """Six panels: moving A, fixed B, the deformation grid of phi_AB, A warped onto B, the Jacobian
-    determinant of phi_AB, and the loss curves. Saved as a PNG at ``path``; returns the path."""
+    determinant of phi_AB (log scale), and the loss curves. Saved as a PNG at ``path``; returns
+    the path. A 3D result shows the middle slice along axis 0."""
     moving = np.asarray(moving, dtype=np.float32)
     fixed = np.asarray(fixed, dtype=np.float32)
     warped = np.asarray(result.warp(moving))
@@ -50,28 +51,26 @@ def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: s
         ax.imshow(_middle_slice(image), cmap="gray")
         ax.set_title(name)
     ax = axes[0, 2]
-    ax.imshow(_middle_slice(fixed), cmap="gray", alpha=0.5)
+    ax.imshow(_middle_slice(warped), cmap="gray")
+    source_step = max(1.0, result.moving_shape[-1] / 32)
     if result.dim == 2:
-        plot_deformation_grid(ax, grid, step=max(1, result.fixed_shape[0] // 32))
+        plot_deformation_grid(ax, grid, step=source_step)
     else:
-        middle = result.fixed_shape[0] // 2
-        plot_deformation_grid(ax, grid[1:, middle], step=max(1, result.fixed_shape[1] // 32))
-    ax.set_xlim(-0.5, result.fixed_shape[-1] - 0.5)
-    ax.set_ylim(result.fixed_shape[-2] - 0.5, -0.5)
-    ax.set_title(r"deformation grid $\phi_{AB}$")
+        plot_deformation_grid(ax, grid[1:, result.fixed_shape[0] // 2], step=source_step)
+    ax.set_title(r"deformation grid $\phi_{AB}$ on B")
 
     ax = axes[1, 1]
-    limit = max(1.0, float(np.abs(determinant - 1).max()))
-    shown = ax.imshow(_middle_slice(determinant), cmap="RdBu_r", vmin=1 - limit, vmax=1 + limit)
+    log_det = np.log2(np.clip(_middle_slice(determinant), 1e-3, None))
+    limit = max(1.0, float(np.percentile(np.abs(log_det), 99)))
+    shown = ax.imshow(log_det, cmap="RdBu_r", vmin=-limit, vmax=limit)
     figure.colorbar(shown, ax=ax, fraction=0.046)
     folds = float((determinant <= 0).mean())
-    ax.set_title(f"det J (folds {100 * folds:.3f}%)")
+    ax.set_title(f"log2 det J (folds {100 * folds:.3f}%)")
 
     ax = axes[1, 2]
-    for name, values in result.history.items():
-        if values and name != "loss":
-            ax.semilogy(np.maximum(values, 1e-12), label=name)
-    ax.semilogy(np.maximum(result.history.get("loss", [1e-12]), 1e-12), label="loss", color="black")
+    for name, values in result.history.items():   # from iteration 1: the penalty starts at 0
+        ax.semilogy(np.arange(1, len(values)), np.maximum(values[1:], 1e-6), label=name,
+                    color="black" if name == "loss" else None)
     ax.set_xlabel("iteration")
     ax.legend()
     ax.set_title("loss terms")

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -200,13 +201,31 @@ def test_state_dict_holds_only_the_table():
     assert encoding.params.shape == (1, grid_layout(2, HashGridConfig()).total_rows, 2)
 
 
-def test_backend_selection_and_errors():
-    assert resolve_backend("auto") == "torch"
-    assert make_encoding(2, HashGridConfig(), backend="auto").backend == "torch"
-    with pytest.raises(BackendUnavailableError, match="native"):
-        resolve_backend("native")
+def test_backend_selection_and_errors(monkeypatch):
+    import neuralfield_reg.encoders as encoders
+    from neuralfield_reg.encoders import native
+
+    assert resolve_backend("torch") == "torch"
+    assert make_encoding(2, HashGridConfig(), backend="torch").backend == "torch"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda")
+    # A failed build: a named request raises with the reason; "auto" falls back with one warning.
+    monkeypatch.setattr(native, "native_unavailable_reason", lambda: "no C++ compiler (test)")
+    monkeypatch.setattr(encoders, "_fallback_warned", False)
+    with pytest.raises(BackendUnavailableError, match="no C.. compiler"):
+        resolve_backend("native")
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        assert resolve_backend("auto") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto") == "torch"      # warned once only
+
+
+def test_auto_prefers_the_native_kernels_when_they_build():
+    from neuralfield_reg.encoders import native
+
+    if native.native_unavailable_reason() is None:
+        assert resolve_backend("auto") == "native"
 
 
 @pytest.mark.parametrize("field,value", [("n_levels", 0), ("n_features_per_level", 3), ("log2_hashmap_size", 40),

@@ -1,0 +1,59 @@
+"""Build (just in time, with torch.utils.cpp_extension and ninja) and load the hash-grid kernels.
+
+The C++ kernels are always built; the CUDA kernels are added when PyTorch has CUDA and a CUDA
+toolkit (nvcc) is found. The build is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and redone when a source changes. ``load()`` raises
+``NativeBuildError`` with the reason when the extension cannot be built or imported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent
+NAME = "neuralfield_reg_hashgrid"
+
+_module = None
+_error: str | None = None
+
+
+class NativeBuildError(RuntimeError):
+    """The compiled kernels could not be built or loaded; the message says why."""
+
+
+def _with_cuda() -> bool:
+    import torch
+    from torch.utils import cpp_extension
+
+    if os.environ.get("NEURALFIELD_REG_NO_CUDA_BUILD"):
+        return False
+    return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+
+
+def load(verbose: bool = False):
+    """The compiled extension module (built on first use, then cached for the process)."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        raise NativeBuildError(_error)
+    try:
+        from torch.utils import cpp_extension
+
+        sources = [str(SOURCE_DIR / "hashgrid_cpu.cpp")]
+        flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+        name = NAME
+        extra = {}
+        if _with_cuda():
+            sources.append(str(SOURCE_DIR / "hashgrid_cuda.cu"))
+            flags.append("-DWITH_CUDA")
+            extra["extra_cuda_cflags"] = ["-O3", "-DWITH_CUDA"]
+            name += "_cuda"
+        _module = cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
+                                     extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCE_DIR)],
+                                     verbose=verbose, **extra)
+    except Exception as error:  # noqa: BLE001 - any build failure is reported the same way
+        _error = f"building the hash-grid kernels in {SOURCE_DIR} failed: {type(error).__name__}: {error}"
+        raise NativeBuildError(_error) from error
+    return _module

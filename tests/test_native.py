@@ -1,0 +1,111 @@
+"""The compiled backend (cuda_ext/) against the torch backend: values, first and second derivatives.
+
+On the CPU these always run (the kernels are built on first use; a failed build fails here with the
+compiler's reason). The CUDA variants run when a GPU is present.
+"""
+
+import pytest
+import torch
+
+from neuralfield_reg.encoders import HashGridConfig, make_encoding
+
+CONFIGS = [  # every config mixes dense and hashed levels
+    (2, HashGridConfig(n_levels=4, log2_hashmap_size=6, base_resolution=3, per_level_scale=1.9)),
+    (2, HashGridConfig(n_levels=3, n_features_per_level=4, log2_hashmap_size=5, base_resolution=4,
+                       per_level_scale=1.5, interpolation="Smoothstep")),
+    (3, HashGridConfig(n_levels=3, log2_hashmap_size=7, base_resolution=3, per_level_scale=2.0)),
+    (3, HashGridConfig(n_levels=2, n_features_per_level=1, log2_hashmap_size=6, base_resolution=4,
+                       per_level_scale=1.7, interpolation="Smoothstep")),
+]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pair_of_encodings(dim, config, device, dtype, n_tables=2):
+    reference = make_encoding(dim, config, backend="torch", n_tables=n_tables).to(device, dtype)
+    native = make_encoding(dim, config, backend="native", n_tables=n_tables).to(device, dtype)
+    with torch.no_grad():
+        reference.params.normal_()
+        native.params.copy_(reference.params)
+    return reference, native
+
+
+def jacobian_penalty(encoding, points, table_index, weights):
+    """sum over outputs of ||d out / d x||^2 weighted: needs the double backward."""
+    x = points.clone().requires_grad_(True)
+    out = encoding(x, table_index)
+    (gradient,) = torch.autograd.grad((out * weights).sum(), x, create_graph=True)
+    return (gradient ** 2).sum() + (out ** 2).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dim,config", CONFIGS)
+def test_float32_parity_of_values_and_derivatives(dim, config, device):
+    # Tolerances: float32 with features of order 1 and scales up to ~10: 1e-5 relative on values and
+    # first derivatives; second-order terms carry products of scales, 1e-4.
+    reference, native = pair_of_encodings(dim, config, device, torch.float32)
+    points = (torch.rand(300, dim, device=device) * 1.2 - 0.1)
+    table_index = torch.randint(0, 2, (300,), device=device)
+    weights = torch.randn(300, config.n_output_dims, device=device)
+    torch.testing.assert_close(native(points, table_index), reference(points, table_index), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native(points, 1), reference(points, 1), rtol=1e-5, atol=1e-5)
+
+    results = []
+    for encoding in (reference, native):
+        x = points.clone().requires_grad_(True)
+        out = encoding(x, table_index)
+        grad_x, grad_table = torch.autograd.grad((out * weights).sum(), [x, encoding.params])
+        penalty = jacobian_penalty(encoding, points, table_index, weights)
+        second_table, = torch.autograd.grad(penalty, encoding.params)
+        x2 = points.clone().requires_grad_(True)
+        out2 = encoding(x2, table_index)
+        (g,) = torch.autograd.grad((out2 * weights).sum(), x2, create_graph=True)
+        (second_x,) = torch.autograd.grad((g * torch.linspace(-1, 1, dim, device=device)).sum(), x2)
+        results.append((grad_x, grad_table, second_table, second_x))
+    for ours, theirs, tolerance in zip(results[1], results[0], (1e-5, 1e-5, 1e-4, 1e-4)):
+        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dim,config", CONFIGS)
+def test_float64_gradcheck_and_gradgradcheck(dim, config, device):
+    _, native = pair_of_encodings(dim, config, device, torch.float64)
+    points = torch.rand(5, dim, dtype=torch.float64, device=device, requires_grad=True)
+    table_index = torch.tensor([0, 1, 1, 0, 1], device=device)
+
+    def function(x, params):
+        return torch.func.functional_call(native, {"params": params}, (x, table_index))
+
+    inputs = (points, native.params.detach().clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(function, inputs)
+    assert torch.autograd.gradgradcheck(function, inputs)
+
+
+def test_third_derivatives_raise_instead_of_being_zero():
+    dim, config = CONFIGS[1]
+    _, native = pair_of_encodings(dim, config, "cpu", torch.float64)
+    x = torch.rand(4, dim, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(native(x).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad((g ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivatives"):
+        torch.autograd.grad(h.sum() + (x ** 2).sum(), x)
+
+
+def test_native_fit_matches_torch_fit():
+    import neuralfield_reg as nfr
+    from neuralfield_reg.data import Shape
+
+    moving, _ = Shape("triangle", (0.52, 0.47), 0.3, 0.4).render(48)
+    fixed, _ = Shape("circle", (0.5, 0.55), 0.27, 0.0).render(48)
+    config = nfr.FitConfig(iterations=20, gradient_icon_points=128, similarity_points=1024,
+                           affine=nfr.AffineConfig(iterations=10))
+    results = [nfr.fit_pair(moving, fixed, dataclasses_replace(config, backend=b), progress=False)
+               for b in ("torch", "native")]
+    assert results[1].backend == "native"
+    losses = [r.history["loss"] for r in results]
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-5)
+    assert losses[0][-1] == pytest.approx(losses[1][-1], rel=1e-2)
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+    return dataclasses.replace(config, **changes)
