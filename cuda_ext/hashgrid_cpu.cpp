@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "dispatch.h"
 #include "hashgrid.h"
 
 namespace hashgrid {
@@ -59,42 +60,43 @@ inline int64_t table_of(const int64_t* table_index, int64_t n, int64_t default_t
   return table_index != nullptr ? table_index[n] : default_table;
 }
 
+// Calls body(n, l, cell) for every point n and level l, in parallel over points.
+template <typename scalar_t, int D, typename Body>
+void for_each_cell(const at::Tensor& points, const int64_t* table_index, int64_t default_table,
+                   const Levels& levels, Body&& body) {
+  const scalar_t* x = points.data_ptr<scalar_t>();
+  at::parallel_for(0, points.size(0), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t table = table_of(table_index, n, default_table);
+      for (int l = 0; l < levels.n_levels; ++l) body(n, l, Cell<scalar_t, D>(x + n * D, l, levels, table));
+    }
+  });
+}
+
 template <typename scalar_t, int D>
 void forward_cpu(const at::Tensor& points, const at::Tensor& table, const int64_t* table_index,
                  int64_t default_table, const Levels& levels, at::Tensor& out) {
-  const scalar_t* x = points.data_ptr<scalar_t>();
   const scalar_t* t = table.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   const int F = levels.n_features, L = levels.n_levels;
-  at::parallel_for(0, points.size(0), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t tab = table_of(table_index, n, default_table);
-      for (int l = 0; l < L; ++l) {
-        Cell<scalar_t, D> cell(x + n * D, l, levels, tab);
-        encode<scalar_t, D>(cell, t, F, o + (n * L + l) * F);
-      }
-    }
-  });
+  for_each_cell<scalar_t, D>(points, table_index, default_table, levels,
+                             [&](int64_t n, int l, const Cell<scalar_t, D>& cell) {
+                               encode<scalar_t, D>(cell, t, F, o + (n * L + l) * F);
+                             });
 }
 
 template <typename scalar_t, int D>
 void points_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points, const at::Tensor& table,
                          const int64_t* table_index, int64_t default_table, const Levels& levels,
                          at::Tensor& grad_points) {
-  const scalar_t* x = points.data_ptr<scalar_t>();
   const scalar_t* t = table.data_ptr<scalar_t>();
   const scalar_t* g = grad_out.data_ptr<scalar_t>();
   scalar_t* gx = grad_points.data_ptr<scalar_t>();
   const int F = levels.n_features, L = levels.n_levels;
-  at::parallel_for(0, points.size(0), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t tab = table_of(table_index, n, default_table);
-      for (int l = 0; l < L; ++l) {
-        Cell<scalar_t, D> cell(x + n * D, l, levels, tab);
-        points_backward<scalar_t, D>(cell, t, F, g + (n * L + l) * F, gx + n * D);
-      }
-    }
-  });
+  for_each_cell<scalar_t, D>(points, table_index, default_table, levels,
+                             [&](int64_t n, int l, const Cell<scalar_t, D>& cell) {
+                               points_backward<scalar_t, D>(cell, t, F, g + (n * L + l) * F, gx + n * D);
+                             });
 }
 
 // grad_table[row_c] += coefficient_c * grad_out, coefficient_c = W_c, or sum_j gg_x_j dW_c/dx_j
@@ -135,37 +137,17 @@ template <typename scalar_t, int D>
 void points_double_backward_cpu(const at::Tensor& grad_out, const at::Tensor& points, const at::Tensor& table,
                                 const scalar_t* gg_table, const scalar_t* gg_x, const int64_t* table_index,
                                 int64_t default_table, const Levels& levels, scalar_t* d_grad_out, scalar_t* d_x) {
-  const scalar_t* x = points.data_ptr<scalar_t>();
   const scalar_t* t = table.data_ptr<scalar_t>();
   const scalar_t* g = grad_out.data_ptr<scalar_t>();
   const int F = levels.n_features, L = levels.n_levels;
-  at::parallel_for(0, points.size(0), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t tab = table_of(table_index, n, default_table);
-      for (int l = 0; l < L; ++l) {
-        Cell<scalar_t, D> cell(x + n * D, l, levels, tab);
-        const int64_t slot = (n * L + l) * F;
-        points_double_backward<scalar_t, D>(cell, t, gg_table, F, g + slot, gg_x == nullptr ? nullptr : gg_x + n * D,
-                                            d_grad_out == nullptr ? nullptr : d_grad_out + slot,
-                                            d_x == nullptr ? nullptr : d_x + n * D);
-      }
-    }
-  });
-}
-
-template <typename Function>
-void dispatch(const at::Tensor& points, Function&& function) {
-  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "hashgrid", [&] {
-    if (points.size(1) == 2) {
-      function(scalar_t(0), std::integral_constant<int, 2>());
-    } else {
-      function(scalar_t(0), std::integral_constant<int, 3>());
-    }
-  });
-}
-
-const int64_t* index_pointer(const at::Tensor& table_index) {
-  return table_index.numel() > 0 ? table_index.data_ptr<int64_t>() : nullptr;
+  for_each_cell<scalar_t, D>(points, table_index, default_table, levels,
+                             [&](int64_t n, int l, const Cell<scalar_t, D>& cell) {
+                               const int64_t slot = (n * L + l) * F;
+                               points_double_backward<scalar_t, D>(
+                                   cell, t, gg_table, F, g + slot, gg_x == nullptr ? nullptr : gg_x + n * D,
+                                   d_grad_out == nullptr ? nullptr : d_grad_out + slot,
+                                   d_x == nullptr ? nullptr : d_x + n * D);
+                             });
 }
 
 }  // namespace

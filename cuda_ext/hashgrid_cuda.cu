@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "dispatch.h"
 #include "hashgrid.h"
 
 namespace hashgrid {
@@ -93,21 +94,6 @@ __global__ void double_backward_kernel(int64_t n_points, const scalar_t* __restr
       for (int f = 0; f < F; ++f) atomicAdd(d_table + cell.row[c] * F + f, coefficient * g[f]);
     }
   }
-}
-
-template <typename Function>
-void dispatch(const at::Tensor& points, Function&& function) {
-  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "hashgrid_cuda", [&] {
-    if (points.size(1) == 2) {
-      function(scalar_t(0), std::integral_constant<int, 2>());
-    } else {
-      function(scalar_t(0), std::integral_constant<int, 3>());
-    }
-  });
-}
-
-const int64_t* index_pointer(const at::Tensor& table_index) {
-  return table_index.numel() > 0 ? table_index.data_ptr<int64_t>() : nullptr;
 }
 
 template <typename scalar_t>
