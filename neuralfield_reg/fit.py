@@ -130,11 +130,15 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
 
     def similarity_term(source, target, mapped, index):
         warped = sample(source, mapped)
-        if index is None:
-            if config.similarity == "lncc":
-                return similarity(warped.reshape(target.shape), target, window=config.lncc_window)
-            return similarity(warped, target.reshape(-1))
-        return similarity(warped, target.reshape(-1)[index])
+        if config.similarity == "lncc":
+            return similarity(warped.reshape(target.shape), target, window=config.lncc_window)
+        target_values = target.reshape(-1) if index is None else target.reshape(-1)[index]
+        # Only where the map lands inside the other image's domain: outside it there is nothing
+        # to compare (padding would invent structure, e.g. streaks from a shape cut by the border).
+        inside = ((mapped >= 0) & (mapped <= 1)).all(-1)
+        if int(inside.sum()) < 16:
+            return similarity(warped, target_values)
+        return similarity(warped[inside], target_values[inside])
 
     bar = tqdm(range(config.iterations), disable=not progress, desc="fit_pair", leave=False)
     for iteration in bar:
