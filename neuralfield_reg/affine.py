@@ -203,5 +203,4 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
                                      images.grid_moving, images.grid_fixed)
                 loss.backward()
                 optimizer.step()
-    final = transform(linear.detach(), translation.detach())
-    return final
+    return transform(linear.detach(), translation.detach())

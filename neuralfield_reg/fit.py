@@ -11,7 +11,6 @@ iterations. Both maps start from the affine stage (``phi = affine + u``, ``u = 0
 from __future__ import annotations
 
 import time
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -1,6 +1,5 @@
 """Coordinates and sampling against closed-form answers."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -195,6 +195,13 @@ def test_float32_matches_float64():
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_tcnn_config_uses_tcnn_names():
+    config = HashGridConfig(n_levels=6, log2_hashmap_size=15, base_resolution=8, per_level_scale=1.5)
+    assert config.to_tcnn() == {"otype": "HashGrid", "n_levels": 6, "n_features_per_level": 2,
+                                "log2_hashmap_size": 15, "base_resolution": 8, "per_level_scale": 1.5,
+                                "interpolation": "Linear"}
+
+
 def test_state_dict_holds_only_the_table():
     encoding = make_encoding(2, HashGridConfig())
     assert list(encoding.state_dict()) == ["params"]

@@ -149,7 +149,7 @@ class NativeHashGridEncoding(HashGridEncoding):
                                "this device or rebuild with a CUDA toolkit")
         table = self.params.to(points.dtype).reshape(-1, self.config.n_features_per_level)
         if isinstance(table_index, int):
-            index, default = _present(None, points).long(), table_index
+            index, default = torch.empty(0, dtype=torch.long, device=points.device), table_index
         else:
             index, default = table_index.to(points.device, torch.long).contiguous(), 0
         setup = _Setup(self._module, self._geometry, self.config.n_features_per_level,
