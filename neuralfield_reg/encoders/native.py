@@ -144,7 +144,7 @@ class NativeHashGridEncoding(HashGridEncoding):
     def forward(self, points: torch.Tensor, table_index: int | torch.Tensor = 0) -> torch.Tensor:
         """Encode ``(N, dim)`` points -> ``(N, n_levels * n_features_per_level)``."""
         self.check_points(points, table_index)
-        if points.is_cuda and not getattr(self._module, "with_cuda", False):
+        if points.is_cuda and not has_cuda_kernels():
             raise RuntimeError("the native hash-grid kernels were built without CUDA; use backend='torch' on "
                                "this device or rebuild with a CUDA toolkit")
         table = self.params.to(points.dtype).reshape(-1, self.config.n_features_per_level)
