@@ -119,3 +119,31 @@ def _sample_nearest(image: torch.Tensor, flat: torch.Tensor, spatial: tuple[int,
     if padding == "zeros":
         values = torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
     return values
+
+
+def sample_batch(images: torch.Tensor, points: torch.Tensor, *, padding: str = "border") -> torch.Tensor:
+    """Linear sampling of a batch of images, each at its own points.
+
+    Convention: as :func:`sample` (component ``k`` along array axis ``k``, voxel centres at
+    ``i / (N_k - 1)``).
+
+    Args:
+        images: ``(B, C, *spatial)`` floating images with ``d`` spatial axes.
+        points: ``(B, *S, d)`` unit coordinates, any point layout ``S``; differentiable.
+        padding: ``"border"`` or ``"zeros"``.
+    Returns:
+        ``(B, C, *S)``.
+    """
+    check_choice("padding", padding, ("border", "zeros"))
+    ndim = images.ndim - 2
+    if ndim not in (2, 3) or points.shape[-1] != ndim or points.shape[0] != images.shape[0]:
+        raise ValueError(f"images and points: expected (B, C, *spatial) with 2 or 3 spatial axes and "
+                         f"(B, ..., d) points, got {tuple(images.shape)} and {tuple(points.shape)}")
+    batch, layout = points.shape[0], points.shape[1:-1]
+    # grid_sample reads grid component 0 along the *last* array axis. Reversing the images'
+    # spatial axes (a view) lines that up with our convention, so the points need no flip.
+    reversed_axes = (0, 1, *range(images.ndim - 1, 1, -1))
+    grid = points.reshape(batch, -1, *([1] * (ndim - 1)), ndim).to(images.dtype) * 2.0 - 1.0
+    out = F.grid_sample(images.permute(reversed_axes), grid, mode="bilinear", padding_mode=padding,
+                        align_corners=True)
+    return out.reshape(batch, images.shape[1], *layout)

@@ -8,20 +8,19 @@ chunks of points, so memory stays bounded by the chunk size, not the image size.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from ._files import atomic_save, safe_load
 from ._version import RESULT_FORMAT_VERSION, __version__
 from .config import FitConfig
 from .coords import identity_grid, sample
 from .encoders import HashGridConfig, resolve_backend
 from .fields import MapPair
+from .grid_maps import GridMapPair
 from . import metrics
 from .validation import as_tensor, check_choice, describe, to_output
 
@@ -36,14 +35,15 @@ class RegistrationResult:
         phi_AB, phi_BA: callables ``(N, d) -> (N, d)`` on unit coordinates (torch modules).
         moving_shape, fixed_shape: the grids of A and B.
         moving_spacing, fixed_spacing: voxel sizes per axis (physical units).
-        config: the :class:`FitConfig` used (with the encoding resolved).
-        backend: the hash-grid backend that ran.
+        config: the :class:`FitConfig` used (with the encoding resolved); None for a result of
+            the convolutional companion (``metadata["method"]`` says which method made it).
+        backend: the hash-grid backend that ran ("torch" for a convolutional network).
         history: loss terms per iteration, ``{name: [float, ...]}``.
         elapsed_s: wall-clock seconds of the fit.
     """
 
-    def __init__(self, maps: MapPair, *, moving_shape, fixed_shape, moving_spacing, fixed_spacing,
-                 config: FitConfig, backend: str, history: dict | None = None, elapsed_s: float = 0.0,
+    def __init__(self, maps: MapPair | GridMapPair, *, moving_shape, fixed_shape, moving_spacing, fixed_spacing,
+                 config: FitConfig | None, backend: str, history: dict | None = None, elapsed_s: float = 0.0,
                  metadata: dict | None = None):
         self.maps = maps
         self.moving_shape = tuple(int(n) for n in moving_shape)
@@ -71,7 +71,7 @@ class RegistrationResult:
 
     @property
     def device(self) -> torch.device:
-        return self.maps.matrices.device
+        return next(self.maps.buffers()).device
 
     def _direction(self, direction: str):
         """(map, source shape, source spacing, target shape, target spacing) of a direction.
@@ -207,23 +207,25 @@ class RegistrationResult:
         return self
 
     def _state(self) -> dict:
-        fields = self.maps.fields
+        if isinstance(self.maps, GridMapPair):
+            architecture = {"kind": "displacement_grids", "shapes_AB": self.maps.shapes("AB"),
+                            "shapes_BA": self.maps.shapes("BA")}
+        else:
+            fields = self.maps.fields
+            architecture = {"kind": "hash_fields", "encoding": asdict(fields.encoding.config),
+                            "hidden_widths": list(fields.hidden_widths), "output_scale": fields.output_scale}
         return {
             "format": _FORMAT,
             "format_version": RESULT_FORMAT_VERSION,
             "library_version": __version__,
             "dim": self.dim,
-            "architecture": {
-                "encoding": asdict(fields.encoding.config),
-                "hidden_widths": list(fields.hidden_widths),
-                "output_scale": fields.output_scale,
-            },
+            "architecture": architecture,
             "maps": {k: v.detach().cpu() for k, v in self.maps.state_dict().items()},
             "moving_shape": list(self.moving_shape),
             "fixed_shape": list(self.fixed_shape),
             "moving_spacing": list(self.moving_spacing),
             "fixed_spacing": list(self.fixed_spacing),
-            "config": self.config.to_dict(),
+            "config": None if self.config is None else self.config.to_dict(),
             "backend": self.backend,
             "history": {k: [float(v) for v in values] for k, values in self.history.items()},
             "elapsed_s": self.elapsed_s,
@@ -233,50 +235,35 @@ class RegistrationResult:
     def save(self, path) -> None:
         """Write the result to ``path`` atomically (a temporary file renamed into place), so an
         existing file is never left half-written."""
-        path = Path(path)
-        if not path.parent.exists():
-            raise FileNotFoundError(f"path: the folder {str(path.parent)!r} does not exist")
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(self._state(), stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        atomic_save(self._state(), path)
 
     @classmethod
     def load(cls, path, *, backend: str = "auto", device=None) -> "RegistrationResult":
         """Read a saved result. Only tensors and plain values are read (``weights_only=True``).
 
         Args:
-            backend: hash-grid backend to rebuild the maps with (parameters are the same for all).
+            backend: hash-grid backend to rebuild neural-field maps with (parameters are the same
+                for all); unused for the grid maps of the convolutional companion.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"path: no file at {str(path)!r}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"path: {str(path)!r} is not a readable neuralfield_reg result "
-                             f"(truncated or foreign file?): {error}") from error
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"path: {str(path)!r} is not a neuralfield_reg result file")
+        state = safe_load(path, format_name=_FORMAT, what="neuralfield_reg result")
         if state.get("format_version") != RESULT_FORMAT_VERSION:
             raise ValueError(f"path: {str(path)!r} has result format {state.get('format_version')!r} "
                              f"(written by neuralfield_reg {state.get('library_version')}); this version "
                              f"({__version__}) reads format {RESULT_FORMAT_VERSION}")
         architecture = state["architecture"]
-        backend = resolve_backend(backend, device)
-        maps = MapPair(state["dim"], encoding=HashGridConfig(**architecture["encoding"]),
-                       hidden_widths=tuple(architecture["hidden_widths"]),
-                       output_scale=architecture["output_scale"], backend=backend)
+        if architecture.get("kind", "hash_fields") == "displacement_grids":
+            maps = GridMapPair.empty(state["dim"], architecture["shapes_AB"], architecture["shapes_BA"])
+            backend = state["backend"]
+        else:
+            backend = resolve_backend(backend, device)
+            maps = MapPair(state["dim"], encoding=HashGridConfig(**architecture["encoding"]),
+                           hidden_widths=tuple(architecture["hidden_widths"]),
+                           output_scale=architecture["output_scale"], backend=backend)
+            backend = maps.backend
         maps.load_state_dict(state["maps"])
+        config = None if state["config"] is None else FitConfig.from_dict(state["config"])
         result = cls(maps, moving_shape=state["moving_shape"], fixed_shape=state["fixed_shape"],
                      moving_spacing=state["moving_spacing"], fixed_spacing=state["fixed_spacing"],
-                     config=FitConfig.from_dict(state["config"]), backend=maps.backend,
+                     config=config, backend=backend,
                      history=state["history"], elapsed_s=state["elapsed_s"], metadata=state["metadata"])
         return result.to(device) if device is not None else result

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from neuralfield_reg.coords import identity_grid, physical_extent, sample, unit_to_voxel, voxel_to_unit
+from neuralfield_reg.coords import (identity_grid, physical_extent, sample, sample_batch, unit_to_voxel,
+                                    voxel_to_unit)
 
 
 def test_identity_grid_puts_voxel_centres_at_i_over_n_minus_1():
@@ -79,3 +80,16 @@ def test_sampling_errors():
         sample(torch.ones(4), torch.rand(3, 2))
     with pytest.raises(ValueError, match="mode"):
         sample(torch.ones(4, 4), torch.rand(3, 2), mode="cubic")
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (4, 5, 6)])
+def test_batched_sampling_matches_one_image_at_a_time(shape):
+    images = torch.randn(3, 2, *shape, dtype=torch.float64)
+    points = torch.rand(3, 4, 5, len(shape), dtype=torch.float64) * 1.2 - 0.1    # some outside
+    for padding in ("border", "zeros"):
+        batched = sample_batch(images, points, padding=padding)
+        assert batched.shape == (3, 2, 4, 5)
+        for b in range(3):
+            assert torch.allclose(batched[b], sample(images[b], points[b], padding=padding), atol=1e-12)
+    with pytest.raises(ValueError, match="images and points"):
+        sample_batch(images, points[:2])

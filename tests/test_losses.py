@@ -42,6 +42,29 @@ def test_lncc_is_zero_for_locally_affine_intensity_changes_and_positive_otherwis
     assert float(lncc(volume, volume, window=3)) == pytest.approx(0.0, abs=2e-3)
 
 
+def test_lncc_matches_explicit_windows():
+    """Reference: local statistics from explicit (border-clipped) windows, one voxel at a time."""
+    a, b = torch.rand(7, 8, dtype=torch.float64), torch.rand(7, 8, dtype=torch.float64)
+    radius, eps, total = 1, 1e-5, 0.0
+    for i in range(7):
+        for j in range(8):
+            wa = a[max(0, i - radius):i + radius + 1, max(0, j - radius):j + radius + 1]
+            wb = b[max(0, i - radius):i + radius + 1, max(0, j - radius):j + radius + 1]
+            covariance = (wa * wb).mean() - wa.mean() * wb.mean()
+            variances = ((wa * wa).mean() - wa.mean() ** 2) * ((wb * wb).mean() - wb.mean() ** 2)
+            total += float(covariance ** 2 / (variances + eps))
+    assert float(lncc(a, b, window=3, eps=eps)) == pytest.approx(1.0 - total / 56, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ssd", "ncc", "lncc"])
+def test_batched_similarity_is_the_mean_over_pairs(name):
+    function = {"ssd": ssd, "ncc": ncc, "lncc": lncc}[name]
+    warped, target = torch.rand(3, 9, 10, dtype=torch.float64), torch.rand(3, 9, 10, dtype=torch.float64)
+    target[1] = 2 * warped[1] + 1
+    single = torch.stack([function(warped[k], target[k]) for k in range(3)]).mean()
+    assert float(function(warped, target, batched=True)) == pytest.approx(float(single), abs=1e-12)
+
+
 def test_similarity_errors():
     with pytest.raises(ValueError, match="shapes"):
         ssd(torch.ones(3), torch.ones(4))

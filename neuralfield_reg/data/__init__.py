@@ -1,5 +1,5 @@
 """Synthetic data generators."""
 
-from .shapes import Shape, ShapePair, shape_pair, shape_pairs
+from .shapes import Shape, ShapePair, ShapePairDataset, shape_pair, shape_pairs
 
-__all__ = ["Shape", "ShapePair", "shape_pair", "shape_pairs"]
+__all__ = ["Shape", "ShapePair", "ShapePairDataset", "shape_pair", "shape_pairs"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
 SHARPNESS = 40.0
 
@@ -70,3 +72,26 @@ def shape_pairs(n: int, size: int = 128, hollow: bool = True, seed: int = 0) -> 
         raise ValueError(f"n: expected a non-negative count, got {n!r}")
     rng = np.random.default_rng(seed)
     return [shape_pair(rng, size, hollow) for _ in range(n)]
+
+
+class ShapePairDataset(Dataset):
+    """``n`` random pairs rendered once, as a torch ``Dataset`` of ``(moving, fixed)`` tensors.
+
+    Items are ``(size, size)`` float32 images in [0, 1]; :attr:`moving_labels` and
+    :attr:`fixed_labels` (``(n, size, size)`` uint8) hold the filled-shape label maps for scoring.
+    """
+
+    def __init__(self, n: int, size: int = 64, hollow: bool = True, seed: int = 0):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected at least one pair, got {n!r}")
+        pairs = shape_pairs(n, size, hollow, seed)
+        self.moving = torch.from_numpy(np.stack([p.moving for p in pairs]))
+        self.fixed = torch.from_numpy(np.stack([p.fixed for p in pairs]))
+        self.moving_labels = np.stack([p.moving_labels for p in pairs])
+        self.fixed_labels = np.stack([p.fixed_labels for p in pairs])
+
+    def __len__(self) -> int:
+        return self.moving.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.moving[index], self.fixed[index]

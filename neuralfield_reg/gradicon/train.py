@@ -1,0 +1,162 @@
+"""Training a registration network over a dataset of pairs: Adam, progress, checkpoints, resume.
+
+Batches are drawn with replacement by a seeded CPU generator, which also draws the loss's grid
+noise; its state is part of every checkpoint, so a resumed run takes exactly the steps the
+uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .._files import atomic_save, safe_load
+from .._version import __version__
+from ..fit import FitDivergedError
+from ..validation import as_tensor, describe
+from .losses import DEFAULT_LAMBDA, registration_loss
+from .wrappers import RegistrationNetwork
+
+_FORMAT = "neuralfield_reg.gradicon.checkpoint"
+_TERMS = ("loss", "similarity", "inverse_consistency")
+
+
+def _collate(pairs: Dataset, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 1, *shape)`` moving and fixed batches from dataset items ``(moving, fixed)``."""
+    movings, fixeds = [], []
+    for i in index.tolist():
+        item = pairs[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise TypeError(f"pairs: item {i} should be a (moving, fixed) pair, got {describe(item)}")
+        for name, value, out in (("moving", item[0], movings), ("fixed", item[1], fixeds)):
+            tensor, _ = as_tensor(f"pairs[{i}] {name}", value)
+            if tensor.ndim not in (2, 3):
+                raise ValueError(f"pairs: item {i}'s {name} image should be (H, W) or (D, H, W), "
+                                 f"got {describe(value)}")
+            if not tensor.is_floating_point():
+                raise TypeError(f"pairs: item {i}'s {name} image should be floating, got {tensor.dtype}")
+            out.append(tensor.float())
+    shapes = {tuple(t.shape) for t in movings + fixeds}
+    if len(shapes) != 1:
+        raise ValueError(f"pairs: every image in a batch must share one grid, got shapes {sorted(shapes)}")
+    moving = torch.stack(movings)[:, None].to(device)
+    fixed = torch.stack(fixeds)[:, None].to(device)
+    if not bool(torch.isfinite(moving).all() and torch.isfinite(fixed).all()):
+        raise ValueError(f"pairs: items {index.tolist()} contain NaN or Inf values")
+    return moving, fixed
+
+
+def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon",
+          similarity: str = "lncc", lam: float | None = None, batch_size: int = 32, lr: float = 1e-3,
+          steps: int | None = None, time_budget_s: float | None = None, checkpoint=None,
+          checkpoint_every: int = 100, lncc_window: int = 5, seed: int = 0, device=None,
+          callback=None, callback_every: int = 100, progress: bool = True) -> dict[str, list[float]]:
+    """Train ``network`` in place on ``pairs`` with the GradICON or ICON loss.
+
+    Args:
+        network: a :class:`RegistrationNetwork` (e.g. :func:`default_model`).
+        pairs: a torch ``Dataset`` whose items are ``(moving, fixed)`` images (numpy or torch,
+            ``(H, W)`` or ``(D, H, W)``, intensities around [0, 1]), all on one grid.
+        loss, similarity, lam, lncc_window: see :func:`registration_loss`.
+        batch_size: pairs per step. lr: Adam learning rate.
+        steps: stop after this many steps in total (counting steps of a resumed run).
+        time_budget_s: stop when training (not callback) time reaches this many seconds in total.
+            At least one of ``steps`` and ``time_budget_s`` is needed.
+        checkpoint: a file path. If it exists, training resumes from it (same settings required);
+            it is rewritten atomically every ``checkpoint_every`` steps and at the end.
+        seed: seeds batch selection and grid noise.
+        device: where to train (default: where the network's parameters are).
+        callback: ``callback(step, network, history)`` every ``callback_every`` steps and at the
+            end (e.g. validation); its time is not counted as training time.
+        progress: show a progress bar.
+    Returns:
+        The history: ``{"step", "seconds", "loss", "similarity", "inverse_consistency"}`` lists.
+    Raises:
+        FitDivergedError: a loss term became NaN or Inf (names the step and the term).
+    """
+    if not isinstance(network, RegistrationNetwork):
+        raise TypeError(f"network: expected a gradicon RegistrationNetwork, got {type(network).__name__}")
+    if not isinstance(pairs, Dataset) or len(pairs) == 0:
+        raise ValueError(f"pairs: expected a non-empty torch Dataset of (moving, fixed), got {describe(pairs)}")
+    if steps is None and time_budget_s is None:
+        raise ValueError("steps and time_budget_s: give at least one (training would never stop)")
+    if steps is not None and (not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
+    if time_budget_s is not None and not time_budget_s >= 0:
+        raise ValueError(f"time_budget_s: expected a non-negative number of seconds, got {time_budget_s!r}")
+    for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
+                        ("callback_every", callback_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
+    lam = DEFAULT_LAMBDA.get(loss, 1.0) if lam is None else float(lam)
+    settings = {"loss": loss, "similarity": similarity, "lam": lam, "batch_size": batch_size,
+                "lr": float(lr), "lncc_window": lncc_window, "seed": seed}
+    if device is None:
+        device = next(network.parameters()).device
+    network.to(device).train()
+    optimizer = torch.optim.Adam(network.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history: dict[str, list[float]] = {"step": [], "seconds": [], **{t: [] for t in _TERMS}}
+    step, seconds = 0, 0.0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = safe_load(checkpoint, format_name=_FORMAT, what="gradicon training checkpoint")
+        changed = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+        if changed:
+            raise ValueError(f"checkpoint: {str(checkpoint)!r} was written with other settings "
+                             f"(saved, requested): {changed}")
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history = state["history"]
+        step, seconds = state["step"], state["seconds"]
+
+    def save():
+        if checkpoint is not None:
+            atomic_save({"format": _FORMAT, "library_version": __version__, "settings": settings,
+                         "step": step, "seconds": seconds, "network": network.state_dict(),
+                         "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                         "history": history}, checkpoint)
+
+    def done() -> bool:
+        return (steps is not None and step >= steps) or (time_budget_s is not None and seconds >= time_budget_s)
+
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"train {loss}", leave=False)
+    while not done():
+        started = time.perf_counter()
+        index = torch.randint(len(pairs), (batch_size,), generator=generator)
+        moving, fixed = _collate(pairs, index, device)
+        terms = registration_loss(network, moving, fixed, loss=loss, similarity=similarity, lam=lam,
+                                  generator=generator, lncc_window=lncc_window)
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        for name, value in values.items():
+            if not np.isfinite(value):
+                raise FitDivergedError(f"train: the {name} term became {value} at step {step}; "
+                                       "lower lr or lam, or check the images")
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        step += 1
+        seconds += time.perf_counter() - started
+        history["step"].append(step)
+        history["seconds"].append(seconds)
+        for name in _TERMS:
+            history[name].append(values[name])
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{values['loss']:.4g}", ic=f"{values['inverse_consistency']:.3g}")
+        if step % checkpoint_every == 0:
+            save()
+        if callback is not None and step % callback_every == 0:
+            callback(step, network, history)
+    bar.close()
+    save()
+    if callback is not None and (not history["step"] or history["step"][-1] % callback_every != 0):
+        callback(step, network, history)
+    return history
