@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (device tool): build the CUDA kernels, run the test suite
 # (CUDA parity tests included), then the encoder benchmark and fit timings. Logs go to $OUT.
+# SECTIONS picks what runs (default all): tests encoder fit2d fit3d gradicon.
 set -uo pipefail
 OUT=${OUT:-out/gpu}
+SECTIONS=${SECTIONS:-"tests encoder fit2d fit3d gradicon"}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 log() { echo "== $(date +%T) $*"; }
@@ -11,11 +14,17 @@ log "device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=c
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 log "install"; python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 log "build"; time python3 -c "from neuralfield_reg._cuda_ext import load; m = load(verbose=False); print('with_cuda', m.with_cuda)" || exit 1
-log "tests"; python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tail -15
+if want tests; then log "tests"; python3 -m pytest -q -x tests -p no:cacheprovider 2>&1 | tail -15; fi
+if want encoder; then
 log "encoder 2D"; python3 benchmarks/encoder.py --device cuda --dim 2 --points 65536 --repeats 30
 log "encoder 3D"; python3 benchmarks/encoder.py --device cuda --dim 3 --points 1048576 --repeats 10
-log "fit 2D 128^2"; python3 benchmarks/encoder.py --device cuda --dim 2 --points 4096 --repeats 10 --fit 3
-log "fit 3D 160x384x384"; python3 - <<'PY'
+fi
+if want fit2d; then log "fit 2D 128^2"; python3 benchmarks/encoder.py --device cuda --dim 2 --points 4096 --repeats 10 --fit 3; fi
+if want gradicon; then
+log "gradicon step"; python3 benchmarks/gradicon_step.py --device cuda --cases 2d:64:32 2d:128:32 3d:64:8 3d:128:2
+log "gradicon triangles 2 min"; python3 demos/gradicon_triangles.py --device cuda --runs gradicon:1 --minutes 2 --test-pairs 100 --eval-every 200 --quiet --out "$OUT/gradicon_triangles"
+fi
+want fit3d && log "fit 3D 160x384x384" && python3 - <<'PY'
 import time, numpy as np, torch, neuralfield_reg as nfr
 from neuralfield_reg.metrics import folding_fraction
 shape = (160, 384, 384)

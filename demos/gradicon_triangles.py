@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validations")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=Path("out/gradicon_triangles"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
     for spec in args.runs:
         loss, lam = spec.split(":")
         torch.manual_seed(args.seed)
-        network = gradicon.default_model(2, (args.size, args.size))
+        network = gradicon.default_model(2, (args.size, args.size)).to(args.device)
         curve = [{"seconds": 0.0, "step": 0, **evaluate(network, test_pairs)}]
 
         def validate(step, network, history, curve=curve, spec=spec):
@@ -95,7 +96,8 @@ def main(argv=None) -> dict:
         axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(args.out / "curves.png", dpi=120)
-    summary = {"arguments": {k: str(v) for k, v in vars(args).items()}, "start": start, "runs": runs}
+    summary = {"device": str(args.device), "arguments": {k: str(v) for k, v in vars(args).items()},
+               "start": start, "runs": runs}
     (args.out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {args.out / 'curves.png'} and {args.out / 'results.json'}")
     return summary

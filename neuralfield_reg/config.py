@@ -76,6 +76,10 @@ class FitConfig:
         hidden_widths, output_scale: the MLP and the scale of its output (unit coordinates).
         affine: settings of the global affine stage, or None to start from the identity.
         backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
+        on_divergence: what a NaN/Inf loss term does: ``"raise"`` stops with
+            :class:`~neuralfield_reg.FitDivergedError`; ``"rollback"`` returns to the last good
+            state (kept every few iterations), multiplies the learning rate by
+            ``rollback_factor`` and goes on, at most ``max_rollbacks`` times, then raises.
     """
 
     iterations: int = 500
@@ -95,6 +99,9 @@ class FitConfig:
     output_scale: float = 0.1
     affine: AffineConfig | None = AffineConfig()
     backend: str = "auto"
+    on_divergence: str = "raise"
+    rollback_factor: float = 0.1
+    max_rollbacks: int = 3
 
     def __post_init__(self):
         _require(isinstance(self.iterations, int) and self.iterations >= 1, "FitConfig.iterations",
@@ -124,6 +131,12 @@ class FitConfig:
                  "a positive number", self.output_scale)
         _require(self.backend in ("auto", "torch", "native", "tcnn"), "FitConfig.backend",
                  "'auto', 'torch', 'native' or 'tcnn'", self.backend)
+        _require(self.on_divergence in ("raise", "rollback"), "FitConfig.on_divergence",
+                 "'raise' or 'rollback'", self.on_divergence)
+        _require(0 < self.rollback_factor < 1, "FitConfig.rollback_factor", "a fraction in (0, 1)",
+                 self.rollback_factor)
+        _require(isinstance(self.max_rollbacks, int) and self.max_rollbacks >= 0, "FitConfig.max_rollbacks",
+                 "an integer >= 0", self.max_rollbacks)
 
     def resolved(self, shape: Sequence[int]) -> "FitConfig":
         """This config with ``encoding`` filled in for images of ``shape``."""

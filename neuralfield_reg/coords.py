@@ -83,6 +83,8 @@ def sample(image: torch.Tensor, points: torch.Tensor, *, mode: str = "linear",
                          f"got shape {tuple(image.shape)}")
     has_channels = image.ndim == ndim + 1
     spatial = tuple(image.shape[-ndim:])
+    if min(spatial) < 1 or image.numel() == 0:
+        raise ValueError(f"image: expected a non-empty image, got shape {tuple(image.shape)}")
     batch_shape = points.shape[:-1]
     flat = points.reshape(-1, ndim)
     if mode == "nearest":

@@ -10,6 +10,8 @@ iterations. Both maps start from the affine stage (``phi = affine + u``, ``u = 0
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 
 import numpy as np
@@ -27,6 +29,10 @@ from .result import RegistrationResult
 from .validation import check_image, check_spacing
 
 
+# With on_divergence="rollback", the state is kept every this many iterations.
+_GOOD_STATE_EVERY = 10
+
+
 class FitDivergedError(RuntimeError):
     """The optimisation produced a NaN or Inf; the message names the iteration and the term."""
 
@@ -41,11 +47,15 @@ def _split_spacing(spacing, ndim: int) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def normalize_intensity(name: str, image: torch.Tensor) -> torch.Tensor:
-    """Scale an image linearly to [0, 1]; a constant image cannot be registered and raises."""
+    """Scale an image linearly to [0, 1] (computed in float64, returned as float32, so intensities
+    near the float32 limits do not overflow); a constant image cannot be registered and raises."""
+    image = image.double()
     low, high = image.min(), image.max()
     if not bool(high > low):
         raise ValueError(f"{name}: the image is constant ({float(low)}); there is nothing to register")
-    return (image - low) / (high - low)
+    if not bool(torch.isfinite(high - low)):
+        raise ValueError(f"{name}: the intensity range [{float(low)}, {float(high)}] is too large to rescale")
+    return ((image - low) / (high - low)).float()
 
 
 def level_weights(iteration: int, config: FitConfig, n_levels: int, device) -> torch.Tensor:
@@ -87,8 +97,8 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
                          f"{tuple(moving_t.shape)} and {tuple(fixed_t.shape)}")
     dim = moving_t.ndim
     moving_spacing, fixed_spacing = _split_spacing(spacing, dim)
-    moving_t = normalize_intensity("moving", moving_t.float())
-    fixed_t = normalize_intensity("fixed", fixed_t.float())
+    moving_t = normalize_intensity("moving", moving_t)
+    fixed_t = normalize_intensity("fixed", fixed_t)
     config = config.resolved(fixed_t.shape)
     backend = resolve_backend(config.backend, device)
 
@@ -107,8 +117,13 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
                        output_scale=config.output_scale, backend=backend,
                        affine_AB=affine_AB, affine_BA=affine_BA).to(device)
     optimizer = torch.optim.Adam(maps.parameters(), lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, config.iterations - 1), eta_min=config.learning_rate * config.learning_rate_decay)
+    learning_rate_scale = 1.0          # lowered by each rollback
+
+    def learning_rate(iteration: int) -> float:
+        """Cosine from ``learning_rate`` to ``learning_rate * learning_rate_decay``."""
+        cosine = 0.5 * (1.0 + math.cos(math.pi * iteration / max(1, config.iterations - 1)))
+        decay = config.learning_rate_decay
+        return learning_rate_scale * config.learning_rate * (decay + (1.0 - decay) * cosine)
 
     grid_A = identity_grid(moving_t.shape, device=device).reshape(-1, dim)
     grid_B = identity_grid(fixed_t.shape, device=device).reshape(-1, dim)
@@ -139,8 +154,10 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
             return similarity(warped, target_values)
         return similarity(warped[inside], target_values[inside])
 
-    bar = tqdm(range(config.iterations), disable=not progress, desc="fit_pair", leave=False)
-    for iteration in bar:
+    good_state, rollbacks = None, []
+    bar = tqdm(total=config.iterations, disable=not progress, desc="fit_pair", leave=False)
+    iteration = 0
+    while iteration < config.iterations:
         stage = min(iteration * len(stages) // config.iterations, len(stages) - 1)
         moving_s, fixed_s = stages[stage]
         weights = level_weights(iteration, config, n_levels, device)
@@ -161,16 +178,38 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
             loss = loss + config.icon_weight * terms["icon"]
         values = {name: value.item() for name, value in terms.items()}
         values["loss"] = loss.item()
+        bad = [name for name, value in values.items() if not np.isfinite(value)]
+        if bad:
+            message = (f"fit_pair: the {bad[0]} term became {values[bad[0]]} at iteration {iteration}")
+            if config.on_divergence != "rollback" or good_state is None or len(rollbacks) >= config.max_rollbacks:
+                advice = (f" after {len(rollbacks)} rollbacks; lower FitConfig.learning_rate"
+                          if config.on_divergence == "rollback" else
+                          "; lower FitConfig.learning_rate (or set on_divergence='rollback')")
+                raise FitDivergedError(f"{message}{advice} or check the images")
+            iteration, state, optimizer_state, generator_state = good_state
+            maps.load_state_dict(state)
+            optimizer.load_state_dict(optimizer_state)
+            generator.set_state(generator_state)
+            learning_rate_scale *= config.rollback_factor
+            rollbacks.append({"iteration": iteration, "term": bad[0], "learning_rate_scale": learning_rate_scale})
+            for name in history:
+                del history[name][iteration:]
+            bar.n = iteration
+            continue
+        if config.on_divergence == "rollback" and iteration % _GOOD_STATE_EVERY == 0:
+            good_state = (iteration, copy.deepcopy(maps.state_dict()), copy.deepcopy(optimizer.state_dict()),
+                          generator.get_state())
         for name, value in values.items():
-            if not np.isfinite(value):
-                raise FitDivergedError(f"fit_pair: the {name} term became {value} at iteration "
-                                       f"{iteration}; lower FitConfig.learning_rate or check the images")
             history[name].append(value)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(iteration)
         loss.backward()
         optimizer.step()
-        schedule.step()
+        iteration += 1
+        bar.update(1)
         if progress and iteration % 10 == 0:
             bar.set_postfix(loss=f"{values['loss']:.4g}", gicon=f"{values['gradient_icon']:.3g}")
+    bar.close()
 
     for name, parameter in maps.named_parameters():
         if not bool(torch.isfinite(parameter).all()):
@@ -179,4 +218,4 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
     return RegistrationResult(
         maps, moving_shape=moving_t.shape, fixed_shape=fixed_t.shape, moving_spacing=moving_spacing,
         fixed_spacing=fixed_spacing, config=config, backend=backend, history=history,
-        elapsed_s=elapsed, metadata={"seed": seed, "device": str(device)})
+        elapsed_s=elapsed, metadata={"seed": seed, "device": str(device), "rollbacks": rollbacks})

@@ -27,6 +27,11 @@ def dice(labels_a, labels_b, labels: Sequence[int] | None = None) -> dict[int, f
     a, b = _numpy("labels_a", labels_a), _numpy("labels_b", labels_b)
     if a.shape != b.shape:
         raise ValueError(f"labels_a and labels_b: expected equal shapes, got {a.shape} and {b.shape}")
+    for name, value in (("labels_a", a), ("labels_b", b)):
+        if np.iscomplexobj(value):
+            raise TypeError(f"{name}: expected integer labels, got dtype {value.dtype}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ValueError(f"{name}: label maps must be finite, got NaN or Inf")
     if labels is None:
         labels = sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()))
         labels = [label for label in labels if label != 0]

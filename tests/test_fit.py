@@ -63,6 +63,26 @@ def test_absurd_learning_rate_is_reported_as_divergence(pair64):
         nfr.fit_pair(moving, fixed, config, progress=False)
 
 
+def test_rollback_recovers_from_a_diverging_learning_rate(pair64):
+    """lr 1e5 overflows within a few iterations; one rollback to the last good state (iteration 0)
+    with the rate scaled to 1e-2 gives an ordinary fit."""
+    moving, fixed, moving_labels, fixed_labels = pair64
+    config = dataclasses.replace(nfr.FitConfig(), iterations=150, blur_sigmas=(3.0, 1.5, 0.75, 0.0),
+                                 learning_rate=1e5, on_divergence="rollback", rollback_factor=1e-7)
+    result = nfr.fit_pair(moving, fixed, config, progress=False)
+    assert [r["iteration"] for r in result.metadata["rollbacks"]] == [0]
+    assert len(result.history["loss"]) == 150 and np.isfinite(result.history["loss"]).all()
+    assert mean_dice(result.warp(moving_labels, mode="nearest"), fixed_labels) > 0.93
+
+
+def test_rollback_gives_up_after_max_rollbacks(pair64):
+    moving, fixed, _, _ = pair64
+    config = dataclasses.replace(QUICK, learning_rate=1e12, iterations=20, on_divergence="rollback",
+                                 max_rollbacks=2)
+    with pytest.raises(nfr.FitDivergedError, match="after 2 rollbacks"):
+        nfr.fit_pair(moving, fixed, config, progress=False)
+
+
 @pytest.mark.parametrize("moving,fixed,error,fragment", [
     (np.zeros((8, 8, 8)), np.zeros((8, 8)), ValueError, "same number of axes"),
     (np.zeros(8), np.zeros(8), ValueError, "2D or 3D"),
@@ -106,7 +126,8 @@ def test_integer_images_are_accepted(pair64):
 @pytest.mark.parametrize("field,value", [("iterations", 0), ("learning_rate", -1.0), ("gradient_icon_weight", -0.1),
                                          ("similarity", "mi"), ("blur_sigmas", ()), ("backend", "gpu"),
                                          ("similarity_points", 0), ("lncc_window", 4),
-                                         ("learning_rate_decay", 0.0)])
+                                         ("learning_rate_decay", 0.0), ("on_divergence", "ignore"),
+                                         ("rollback_factor", 1.0), ("max_rollbacks", -1)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         nfr.FitConfig(**{field: value})

@@ -144,6 +144,8 @@ class NativeHashGridEncoding(HashGridEncoding):
     def forward(self, points: torch.Tensor, table_index: int | torch.Tensor = 0) -> torch.Tensor:
         """Encode ``(N, dim)`` points -> ``(N, n_levels * n_features_per_level)``."""
         self.check_points(points, table_index)
+        if points.shape[0] == 0:                      # no points: no features (and no kernel launch)
+            return points.new_zeros(0, self.n_output_dims)
         if points.is_cuda and not has_cuda_kernels():
             raise RuntimeError("the native hash-grid kernels were built without CUDA; use backend='torch' on "
                                "this device or rebuild with a CUDA toolkit")

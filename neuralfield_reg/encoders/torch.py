@@ -155,6 +155,8 @@ class TorchHashGridEncoding(HashGridEncoding):
     def forward(self, points: torch.Tensor, table_index: int | torch.Tensor = 0) -> torch.Tensor:
         """Encode ``(N, dim)`` points -> ``(N, n_levels * n_features_per_level)``."""
         self.check_points(points, table_index)
+        if points.shape[0] == 0:                      # no points: no features (and no kernel launch)
+            return points.new_zeros(0, self.n_output_dims)
         n, levels = points.shape[0], self.config.n_levels
         position = points.t()[:, None, :] * self.scales.to(points.dtype)[:, None] + 0.5   # (d, L, N)
         cell = torch.floor(position.detach())

@@ -48,7 +48,8 @@ def inverse_consistency(phi: GridMap, points: torch.Tensor) -> torch.Tensor:
 def gradient_inverse_consistency(phi: GridMap, points: torch.Tensor, step: float = FD_STEP) -> torch.Tensor:
     """GradICON term for a batch ``[phi_AB; phi_BA]`` at ``(2B, *S, d)`` points: forward
     differences of the residual along each axis, their squared norms averaged over points and
-    axes (the reference code's sum over axes of the mean over components). The ``d + 1`` point sets go through the maps as one batch of points."""
+    axes (the reference code's sum over axes of the mean over components). The ``d + 1`` point
+    sets go through the maps as one batch of points."""
     dim = points.shape[-1]
     shifts = torch.cat([torch.zeros(1, dim), torch.eye(dim) * step]).to(points)     # (d + 1, d)
     stacked = points.reshape(points.shape[0], 1, -1, dim) + shifts[None, :, None, :]

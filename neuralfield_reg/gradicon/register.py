@@ -54,8 +54,8 @@ def register(network: RegistrationNetwork, moving, fixed, *, finetune_steps: int
                          f"{dim}D image of shape {tuple(moving_t.shape)}")
     moving_spacing, fixed_spacing = _split_spacing(spacing, dim)
     started = time.perf_counter()
-    moving_n = resample(normalize_intensity("moving", moving_t.float()), shape)[None, None]
-    fixed_n = resample(normalize_intensity("fixed", fixed_t.float()), shape)[None, None]
+    moving_n = resample(normalize_intensity("moving", moving_t), shape)[None, None]
+    fixed_n = resample(normalize_intensity("fixed", fixed_t), shape)[None, None]
 
     history: dict[str, list[float]] = {}
     if finetune_steps:

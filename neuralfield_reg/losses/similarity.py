@@ -18,6 +18,9 @@ def _check_pair(warped: torch.Tensor, target: torch.Tensor) -> None:
                          f"and {tuple(target.shape)}")
     if warped.numel() == 0:
         raise ValueError("warped: expected a non-empty tensor")
+    for name, value in (("warped", warped), ("target", target)):
+        if not value.is_floating_point():
+            raise TypeError(f"{name}: expected a floating tensor, got dtype {value.dtype}")
 
 
 def ssd(warped: torch.Tensor, target: torch.Tensor, *, batched: bool = False) -> torch.Tensor:
@@ -44,7 +47,8 @@ def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float
     Args:
         warped, target: ``(*spatial)`` images on the same grid, 2 or 3 spatial axes
             (``(B, *spatial)`` with ``batched=True``).
-        window: odd neighbourhood width in voxels.
+        window: odd neighbourhood width in voxels (clipped to the largest odd width that fits
+            an axis shorter than it).
     """
     _check_pair(warped, target)
     spatial = warped.ndim - 1 if batched else warped.ndim
@@ -59,7 +63,8 @@ def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float
     means = torch.stack([warped, target, warped * warped, target * target, warped * target], dim=1)
     for axis in range(spatial):          # separable box mean: one axis at a time (w, not w^d, reads)
         kernel = [1] * spatial
-        kernel[axis] = window
+        size = warped.shape[axis + 1]
+        kernel[axis] = min(window, size - 1 + size % 2)      # an axis shorter than the window: all of it
         padding = [k // 2 for k in kernel]
         means = pool(means, kernel, stride=1, padding=padding, count_include_pad=False)
     means = means.unbind(1)
