@@ -141,3 +141,9 @@ def test_load_errors(tmp_path):
     truncated.write_bytes(good.read_bytes()[:200])
     with pytest.raises(ValueError, match="truncated or foreign"):
         RegistrationResult.load(truncated)
+    state = torch.load(good, weights_only=True)
+    state["format_version"] = 999
+    future = tmp_path / "future.pt"
+    torch.save(state, future)
+    with pytest.raises(ValueError, match="has result format 999"):
+        RegistrationResult.load(future)
