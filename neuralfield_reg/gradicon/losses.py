@@ -62,7 +62,7 @@ def gradient_inverse_consistency(phi: GridMap, points: torch.Tensor, step: float
 def registration_loss(network: RegistrationNetwork, moving: torch.Tensor, fixed: torch.Tensor, *,
                       loss: str = "gradicon", similarity: str = "lncc", lam: float | None = None,
                       noise: float = 2.0, generator: torch.Generator | None = None,
-                      lncc_window: int = 5) -> dict[str, torch.Tensor]:
+                      noise_samples: torch.Tensor | None = None, lncc_window: int = 5) -> dict[str, torch.Tensor]:
     """Loss terms for a batch: ``{"loss", "similarity", "inverse_consistency"}`` (scalars).
 
     Args:
@@ -73,6 +73,8 @@ def registration_loss(network: RegistrationNetwork, moving: torch.Tensor, fixed:
         lam: weight of the inverse-consistency term (default :data:`DEFAULT_LAMBDA`).
         noise: standard deviation of the noise added to the identity grid, in voxels.
         generator: random source for the noise (CPU generator; reproducible training).
+        noise_samples: standard-normal samples ``(2B, *shape, d)`` to use instead of drawing them
+            (rows ``0..B-1`` for ``phi_AB``, ``B..2B-1`` for ``phi_BA``).
         lncc_window: LNCC window width in voxels.
     """
     check_choice("loss", loss, LOSSES)
@@ -94,9 +96,12 @@ def registration_loss(network: RegistrationNetwork, moving: torch.Tensor, fixed:
     # Mean over the 2B pairs, times 2: the sum of the two directions' similarities.
     similarity_term = 2.0 * SIMILARITIES[similarity](warped, targets[:, 0], batched=True, **options)
 
-    spread = torch.tensor([noise / (n - 1) for n in shape], dtype=moving.dtype)
-    jitter = torch.randn(grid.shape, generator=generator, dtype=moving.dtype) * spread
-    points = grid + jitter.to(moving.device)
+    spread = torch.tensor([noise / (n - 1) for n in shape], dtype=moving.dtype, device=moving.device)
+    if noise_samples is None:
+        noise_samples = torch.randn(grid.shape, generator=generator, dtype=moving.dtype)
+    elif tuple(noise_samples.shape) != tuple(grid.shape):
+        raise ValueError(f"noise_samples: expected shape {tuple(grid.shape)}, got {tuple(noise_samples.shape)}")
+    points = grid + noise_samples.to(moving.device, moving.dtype) * spread
     if loss == "gradicon":
         consistency = gradient_inverse_consistency(phi, points)
     else:

@@ -1,8 +1,12 @@
-"""Training a registration network over a dataset of pairs: Adam, progress, checkpoints, resume.
+"""Training a registration network over a dataset of pairs: Adam, progress, checkpoints, resume,
+and data-parallel training across processes (``torch.distributed``, launched with ``torchrun``).
 
-Batches are drawn with replacement by a seeded CPU generator, which also draws the loss's grid
-noise; its state is part of every checkpoint, so a resumed run takes exactly the steps the
-uninterrupted run would have taken.
+Batches come from a :class:`~torch.utils.data.DistributedSampler` (shuffled epochs; one
+replica in a single process), read as one endless stream of indices, so the pairs of step ``k``
+follow from ``k`` alone. The grid noise of the loss is drawn for the whole global batch by a
+seeded CPU generator whose state is part of every checkpoint. A resumed run therefore takes
+exactly the steps the uninterrupted run would have taken, and N processes, each with
+``batch_size / N`` pairs, take the same steps as one process (up to float summation order).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from .._files import atomic_save, safe_load
@@ -51,6 +57,33 @@ def _collate(pairs: Dataset, index: torch.Tensor, device) -> tuple[torch.Tensor,
     return moving, fixed
 
 
+class _IndexStream:
+    """This rank's dataset indices as an endless stream of shuffled epochs."""
+
+    def __init__(self, pairs: Dataset, world: int, rank: int, seed: int):
+        self.sampler = DistributedSampler(pairs, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.epoch_length = len(self.sampler)
+        self._epoch, self._indices = -1, []
+
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._indices = epoch, list(self.sampler)
+        return self._indices
+
+    def batch(self, step: int, size: int) -> torch.Tensor:
+        """Indices of this rank's ``size`` pairs at ``step``."""
+        positions = range(step * size, (step + 1) * size)
+        return torch.tensor([self._epoch_indices(p // self.epoch_length)[p % self.epoch_length] for p in positions])
+
+
+def _distributed() -> tuple[int, int]:
+    """``(world_size, rank)``: from the process group when one is initialised, else ``(1, 0)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon",
           similarity: str = "lncc", lam: float | None = None, batch_size: int = 32, lr: float = 1e-3,
           steps: int | None = None, time_budget_s: float | None = None, checkpoint=None,
@@ -70,10 +103,18 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
         checkpoint: a file path. If it exists, training resumes from it (same settings required);
             it is rewritten atomically every ``checkpoint_every`` steps and at the end.
         seed: seeds batch selection and grid noise.
-        device: where to train (default: where the network's parameters are).
+        device: where to train (default: where the network's parameters are; under torchrun
+            with CUDA, pass ``cuda:LOCAL_RANK``).
         callback: ``callback(step, network, history)`` every ``callback_every`` steps and at the
             end (e.g. validation); its time is not counted as training time.
         progress: show a progress bar.
+
+    Distributed: when a ``torch.distributed`` process group is initialised (e.g.
+    :func:`neuralfield_reg.distributed.init_from_environment` under ``torchrun``), the network
+    is wrapped in ``DistributedDataParallel``, each of the N processes trains on
+    ``batch_size / N`` pairs of every global batch, the loss terms in the history are averaged
+    over the processes, the time budget is that of the slowest process, and only rank 0 writes
+    checkpoints, shows progress and runs the callback.
     Returns:
         The history: ``{"step", "seconds", "loss", "similarity", "inverse_consistency"}`` lists.
     Raises:
@@ -96,13 +137,22 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
     if not lr > 0:
         raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
     lam = DEFAULT_LAMBDA.get(loss, 1.0) if lam is None else float(lam)
+    world, rank = _distributed()
+    if batch_size % world:
+        raise ValueError(f"batch_size: {batch_size} pairs cannot be split evenly over {world} processes")
+    local_batch = batch_size // world
     settings = {"loss": loss, "similarity": similarity, "lam": lam, "batch_size": batch_size,
                 "lr": float(lr), "lncc_window": lncc_window, "seed": seed}
     if device is None:
         device = next(network.parameters()).device
+    device = torch.device(device)
     network.to(device).train()
+    model = network
+    if world > 1:
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    stream = _IndexStream(pairs, world, rank, seed)
     history: dict[str, list[float]] = {"step": [], "seconds": [], **{t: [] for t in _TERMS}}
     step, seconds = 0, 0.0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -118,7 +168,7 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
         step, seconds = state["step"], state["seconds"]
 
     def save():
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             atomic_save({"format": _FORMAT, "library_version": __version__, "settings": settings,
                          "step": step, "seconds": seconds, "network": network.state_dict(),
                          "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
@@ -127,15 +177,28 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
     def done() -> bool:
         return (steps is not None and step >= steps) or (time_budget_s is not None and seconds >= time_budget_s)
 
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"train {loss}", leave=False)
+    def run_callback():
+        if callback is not None and rank == 0:
+            callback(step, network, history)
+        if world > 1:
+            dist.barrier()          # the other ranks wait here, outside their step timing
+
+    bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc=f"train {loss}", leave=False)
     while not done():
         started = time.perf_counter()
-        index = torch.randint(len(pairs), (batch_size,), generator=generator)
-        moving, fixed = _collate(pairs, index, device)
-        terms = registration_loss(network, moving, fixed, loss=loss, similarity=similarity, lam=lam,
-                                  generator=generator, lncc_window=lncc_window)
-        values = {name: float(value.detach()) for name, value in terms.items()}
-        for name, value in values.items():
+        moving, fixed = _collate(pairs, stream.batch(step, local_batch), device)
+        # Noise for the whole global batch (both directions), then this rank's share of it: the
+        # sampler deals global batch positions round-robin (rank r holds r, r + N, r + 2N, ...).
+        noise = torch.randn(2, batch_size, *moving.shape[2:], moving.ndim - 2, generator=generator)
+        noise = noise[:, rank::world].reshape(2 * local_batch, *noise.shape[2:])
+        terms = registration_loss(model, moving, fixed, loss=loss, similarity=similarity, lam=lam,
+                                  noise_samples=noise.to(device), lncc_window=lncc_window)
+        values = torch.stack([terms[name].detach() for name in _TERMS])
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        values = dict(zip(_TERMS, values.tolist()))
+        for name, value in values.items():     # checked before backward: NaN grids can crash grid_sample
             if not np.isfinite(value):
                 raise FitDivergedError(f"train: the {name} term became {value} at step {step}; "
                                        "lower lr or lam, or check the images")
@@ -143,7 +206,10 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
         terms["loss"].backward()
         optimizer.step()
         step += 1
-        seconds += time.perf_counter() - started
+        elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        seconds += float(elapsed)
         history["step"].append(step)
         history["seconds"].append(seconds)
         for name in _TERMS:
@@ -153,10 +219,10 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
             bar.set_postfix(loss=f"{values['loss']:.4g}", ic=f"{values['inverse_consistency']:.3g}")
         if step % checkpoint_every == 0:
             save()
-        if callback is not None and step % callback_every == 0:
-            callback(step, network, history)
+        if step % callback_every == 0:
+            run_callback()
     bar.close()
     save()
-    if callback is not None and (not history["step"] or history["step"][-1] % callback_every != 0):
-        callback(step, network, history)
+    if not history["step"] or history["step"][-1] % callback_every != 0:
+        run_callback()
     return history
