@@ -19,8 +19,8 @@ The three-line path::
 from ._version import __version__
 from .config import AffineConfig, FitConfig
 from .encoders import BackendUnavailableError, HashGridConfig
-from .fit import FitDivergedError, fit_pair
+from .fit import FitDivergedError, fit_pair, fit_pairs
 from .result import RegistrationResult
 
 __all__ = ["AffineConfig", "BackendUnavailableError", "FitConfig", "FitDivergedError", "HashGridConfig",
-           "RegistrationResult", "__version__", "fit_pair"]
+           "RegistrationResult", "__version__", "fit_pair", "fit_pairs"]

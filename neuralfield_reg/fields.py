@@ -104,6 +104,25 @@ class DisplacementFields(nn.Module):
         return out
 
 
+    def forward_batched(self, points: torch.Tensor, level_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Displacements ``(T, M, d)`` of all ``T = n_fields`` fields, field ``t`` at ``points[t]``.
+
+        The same as :meth:`forward` with equal point counts, without a Python loop over fields:
+        one encoding call (each point reads its field's table) and one batched MLP.
+        """
+        n_fields, count, dim = points.shape
+        if n_fields != self.n_fields:
+            raise ValueError(f"points: expected {self.n_fields} fields on the first axis, got {n_fields}")
+        if count == 0:
+            return points.new_zeros(points.shape)
+        table_index = torch.arange(n_fields, device=points.device).repeat_interleave(count)
+        features = self.encoding(points.reshape(-1, dim).clamp(0.0, 1.0), table_index)
+        if level_weights is not None:
+            per_feature = self.encoding.config.n_features_per_level
+            features = features * level_weights.to(features.dtype).repeat_interleave(per_feature)
+        return self.output_scale * self._mlp(features.reshape(n_fields, count, -1), None)
+
+
 class MapPair(nn.Module):
     """The forward map ``phi_AB`` (fixed -> moving coordinates) and the inverse ``phi_BA``.
 
@@ -162,3 +181,65 @@ class DirectionalMap:
         args = [None, None]
         args[self.direction] = points
         return self.pair(*args, level_weights=level_weights)[self.direction]
+
+
+class MapPairs(nn.Module):
+    """``B`` independent :class:`MapPair` s in batched tensors, for fitting many pairs at once.
+
+    Field ``2 p + direction`` belongs to pair ``p`` (direction 0 is AB, 1 is BA), which is the
+    order that concatenating the pairs' stacked parameters gives: :meth:`stack` builds it from
+    ``B`` pairs (each initialised with its own seed), :meth:`unstack` gives them back.
+    """
+
+    def __init__(self, dim: int, n_pairs: int, *, encoding: HashGridConfig = HashGridConfig(),
+                 hidden_widths: Sequence[int] = (64, 64), output_scale: float = 0.1, backend: str = "auto"):
+        super().__init__()
+        self.dim = dim
+        self.n_pairs = n_pairs
+        self.pair_options = {"encoding": encoding, "hidden_widths": tuple(hidden_widths),
+                             "output_scale": output_scale, "backend": backend}
+        self.fields = DisplacementFields(dim, 2 * n_pairs, encoding, hidden_widths, output_scale, backend)
+        self.register_buffer("matrices", torch.eye(dim).repeat(2 * n_pairs, 1, 1))
+        self.register_buffer("offsets", torch.zeros(2 * n_pairs, dim))
+
+    @property
+    def backend(self) -> str:
+        return self.fields.backend
+
+    @classmethod
+    def stack(cls, pairs: Sequence[MapPair]) -> "MapPairs":
+        first = pairs[0]
+        fields = first.fields
+        stacked = cls(first.dim, len(pairs), encoding=fields.encoding.config, hidden_widths=fields.hidden_widths,
+                      output_scale=fields.output_scale, backend=first.backend)
+        states = [pair.state_dict() for pair in pairs]
+        stacked.load_state_dict({key: torch.cat([state[key] for state in states]) for key in states[0]})
+        return stacked.to(first.matrices.device)
+
+    def unstack(self) -> list[MapPair]:
+        state = self.state_dict()
+        pairs = []
+        for p in range(self.n_pairs):
+            pair = MapPair(self.dim, **self.pair_options).to(self.matrices.device)
+            pair.load_state_dict({key: value[2 * p:2 * p + 2].clone() for key, value in state.items()})
+            pairs.append(pair)
+        return pairs
+
+    def forward(self, points_AB: torch.Tensor, points_BA: torch.Tensor,
+                level_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(phi_AB(points_AB), phi_BA(points_BA))`` of every pair: ``(B, M, d)`` each."""
+        if points_AB.shape == points_BA.shape:
+            points = torch.stack([points_AB, points_BA], dim=1).reshape(2 * self.n_pairs, *points_AB.shape[1:])
+            displacement = self.fields.forward_batched(points, level_weights)
+        else:
+            per_field = [points[p] for p in range(self.n_pairs) for points in (points_AB, points_BA)]
+            displacement = self.fields(per_field, level_weights)
+            points = None
+        out = []
+        for direction, own in enumerate((points_AB, points_BA)):
+            index = slice(direction, None, 2)
+            u = displacement[index] if points is not None else torch.stack(displacement[index])
+            affine = torch.baddbmm(self.offsets[index, None, :].to(own.dtype), own,
+                                   self.matrices[index].transpose(1, 2).to(own.dtype))
+            out.append(affine + u)
+        return out[0], out[1]

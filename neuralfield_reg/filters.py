@@ -48,6 +48,11 @@ def gaussian_blur(image: torch.Tensor, sigma: float | Sequence[float]) -> torch.
     return out[0, 0]
 
 
+def gaussian_blur_batch(images: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
+    """:func:`gaussian_blur` of every image of a ``(B, *spatial)`` batch."""
+    return torch.stack([gaussian_blur(image, sigma) for image in images])
+
+
 def resample(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Linear resampling of an image onto a grid of ``shape`` covering the same unit domain."""
     if tuple(shape) == tuple(image.shape):

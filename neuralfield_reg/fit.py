@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 
 from .affine import fit_affine
 from .config import FitConfig
-from .coords import identity_grid, physical_extent, sample
+from .coords import identity_grid, physical_extent, sample_batch
 from .encoders import resolve_backend
-from .fields import MapPair
-from .filters import gaussian_blur
+from .fields import MapPair, MapPairs
+from .filters import gaussian_blur_batch
 from .losses import SIMILARITIES, inverse_consistency_terms
 from .result import RegistrationResult
-from .validation import check_image, check_spacing
+from .validation import check_image, check_spacing, describe
 
 
 # With on_divergence="rollback", the state is kept every this many iterations.
@@ -85,37 +85,97 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
     Raises:
         FitDivergedError: a loss term became NaN or Inf (the message says when and which).
     """
+    return _fit([moving], [fixed], config, spacing=spacing, device=device, seed=seed, progress=progress,
+                caller="fit_pair")[0]
+
+
+def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None, device=None,
+              seed: int = 0, progress: bool = True) -> list[RegistrationResult]:
+    """Fit ``B`` pairs in one optimisation: each pair has its own hash tables and MLPs, stored in
+    batched tensors, and every step evaluates all pairs together (no loop over pairs).
+
+    Pairs are independent (disjoint parameters, a sum of per-pair losses, element-wise Adam), so
+    each gets the fit it would get alone, with other random points. Pair ``p`` is initialised
+    as ``fit_pair(..., seed=seed + p)`` would initialise it; ``fit_pairs([a], [b])`` is
+    ``[fit_pair(a, b)]`` exactly.
+
+    Args:
+        movings, fixeds: sequences of ``B`` images; all moving images share one grid shape and
+            all fixed images share one (fit groups of equal shapes, or use :func:`fit_pair`).
+        config, spacing, device, progress: as for :func:`fit_pair` (one spacing for all pairs).
+        seed: pair ``p`` uses ``seed + p`` for its initialisation; one generator seeded with
+            ``seed`` draws the random points of all pairs.
+    Returns:
+        One :class:`RegistrationResult` per pair, in order. ``elapsed_s`` is the batch's time
+        divided by ``B``; ``metadata`` holds ``batch_size``, ``pair_index`` and
+        ``batch_elapsed_s``.
+    Raises:
+        FitDivergedError: a loss term of some pair became NaN or Inf (names the pair); with
+            ``on_divergence="rollback"`` all pairs roll back together.
+    """
+    for name, value in (("movings", movings), ("fixeds", fixeds)):
+        if isinstance(value, (np.ndarray, torch.Tensor)) or not hasattr(value, "__len__"):
+            raise TypeError(f"{name}: expected a list of images, got {describe(value)}")
+    if len(movings) != len(fixeds) or len(movings) == 0:
+        raise ValueError(f"movings and fixeds: expected two non-empty lists of equal length, got "
+                         f"{len(movings)} and {len(fixeds)}")
+    return _fit(list(movings), list(fixeds), config, spacing=spacing, device=device, seed=seed,
+                progress=progress, caller="fit_pairs")
+
+
+def _check_images(caller: str, movings: list, fixeds: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked, [0, 1]-normalised images stacked as ``(B, *shape)`` (moving, fixed)."""
+    many = caller == "fit_pairs"
+    checked = {"moving": [], "fixed": []}
+    for kind, images in (("moving", movings), ("fixed", fixeds)):
+        for p, image in enumerate(images):
+            checked[kind].append(check_image(f"{kind}s[{p}]" if many else kind, image, device=device)[0])
+    for p, (moving, fixed) in enumerate(zip(checked["moving"], checked["fixed"])):
+        if moving.ndim != fixed.ndim:
+            which = f"movings[{p}] and fixeds[{p}]" if many else "moving and fixed"
+            raise ValueError(f"{which}: expected the same number of axes, got shapes "
+                             f"{tuple(moving.shape)} and {tuple(fixed.shape)}")
+    for kind, tensors in checked.items():
+        shapes = sorted({tuple(t.shape) for t in tensors})
+        if len(shapes) > 1:
+            raise ValueError(f"{kind}s: every {kind} image of one fit_pairs call must have the same shape, "
+                             f"got {shapes}; fit groups of equal shapes")
+    return tuple(torch.stack([normalize_intensity(f"{kind}s[{p}]" if many else kind, t)
+                              for p, t in enumerate(checked[kind])]) for kind in ("moving", "fixed"))
+
+
+def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, seed: int, progress: bool,
+         caller: str) -> list[RegistrationResult]:
+    """The optimisation behind fit_pair (B = 1) and fit_pairs."""
     if not isinstance(config, FitConfig):
         raise TypeError(f"config: expected a FitConfig, got {type(config).__name__}")
     if device is None:
-        device = moving.device if isinstance(moving, torch.Tensor) else torch.device("cpu")
+        device = movings[0].device if isinstance(movings[0], torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    moving_t, _ = check_image("moving", moving, device=device)
-    fixed_t, _ = check_image("fixed", fixed, device=device)
-    if moving_t.ndim != fixed_t.ndim:
-        raise ValueError(f"moving and fixed: expected the same number of axes, got shapes "
-                         f"{tuple(moving_t.shape)} and {tuple(fixed_t.shape)}")
-    dim = moving_t.ndim
+    moving_t, fixed_t = _check_images(caller, movings, fixeds, device)        # (B, *shape)
+    n_pairs, dim = moving_t.shape[0], moving_t.ndim - 1
+    moving_shape, fixed_shape = tuple(moving_t.shape[1:]), tuple(fixed_t.shape[1:])
     moving_spacing, fixed_spacing = _split_spacing(spacing, dim)
-    moving_t = normalize_intensity("moving", moving_t)
-    fixed_t = normalize_intensity("fixed", fixed_t)
-    config = config.resolved(fixed_t.shape)
+    config = config.resolved(fixed_shape)
     backend = resolve_backend(config.backend, device)
 
     start_time = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
-    extent_A = physical_extent(moving_t.shape, moving_spacing)
-    extent_B = physical_extent(fixed_t.shape, fixed_spacing)
+    extent_A = physical_extent(moving_shape, moving_spacing)
+    extent_B = physical_extent(fixed_shape, fixed_spacing)
 
-    affine_AB = affine_BA = None
-    if config.affine is not None:
-        transform = fit_affine(moving_t, fixed_t, extent_A, extent_B, config.affine)
-        affine_AB, affine_BA = transform.unit_AB(), transform.unit_BA()
-    with torch.random.fork_rng(devices=[]):      # the maps are initialised on the CPU, then moved
-        torch.manual_seed(seed)
-        maps = MapPair(dim, encoding=config.encoding, hidden_widths=config.hidden_widths,
-                       output_scale=config.output_scale, backend=backend,
-                       affine_AB=affine_AB, affine_BA=affine_BA).to(device)
+    pairs = []
+    for p in range(n_pairs):            # set-up only: the affine stage and the initialisation
+        affine_AB = affine_BA = None
+        if config.affine is not None:
+            transform = fit_affine(moving_t[p], fixed_t[p], extent_A, extent_B, config.affine)
+            affine_AB, affine_BA = transform.unit_AB(), transform.unit_BA()
+        with torch.random.fork_rng(devices=[]):      # the maps are initialised on the CPU, then moved
+            torch.manual_seed(seed + p)
+            pairs.append(MapPair(dim, encoding=config.encoding, hidden_widths=config.hidden_widths,
+                                 output_scale=config.output_scale, backend=backend,
+                                 affine_AB=affine_AB, affine_BA=affine_BA).to(device))
+    maps = MapPairs.stack(pairs)
     optimizer = torch.optim.Adam(maps.parameters(), lr=config.learning_rate)
     learning_rate_scale = 1.0          # lowered by each rollback
 
@@ -125,37 +185,41 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
         decay = config.learning_rate_decay
         return learning_rate_scale * config.learning_rate * (decay + (1.0 - decay) * cosine)
 
-    grid_A = identity_grid(moving_t.shape, device=device).reshape(-1, dim)
-    grid_B = identity_grid(fixed_t.shape, device=device).reshape(-1, dim)
-    stages = [(gaussian_blur(moving_t, s), gaussian_blur(fixed_t, s)) for s in config.blur_sigmas]
+    grid_A = identity_grid(moving_shape, device=device).reshape(-1, dim)
+    grid_B = identity_grid(fixed_shape, device=device).reshape(-1, dim)
+    stages = [(gaussian_blur_batch(moving_t, s)[:, None], gaussian_blur_batch(fixed_t, s)[:, None])
+              for s in config.blur_sigmas]
     similarity = SIMILARITIES[config.similarity]
     n_levels = config.encoding.n_levels
-    history: dict[str, list[float]] = {"loss": [], "similarity": [], "gradient_icon": []}
-    if config.icon_weight > 0:
-        history["icon"] = []
+    names = ["loss", "similarity", "gradient_icon"] + (["icon"] if config.icon_weight > 0 else [])
+    history: list[dict[str, list[float]]] = [{name: [] for name in names} for _ in range(n_pairs)]
 
     def similarity_points(grid):
-        """All voxels, or a random subset: ``(points, flat voxel indices or None)``."""
+        """All voxels, or random subsets: ``(points (B, N, d), flat voxel indices (B, N) or None)``."""
         if config.similarity == "lncc" or config.similarity_points is None \
                 or config.similarity_points >= grid.shape[0]:
-            return grid, None                     # lncc needs whole images (neighbourhoods)
-        index = torch.randint(grid.shape[0], (config.similarity_points,), generator=generator, device=device)
+            return grid.expand(n_pairs, *grid.shape), None     # lncc needs whole images (neighbourhoods)
+        index = torch.randint(grid.shape[0], (n_pairs, config.similarity_points), generator=generator,
+                              device=device)
         return grid[index], index
 
-    def similarity_term(source, target, mapped, index):
-        warped = sample(source, mapped)
+    def similarity_term(sources, targets, mapped, index):
+        """Per pair ``(B,)``: ``sources`` sampled at ``mapped`` against ``targets``."""
+        warped = sample_batch(sources, mapped)[:, 0]                              # (B, N)
         if config.similarity == "lncc":
-            return similarity(warped.reshape(target.shape), target, window=config.lncc_window)
-        target_values = target.reshape(-1) if index is None else target.reshape(-1)[index]
+            return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
+                              window=config.lncc_window, batched=True)
+        flat = targets.reshape(n_pairs, -1)
+        target_values = flat if index is None else torch.gather(flat, 1, index)
         # Only where the map lands inside the other image's domain: outside it there is nothing
         # to compare (padding would invent structure, e.g. streaks from a shape cut by the border).
+        # A pair with fewer than 16 such points compares all of them.
         inside = ((mapped >= 0) & (mapped <= 1)).all(-1)
-        if int(inside.sum()) < 16:
-            return similarity(warped, target_values)
-        return similarity(warped[inside], target_values[inside])
+        inside = inside | (inside.sum(1, keepdim=True) < 16)
+        return similarity(warped, target_values, batched=True, weights=inside)
 
     good_state, rollbacks = None, []
-    bar = tqdm(total=config.iterations, disable=not progress, desc="fit_pair", leave=False)
+    bar = tqdm(total=config.iterations, disable=not progress, desc=caller, leave=False)
     iteration = 0
     while iteration < config.iterations:
         stage = min(iteration * len(stages) // config.iterations, len(stages) - 1)
@@ -168,7 +232,7 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
         mapped_B, mapped_A = maps(points_B, points_A, weights)      # phi_AB on B's grid, phi_BA on A's
         terms = {"similarity": similarity_term(moving_s, fixed_s, mapped_B, index_B)
                  + similarity_term(fixed_s, moving_s, mapped_A, index_A)}
-        points = torch.rand(config.gradient_icon_points, dim, generator=generator, device=device)
+        points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
         consistency = inverse_consistency_terms(lambda a, b: maps(a, b, weights), points,
                                                 extent_A=extent_A, extent_B=extent_B)
         terms["gradient_icon"] = consistency["gradient_icon"]
@@ -176,11 +240,14 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
         if config.icon_weight > 0:
             terms["icon"] = consistency["icon"]
             loss = loss + config.icon_weight * terms["icon"]
-        values = {name: value.item() for name, value in terms.items()}
-        values["loss"] = loss.item()
-        bad = [name for name, value in values.items() if not np.isfinite(value)]
+        terms["loss"] = loss
+        values = torch.stack([terms[name].detach() for name in names], dim=1).tolist()   # (B, terms)
+        bad = [(p, name, row[k]) for p, row in enumerate(values) for k, name in enumerate(names)
+               if not math.isfinite(row[k])]
         if bad:
-            message = (f"fit_pair: the {bad[0]} term became {values[bad[0]]} at iteration {iteration}")
+            p, name, value = bad[0]
+            where = f" of pair {p}" if caller == "fit_pairs" else ""
+            message = f"{caller}: the {name} term{where} became {value} at iteration {iteration}"
             if config.on_divergence != "rollback" or good_state is None or len(rollbacks) >= config.max_rollbacks:
                 advice = (f" after {len(rollbacks)} rollbacks; lower FitConfig.learning_rate"
                           if config.on_divergence == "rollback" else
@@ -191,31 +258,39 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
             optimizer.load_state_dict(optimizer_state)
             generator.set_state(generator_state)
             learning_rate_scale *= config.rollback_factor
-            rollbacks.append({"iteration": iteration, "term": bad[0], "learning_rate_scale": learning_rate_scale})
-            for name in history:
-                del history[name][iteration:]
+            rollbacks.append({"iteration": iteration, "term": name, "learning_rate_scale": learning_rate_scale})
+            for pair_history in history:
+                for values_of_term in pair_history.values():
+                    del values_of_term[iteration:]
             bar.n = iteration
             continue
         if config.on_divergence == "rollback" and iteration % _GOOD_STATE_EVERY == 0:
             good_state = (iteration, copy.deepcopy(maps.state_dict()), copy.deepcopy(optimizer.state_dict()),
                           generator.get_state())
-        for name, value in values.items():
-            history[name].append(value)
+        for pair_history, row in zip(history, values):
+            for name, value in zip(names, row):
+                pair_history[name].append(value)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(iteration)
-        loss.backward()
+        loss.sum().backward()            # pairs share no parameter: each gets its own gradient
         optimizer.step()
         iteration += 1
         bar.update(1)
         if progress and iteration % 10 == 0:
-            bar.set_postfix(loss=f"{values['loss']:.4g}", gicon=f"{values['gradient_icon']:.3g}")
+            bar.set_postfix(loss=f"{np.mean([row[0] for row in values]):.4g}")
     bar.close()
 
     for name, parameter in maps.named_parameters():
         if not bool(torch.isfinite(parameter).all()):
-            raise FitDivergedError(f"fit_pair: parameter {name} became non-finite in the last step")
+            raise FitDivergedError(f"{caller}: parameter {name} became non-finite in the last step")
     elapsed = time.perf_counter() - start_time
-    return RegistrationResult(
-        maps, moving_shape=moving_t.shape, fixed_shape=fixed_t.shape, moving_spacing=moving_spacing,
-        fixed_spacing=fixed_spacing, config=config, backend=backend, history=history,
-        elapsed_s=elapsed, metadata={"seed": seed, "device": str(device), "rollbacks": rollbacks})
+    results = []
+    for p, pair in enumerate(maps.unstack()):
+        metadata = {"seed": seed + p, "device": str(device), "rollbacks": rollbacks}
+        if caller == "fit_pairs":
+            metadata.update(batch_size=n_pairs, pair_index=p, batch_elapsed_s=elapsed)
+        results.append(RegistrationResult(
+            pair, moving_shape=moving_shape, fixed_shape=fixed_shape, moving_spacing=moving_spacing,
+            fixed_spacing=fixed_spacing, config=config, backend=backend, history=history[p],
+            elapsed_s=elapsed / n_pairs, metadata=metadata))
+    return results

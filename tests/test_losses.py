@@ -57,12 +57,25 @@ def test_lncc_matches_explicit_windows():
 
 
 @pytest.mark.parametrize("name", ["ssd", "ncc", "lncc"])
-def test_batched_similarity_is_the_mean_over_pairs(name):
+def test_batched_similarity_gives_one_value_per_pair(name):
     function = {"ssd": ssd, "ncc": ncc, "lncc": lncc}[name]
     warped, target = torch.rand(3, 9, 10, dtype=torch.float64), torch.rand(3, 9, 10, dtype=torch.float64)
     target[1] = 2 * warped[1] + 1
-    single = torch.stack([function(warped[k], target[k]) for k in range(3)]).mean()
-    assert float(function(warped, target, batched=True)) == pytest.approx(float(single), abs=1e-12)
+    single = torch.stack([function(warped[k], target[k]) for k in range(3)])
+    torch.testing.assert_close(function(warped, target, batched=True), single, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ssd", "ncc"])
+def test_weights_select_the_points_that_count(name):
+    function = {"ssd": ssd, "ncc": ncc}[name]
+    warped, target = torch.rand(2, 50, dtype=torch.float64), torch.rand(2, 50, dtype=torch.float64)
+    mask = torch.rand(2, 50) < 0.6
+    weighted = function(warped, target, batched=True, weights=mask)
+    for k in range(2):
+        assert float(weighted[k]) == pytest.approx(float(function(warped[k][mask[k]], target[k][mask[k]])),
+                                                   abs=1e-12)
+    with pytest.raises(ValueError, match="weights"):
+        function(warped, target, weights=mask[:, :10])
 
 
 def test_similarity_errors():

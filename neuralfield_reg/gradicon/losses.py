@@ -94,7 +94,7 @@ def registration_loss(network: RegistrationNetwork, moving: torch.Tensor, fixed:
     options = {"window": lncc_window} if similarity == "lncc" else {}
     warped = sample_batch(sources, phi(grid))[:, 0]
     # Mean over the 2B pairs, times 2: the sum of the two directions' similarities.
-    similarity_term = 2.0 * SIMILARITIES[similarity](warped, targets[:, 0], batched=True, **options)
+    similarity_term = 2.0 * SIMILARITIES[similarity](warped, targets[:, 0], batched=True, **options).mean()
 
     spread = torch.tensor([noise / (n - 1) for n in shape], dtype=moving.dtype, device=moving.device)
     if noise_samples is None:

@@ -52,9 +52,10 @@ def _physical_jacobian(jacobian: torch.Tensor, extent: Sequence[float] | None) -
 def residual_jacobians(pair: PairMap, points: torch.Tensor, *, create_graph: bool = True):
     """Residuals and their Jacobians in both directions, by ``torch.autograd.grad``.
 
-    Returns ``(residual_A, residual_B, jacobian_A, jacobian_B)``: ``(N, d)`` residuals
-    ``phi_AB(phi_BA(x)) - x`` and ``phi_BA(phi_AB(x)) - x``, and their ``(N, d, d)`` Jacobians
-    ``J[n, k, j] = d r_k / d x_j`` at the same ``(N, d)`` unit-cube points.
+    Returns ``(residual_A, residual_B, jacobian_A, jacobian_B)``: ``(..., N, d)`` residuals
+    ``phi_AB(phi_BA(x)) - x`` and ``phi_BA(phi_AB(x)) - x``, and their ``(..., N, d, d)``
+    Jacobians ``J[n, k, j] = d r_k / d x_j`` at the same ``(..., N, d)`` unit-cube points (leading
+    axes index independent pairs of maps, e.g. the pairs of a batched fit).
 
     The ``d`` rows of every Jacobian come from one backward pass: the points are repeated ``d``
     times and block ``k`` back-propagates the unit vector ``e_k`` (points are independent, so the
@@ -62,27 +63,33 @@ def residual_jacobians(pair: PairMap, points: torch.Tensor, *, create_graph: boo
     differentiated again, e.g. with respect to the maps' parameters: the double backward the
     penalty needs.
     """
-    n, dim = points.shape
-    x = points.detach().repeat(dim, 1).requires_grad_(True)     # A's domain
-    y = points.detach().repeat(dim, 1).requires_grad_(True)     # B's domain
+    *batch, n, dim = points.shape
+    repeats = [1] * len(batch) + [dim, 1]
+    x = points.detach().repeat(*repeats).requires_grad_(True)     # A's domain
+    y = points.detach().repeat(*repeats).requires_grad_(True)     # B's domain
     with torch.enable_grad():
         phi_AB_y, phi_BA_x = pair(y, x)
         back_A, back_B = pair(phi_BA_x, phi_AB_y)
         residual_A, residual_B = back_A - x, back_B - y
         select = torch.eye(dim, dtype=points.dtype, device=points.device).repeat_interleave(n, dim=0)
+        select = select.expand(*batch, n * dim, dim)
         grad_x, grad_y = torch.autograd.grad([residual_A, residual_B], [x, y], grad_outputs=[select, select],
                                              create_graph=create_graph)
-    jacobian_A = grad_x.reshape(dim, n, dim).transpose(0, 1)
-    jacobian_B = grad_y.reshape(dim, n, dim).transpose(0, 1)
-    return residual_A[:n], residual_B[:n], jacobian_A, jacobian_B
+    jacobian_A = grad_x.reshape(*batch, dim, n, dim).transpose(-3, -2)
+    jacobian_B = grad_y.reshape(*batch, dim, n, dim).transpose(-3, -2)
+    return residual_A[..., :n, :], residual_B[..., :n, :], jacobian_A, jacobian_B
 
 
 def inverse_consistency_terms(pair: PairMap, points: torch.Tensor, *,
                               extent_A: Sequence[float] | None = None,
                               extent_B: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
-    """``{"gradient_icon": ..., "icon": ...}`` from one evaluation of both maps (see below)."""
+    """``{"gradient_icon": ..., "icon": ...}`` from one evaluation of both maps (see below).
+
+    For ``(N, d)`` points the terms are scalars; for ``(..., N, d)`` points (independent pairs of
+    maps) they have shape ``(...)``: one mean over the points per pair.
+    """
     residual_A, residual_B, jacobian_A, jacobian_B = residual_jacobians(pair, points)
-    gradient = 0.5 * sum((_physical_jacobian(j, e) ** 2).sum((1, 2)).mean()
+    gradient = 0.5 * sum((_physical_jacobian(j, e) ** 2).sum((-2, -1)).mean(-1)
                          for j, e in ((jacobian_A, extent_A), (jacobian_B, extent_B)))
     return {"gradient_icon": gradient, "icon": 0.5 * (_icon_one(residual_A, extent_A)
                                                       + _icon_one(residual_B, extent_B))}
@@ -92,14 +99,18 @@ def _icon_one(residual: torch.Tensor, extent: Sequence[float] | None) -> torch.T
     scale = _scales(extent, residual)
     if scale is not None:
         residual = residual * (scale / scale.max())
-    return (residual ** 2).sum(-1).mean()
+    return (residual ** 2).sum(-1).mean(-1)
 
 
 def icon(phi_AB: Map, phi_BA: Map, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
          extent_B: Sequence[float] | None = None) -> torch.Tensor:
     """Plain ICON: mean squared residual, averaged over both directions."""
-    return 0.5 * (_icon_one(inverse_consistency_residual(phi_AB, phi_BA, points), extent_A)
-                  + _icon_one(inverse_consistency_residual(phi_BA, phi_AB, points), extent_B))
+    return 0.5 * (_icon_one_all(inverse_consistency_residual(phi_AB, phi_BA, points), extent_A)
+                  + _icon_one_all(inverse_consistency_residual(phi_BA, phi_AB, points), extent_B))
+
+
+def _icon_one_all(residual: torch.Tensor, extent: Sequence[float] | None) -> torch.Tensor:
+    return _icon_one(residual, extent).mean()
 
 
 def gradient_icon_autograd(phi_AB: Map, phi_BA: Map, points: torch.Tensor, *,

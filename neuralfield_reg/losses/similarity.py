@@ -2,8 +2,9 @@
 
 ``ssd`` and ``ncc`` take values at any set of points (grids or flat samples); ``lncc`` needs
 images on a grid, ``(*spatial)`` with 2 or 3 spatial axes, because it uses neighbourhoods.
-With ``batched=True`` the first axis indexes independent image pairs: the loss is computed per
-pair and averaged (what network training needs; NCC statistics never mix two pairs).
+With ``batched=True`` the first axis indexes independent image pairs and the result has one
+value per pair, shape ``(B,)`` (NCC statistics never mix two pairs). ``ssd`` and ``ncc`` take
+optional ``weights`` (e.g. a 0/1 mask of the points that count), same shape as the images.
 """
 
 from __future__ import annotations
@@ -23,21 +24,47 @@ def _check_pair(warped: torch.Tensor, target: torch.Tensor) -> None:
             raise TypeError(f"{name}: expected a floating tensor, got dtype {value.dtype}")
 
 
-def ssd(warped: torch.Tensor, target: torch.Tensor, *, batched: bool = False) -> torch.Tensor:
-    """Mean squared difference (with equal-sized pairs the batched mean is the same number)."""
+def _rows(value: torch.Tensor, batched: bool) -> torch.Tensor:
+    return value.reshape(value.shape[0] if batched else 1, -1)
+
+
+def _weighted_mean(value: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of each row of ``value`` (``(B, N)``), weighted by ``weights`` when given."""
+    if weights is None:
+        return value.mean(1)
+    return (weights * value).sum(1) / weights.sum(1)
+
+
+def _check_weights(weights: torch.Tensor | None, like: torch.Tensor, batched: bool) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if weights.shape != like.shape:
+        raise ValueError(f"weights: expected the images' shape {tuple(like.shape)}, got {tuple(weights.shape)}")
+    return _rows(weights.to(like.dtype), batched)
+
+
+def _finish(value: torch.Tensor, batched: bool) -> torch.Tensor:
+    return value if batched else value[0]
+
+
+def ssd(warped: torch.Tensor, target: torch.Tensor, *, batched: bool = False,
+        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference."""
     _check_pair(warped, target)
-    return ((warped - target) ** 2).mean()
+    w = _check_weights(weights, warped, batched)
+    return _finish(_weighted_mean(_rows((warped - target) ** 2, batched), w), batched)
 
 
-def ncc(warped: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *, batched: bool = False) -> torch.Tensor:
+def ncc(warped: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *, batched: bool = False,
+        weights: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - `` global normalised cross-correlation (0 for images equal up to gain and offset)."""
     _check_pair(warped, target)
-    a = warped.reshape(warped.shape[0] if batched else 1, -1)
-    b = target.reshape(a.shape)
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    correlation = (a * b).mean(1) / torch.sqrt((a * a).mean(1) * (b * b).mean(1) + eps)
-    return 1.0 - correlation.mean()
+    w = _check_weights(weights, warped, batched)
+    a, b = _rows(warped, batched), _rows(target, batched)
+    a = a - _weighted_mean(a, w)[:, None]
+    b = b - _weighted_mean(b, w)[:, None]
+    correlation = _weighted_mean(a * b, w) / torch.sqrt(_weighted_mean(a * a, w) * _weighted_mean(b * b, w) + eps)
+    return _finish(1.0 - correlation, batched)
 
 
 def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float = 1e-5, *,
@@ -73,7 +100,7 @@ def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float
     variance_a = (mean_aa - mean_a * mean_a).clamp_min(0.0)
     variance_b = (mean_bb - mean_b * mean_b).clamp_min(0.0)
     correlation = covariance * covariance / (variance_a * variance_b + eps)
-    return 1.0 - correlation.mean()
+    return _finish(1.0 - correlation.reshape(correlation.shape[0], -1).mean(1), batched)
 
 
 SIMILARITIES = {"ssd": ssd, "ncc": ncc, "lncc": lncc}
