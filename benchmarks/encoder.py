@@ -13,10 +13,10 @@ and the autograd gradient-ICON on ``points / 8`` random points, backward, Adam.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from _timing import step_times  # benchmarks/_timing.py, next to this script
 from neuralfield_reg.config import default_encoding
 from neuralfield_reg.coords import sample
 from neuralfield_reg.encoders import BackendUnavailableError, resolve_backend
@@ -26,17 +26,7 @@ from neuralfield_reg.losses import inverse_consistency_terms
 
 def timed(function, device, repeats: int) -> float:
     """Median seconds of ``function()`` after two warm-up calls."""
-    function()
-    function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = step_times(function, device, repeats)
     return sorted(times)[len(times) // 2]
 
 

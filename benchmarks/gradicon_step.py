@@ -15,10 +15,10 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 
+from _timing import step_times  # benchmarks/_timing.py, next to this script
 from neuralfield_reg import gradicon
 
 
@@ -38,19 +38,9 @@ def one_case(dim: int, size: int, batch: int, device: str, similarity: str, step
         terms["loss"].backward()
         optimizer.step()
 
-    step()
-    step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = step_times(step, device, steps)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:

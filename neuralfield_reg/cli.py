@@ -1,0 +1,118 @@
+"""The ``nfreg`` command: register files, apply a saved result, register a cohort.
+
+    nfreg fit MOVING FIXED -o OUTDIR [--labels MOVING_LABELS] [--fixed-labels FIXED_LABELS]
+    nfreg warp RESULT IMAGE -o OUT [--nearest] [--reference FIXED]
+    nfreg cohort PAIRS.csv -o OUTDIR            (under torchrun: sharded over the processes)
+
+Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). ``--config``
+takes a JSON file of FitConfig fields, e.g. ``{"iterations": 1000, "similarity": "lncc"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cohort import register_row, run_cohort
+from .config import FitConfig
+from .distributed import shutdown
+from .io import load_image, save_image
+from .result import RegistrationResult
+
+
+def _config(path: str | None) -> FitConfig:
+    if path is None:
+        return FitConfig()
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config: no file at {path!r}")
+    try:
+        values = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config: {path!r} is not valid JSON: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {path!r} should hold a JSON object of FitConfig fields")
+    return FitConfig.from_dict({**FitConfig().to_dict(), **values})
+
+
+def _fit(args) -> dict:
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    row = {"moving": args.moving, "fixed": args.fixed, "moving_labels": args.labels or "",
+           "fixed_labels": args.fixed_labels or ""}
+    numbers = register_row(row, out, _config(args.config), args.device, not args.quiet)
+    result = RegistrationResult.load(out / "result.pt")
+    from .viz import overview_figure                  # matplotlib only when a figure is drawn
+    overview_figure(result, load_image(args.moving)[0], load_image(args.fixed)[0], out / "overview.png")
+    summary = {**numbers, "backend": result.backend, "moving": args.moving, "fixed": args.fixed}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+def _warp(args) -> None:
+    result = RegistrationResult.load(args.result)
+    image, _ = load_image(args.image)
+    affine = load_image(args.reference)[1] if args.reference else None
+    mode = "nearest" if args.nearest else "linear"
+    save_image(args.output, result.warp(image if args.nearest else image.astype("float32"), mode=mode), affine)
+    print(f"wrote {args.output}")
+
+
+def _cohort(args) -> None:
+    merged = run_cohort(args.pairs_csv, args.output, _config(args.config), device=args.device,
+                        progress=not args.quiet)
+    shutdown()
+    if merged is not None:
+        failed = [row for row in merged if row["status"] != "ok"]
+        print(f"{len(merged) - len(failed)} of {len(merged)} pairs registered; summary in "
+              f"{Path(args.output) / 'summary.csv'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nfreg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fit = commands.add_parser("fit", help="register MOVING to FIXED with a pair of neural fields")
+    fit.add_argument("moving")
+    fit.add_argument("fixed")
+    fit.add_argument("-o", "--output", required=True, help="output folder")
+    fit.add_argument("--labels", help="moving label map, warped with nearest-neighbour sampling")
+    fit.add_argument("--fixed-labels", help="fixed label map (Dice in the summary)")
+    fit.set_defaults(run=_fit)
+
+    warp = commands.add_parser("warp", help="apply a saved result to another moving-space image")
+    warp.add_argument("result", help="a result.pt written by `nfreg fit` or RegistrationResult.save")
+    warp.add_argument("image")
+    warp.add_argument("-o", "--output", required=True, help="output file (.npy, .nii, .nii.gz)")
+    warp.add_argument("--nearest", action="store_true", help="nearest-neighbour (label maps)")
+    warp.add_argument("--reference", help="the fixed image, whose affine the output gets")
+    warp.set_defaults(run=_warp)
+
+    cohort = commands.add_parser("cohort", help="register every pair of a CSV (moving,fixed[,labels])")
+    cohort.add_argument("pairs_csv")
+    cohort.add_argument("-o", "--output", required=True, help="output folder")
+    cohort.set_defaults(run=_cohort)
+
+    for command in (fit, cohort):
+        command.add_argument("--config", help="JSON file of FitConfig fields")
+        command.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu, or the rank's GPU)")
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
+        print(f"nfreg {args.command}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
