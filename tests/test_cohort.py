@@ -150,3 +150,26 @@ def test_cli_fit_warp_and_cohort(tmp_path, capsys):
     with pytest.raises(SystemExit) as help_exit:
         main(["--help"])
     assert help_exit.value.code == 0
+
+
+def test_a_killed_cohort_run_resumes_without_redoing_finished_pairs(tmp_path):
+    """Kill the runner once the first pair is done, rerun, and check that pair was not redone."""
+    import signal
+    import time
+    pairs_csv = write_cohort(tmp_path, 3)
+    script = tmp_path / "cohort_slow.py"
+    script.write_text(SCRIPT.replace("iterations=10", "iterations=150"))
+    out = tmp_path / "out"
+    first = out / "pairs" / "00000" / "summary.json"
+    process = subprocess.Popen([sys.executable, str(script), str(pairs_csv), str(out)],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists() and not (out / "summary.csv").exists()      # killed midway
+    stamp = os.stat(first).st_mtime_ns
+    merged = run_cohort(pairs_csv, out, QUICK, progress=False)
+    assert [row["status"] for row in merged] == ["ok", "ok", "ok"]
+    assert os.stat(first).st_mtime_ns == stamp                        # not redone
