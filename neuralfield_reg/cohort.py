@@ -4,8 +4,11 @@ The CSV has a header with the columns ``moving`` and ``fixed`` and optionally ``
 and ``fixed_labels`` (paths to ``.npy`` or NIfTI files, relative to the CSV's folder unless
 absolute). Pair ``i`` (the ``i``-th data row) is written to ``OUT/pairs/i/``:
 
-* ``result.pt`` (the :class:`RegistrationResult`), ``warped`` and ``warped_labels`` images in
-  the fixed image's format and with its affine;
+* ``result.pt`` (the :class:`RegistrationResult`), ``warped``, ``warped_labels`` and
+  ``jacobian_determinant`` images in the fixed image's format and with its affine; the
+  displacement as ``displacement_voxels.npy`` (``RegistrationResult.displacement``) for ``.npy``
+  inputs, or as an ITK/ANTs field ``displacement_itk.nii.gz`` for 3D NIfTI inputs
+  (:func:`~neuralfield_reg.io.save_displacement_itk`);
 * ``summary.json``, written last: the pair's Dice (when both label maps are given), folding
   fraction, inverse-consistency error, seconds, rank, and ``status`` ("ok" or "failed" with the
   error). A pair whose summary says "ok" is skipped by a rerun, so a run killed midway resumes
@@ -34,7 +37,7 @@ from . import metrics
 from .config import FitConfig
 from .distributed import init_from_environment
 from .fit import fit_pair
-from .io import load_image, save_image, spacing_of
+from .io import load_image, save_displacement_itk, save_image, spacing_of
 
 SUMMARY_FIELDS = ("pair", "status", "moving", "fixed", "dice_before", "dice", "folding_fraction",
                   "inverse_consistency_error", "seconds", "rank", "error")
@@ -83,7 +86,13 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device,
     suffix = _output_suffix(row["fixed"])
     result.save(pair_dir / "result.pt")
     save_image(pair_dir / f"warped{suffix}", result.warp(moving.astype(np.float32)), fixed_affine)
-    numbers = {"seconds": seconds, "folding_fraction": metrics.folding_fraction(result.jacobian_determinant()),
+    determinant = result.jacobian_determinant()
+    save_image(pair_dir / f"jacobian_determinant{suffix}", determinant, fixed_affine)
+    if suffix == ".npy":
+        save_image(pair_dir / "displacement_voxels.npy", result.displacement())
+    if suffix != ".npy" and result.dim == 3:
+        save_displacement_itk(pair_dir / "displacement_itk.nii.gz", result, moving_affine, fixed_affine)
+    numbers = {"seconds": seconds, "folding_fraction": metrics.folding_fraction(determinant),
                "inverse_consistency_error": result.inverse_consistency_error()}
     if row.get("moving_labels"):
         moving_labels, _ = load_image(row["moving_labels"])

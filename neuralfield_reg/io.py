@@ -95,3 +95,54 @@ def save_image(path, array, affine=None) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _world(affine: np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """World (RAS, mm) positions ``(3, *grid)`` of voxel coordinates ``(d, *grid)``; a 2D image
+    lies in the plane of its first two axes (third voxel coordinate 0)."""
+    padded = np.concatenate([voxels, np.zeros((3 - voxels.shape[0], *voxels.shape[1:]))]) \
+        if voxels.shape[0] < 3 else voxels
+    return np.einsum("ij,j...->i...", affine[:3, :3], padded) + affine[:3, 3].reshape(3, *([1] * (padded.ndim - 1)))
+
+
+def world_displacement(result, moving_affine, fixed_affine) -> np.ndarray:
+    """The forward map as a world displacement: ``(*fixed grid, 3)`` in mm (RAS, NIfTI's frame).
+
+    At fixed voxel ``i``: the world position of ``phi_AB(x_i)`` in the moving image minus the
+    world position of voxel ``i`` of the fixed image, so ``p_moving = p_fixed + u(p_fixed)``.
+    """
+    moving_affine = np.asarray(moving_affine, dtype=np.float64)
+    fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
+    fixed_voxels = np.indices(result.fixed_shape).astype(np.float64)
+    moving_voxels = fixed_voxels + result.displacement("AB")
+    return np.moveaxis(_world(moving_affine, moving_voxels) - _world(fixed_affine, fixed_voxels), 0, -1)
+
+
+def save_displacement_itk(path, result, moving_affine, fixed_affine) -> None:
+    """Write the forward map as an ITK/ANTs displacement field (NIfTI vector image).
+
+    Convention (ITK's): on the fixed image's grid (its affine), each voxel holds the vector
+    ``u`` in physical millimetres and LPS orientation such that ``p_moving = p_fixed + u``, the
+    transform ``antsApplyTransforms -t field.nii.gz`` uses to bring the moving image onto the
+    fixed grid. NIfTI world coordinates are RAS, so the first two components are negated. The
+    array has ITK's shape ``(X, Y, Z, 1, 3)`` with intent "vector". 3D images only.
+    """
+    if result.dim != 3:
+        raise ValueError(f"result: ITK displacement fields are written for 3D images, got a {result.dim}D result; "
+                         "use result.displacement() for 2D")
+    path = Path(path)
+    if _suffix(path) == ".npy":
+        raise ValueError(f"path: an ITK displacement field is a NIfTI file (.nii or .nii.gz), got {str(path)!r}")
+    nibabel = _nibabel(path)
+    vectors = world_displacement(result, moving_affine, fixed_affine) * np.array([-1.0, -1.0, 1.0])
+    image = nibabel.Nifti1Image(vectors[:, :, :, None, :].astype(np.float32), np.asarray(fixed_affine, float))
+    image.header.set_intent("vector")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path), dir=path.parent)
+    os.close(handle)
+    try:
+        nibabel.save(image, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise

@@ -173,3 +173,35 @@ def test_a_killed_cohort_run_resumes_without_redoing_finished_pairs(tmp_path):
     merged = run_cohort(pairs_csv, out, QUICK, progress=False)
     assert [row["status"] for row in merged] == ["ok", "ok", "ok"]
     assert os.stat(first).st_mtime_ns == stamp                        # not redone
+
+
+def test_known_translation_in_millimetres_on_anisotropic_voxels(tmp_path):
+    """Voxels of 2 x 1 x 3 mm; the moving blob sits 4 mm further along axis 0 and 3 mm along axis 2
+    (2 and 1 voxels). The fit, given the spacings from the affines, recovers +4 / 0 / +3 mm, and
+    the ITK field holds it in LPS (x and y negated) on the fixed grid."""
+    import nibabel
+    from neuralfield_reg.io import save_displacement_itk, spacing_of, world_displacement
+    shape, affine = (20, 24, 14), np.diag([2.0, 1.0, 3.0, 1.0])
+    affine[:3, 3] = [-20.0, 5.0, 7.0]
+    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, (2.0, 1.0, 3.0))], indexing="ij"))
+
+    def blob(centre_mm):
+        r2 = sum((grid[k] - centre_mm[k]) ** 2 / radius ** 2 for k, radius in enumerate((9.0, 6.0, 10.0)))
+        return np.exp(-r2).astype(np.float32)
+    fixed, moving = blob((19.0, 11.5, 19.5)), blob((23.0, 11.5, 22.5))
+    config = nfr.FitConfig(iterations=150)
+    spacing = (spacing_of(affine, 3), spacing_of(affine, 3))
+    result = nfr.fit_pair(moving, fixed, config, spacing=spacing, progress=False)
+    displacement = world_displacement(result, affine, affine)
+    inner = displacement[5:15, 6:18, 4:10].reshape(-1, 3)
+    np.testing.assert_allclose(inner.mean(0), [4.0, 0.0, 3.0], atol=0.3)
+    assert np.abs(inner - [4.0, 0.0, 3.0]).max() < 1.0
+    save_displacement_itk(tmp_path / "field.nii.gz", result, affine, affine)
+    field = nibabel.load(tmp_path / "field.nii.gz")
+    assert field.shape == (*shape, 1, 3) and field.header.get_intent()[0] == "vector"
+    np.testing.assert_allclose(field.affine, affine)
+    np.testing.assert_allclose(np.asarray(field.dataobj)[10, 12, 7, 0], displacement[10, 12, 7] * [-1, -1, 1],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="3D"):
+        save_displacement_itk(tmp_path / "f.nii.gz", nfr.fit_pair(moving[5], fixed[5], nfr.FitConfig(iterations=2),
+                                                                   progress=False), affine, affine)
