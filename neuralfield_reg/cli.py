@@ -3,9 +3,10 @@
     nfreg fit MOVING FIXED -o OUTDIR [--labels MOVING_LABELS] [--fixed-labels FIXED_LABELS]
     nfreg warp RESULT IMAGE -o OUT [--nearest] [--reference FIXED]
     nfreg cohort PAIRS.csv -o OUTDIR            (under torchrun: sharded over the processes)
+    nfreg demo [--out OUT]                      (the 2D triangle/circle demo)
 
 Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). ``--config``
-takes a JSON file of FitConfig fields, e.g. ``{"iterations": 1000, "similarity": "lncc"}``.
+takes a JSON file of FitConfig fields, e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _fit(args) -> dict:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     row = {"moving": args.moving, "fixed": args.fixed, "moving_labels": args.labels or "",
-           "fixed_labels": args.fixed_labels or ""}
+           "fixed_labels": args.fixed_labels or "", "moving_mask": args.moving_mask or "",
+           "fixed_mask": args.fixed_mask or ""}
     numbers = register_row(row, out, _config(args.config), args.device, not args.quiet)
     result = RegistrationResult.load(out / "result.pt")
     from .viz import overview_figure                  # matplotlib only when a figure is drawn
@@ -71,6 +73,11 @@ def _cohort(args) -> None:
               f"{Path(args.output) / 'summary.csv'}")
 
 
+def _demo(args) -> None:
+    from .demo import run_demo
+    run_demo(Path(args.out), seed=args.seed, size=args.size, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nfreg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", required=True, help="output folder")
     fit.add_argument("--labels", help="moving label map, warped with nearest-neighbour sampling")
     fit.add_argument("--fixed-labels", help="fixed label map (Dice in the summary)")
+    fit.add_argument("--moving-mask", help="where the moving image counts in the similarity")
+    fit.add_argument("--fixed-mask", help="where the fixed image counts in the similarity")
     fit.set_defaults(run=_fit)
 
     warp = commands.add_parser("warp", help="apply a saved result to another moving-space image")
@@ -96,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("pairs_csv")
     cohort.add_argument("-o", "--output", required=True, help="output folder")
     cohort.set_defaults(run=_cohort)
+
+    demo = commands.add_parser("demo", help="fit one synthetic 2D pair and draw it (out/fit_pair_2d.png)")
+    demo.add_argument("--out", default="out", help="output folder (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=2, help="which random pair (default: %(default)s)")
+    demo.add_argument("--size", type=int, default=128)
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_demo)
 
     for command in (fit, cohort):
         command.add_argument("--config", help="JSON file of FitConfig fields")

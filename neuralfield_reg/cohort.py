@@ -1,8 +1,8 @@
 """Register every pair listed in a CSV file, in one process or sharded over torchrun's processes.
 
-The CSV has a header with the columns ``moving`` and ``fixed`` and optionally ``moving_labels``
-and ``fixed_labels`` (paths to ``.npy`` or NIfTI files, relative to the CSV's folder unless
-absolute). Pair ``i`` (the ``i``-th data row) is written to ``OUT/pairs/i/``:
+The CSV has a header with the columns ``moving`` and ``fixed`` and optionally ``moving_labels``,
+``fixed_labels``, ``moving_mask`` and ``fixed_mask`` (similarity masks); paths to ``.npy`` or
+NIfTI files, relative to the CSV's folder unless absolute. Pair ``i`` (the ``i``-th data row) is written to ``OUT/pairs/i/``:
 
 * ``result.pt`` (the :class:`RegistrationResult`), ``warped``, ``warped_labels`` and
   ``jacobian_determinant`` images in the fixed image's format and with its affine; the
@@ -39,6 +39,7 @@ from .distributed import init_from_environment
 from .fit import fit_pair
 from .io import load_image, save_displacement_itk, save_image, spacing_of
 
+COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_mask", "fixed_mask")
 SUMMARY_FIELDS = ("pair", "status", "moving", "fixed", "dice_before", "dice", "folding_fraction",
                   "inverse_consistency_error", "seconds", "rank", "error")
 
@@ -57,8 +58,7 @@ def read_pairs(pairs_csv) -> list[dict[str, str]]:
         rows = []
         for row in reader:
             rows.append({key: str(path.parent / value) if value and not Path(value).is_absolute() else value
-                         for key, value in row.items() if key in ("moving", "fixed", "moving_labels",
-                                                                  "fixed_labels")})
+                         for key, value in row.items() if key in COLUMNS})
     if not rows:
         raise ValueError(f"pairs_csv: {str(path)!r} lists no pairs")
     return rows
@@ -80,8 +80,10 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device,
     moving, moving_affine = load_image(row["moving"])
     fixed, fixed_affine = load_image(row["fixed"])
     spacing = (spacing_of(moving_affine, moving.ndim), spacing_of(fixed_affine, fixed.ndim))
+    masks = {f"{kind}_mask": load_image(row[f"{kind}_mask"])[0] if row.get(f"{kind}_mask") else None
+             for kind in ("moving", "fixed")}
     start = time.perf_counter()
-    result = fit_pair(moving, fixed, config, spacing=spacing, device=device, progress=progress)
+    result = fit_pair(moving, fixed, config, spacing=spacing, device=device, progress=progress, **masks)
     seconds = time.perf_counter() - start
     suffix = _output_suffix(row["fixed"])
     result.save(pair_dir / "result.pt")

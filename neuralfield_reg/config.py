@@ -76,6 +76,8 @@ class FitConfig:
         hidden_widths, output_scale: the MLP and the scale of its output (unit coordinates).
         affine: settings of the global affine stage, or None to start from the identity.
         backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
+        clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
+            rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
         on_divergence: what a NaN/Inf loss term does: ``"raise"`` stops with
             :class:`~neuralfield_reg.FitDivergedError`; ``"rollback"`` returns to the last good
             state (kept every few iterations), multiplies the learning rate by
@@ -99,6 +101,7 @@ class FitConfig:
     output_scale: float = 0.1
     affine: AffineConfig | None = AffineConfig()
     backend: str = "auto"
+    clip_percentiles: tuple[float, float] | None = None
     on_divergence: str = "raise"
     rollback_factor: float = 0.1
     max_rollbacks: int = 3
@@ -131,6 +134,10 @@ class FitConfig:
                  "a positive number", self.output_scale)
         _require(self.backend in ("auto", "torch", "native", "tcnn"), "FitConfig.backend",
                  "'auto', 'torch', 'native' or 'tcnn'", self.backend)
+        _require(self.clip_percentiles is None or (len(self.clip_percentiles) == 2
+                                                   and 0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100),
+                 "FitConfig.clip_percentiles", "None or (low, high) with 0 <= low < high <= 100",
+                 self.clip_percentiles)
         _require(self.on_divergence in ("raise", "rollback"), "FitConfig.on_divergence",
                  "'raise' or 'rollback'", self.on_divergence)
         _require(0 < self.rollback_factor < 1, "FitConfig.rollback_factor", "a fraction in (0, 1)",
@@ -159,8 +166,8 @@ class FitConfig:
         if values.get("affine") is not None:
             values["affine"] = AffineConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                for k, v in values["affine"].items()})
-        for key in ("blur_sigmas", "hidden_widths"):
-            if key in values:
+        for key in ("blur_sigmas", "hidden_widths", "clip_percentiles"):
+            if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
 

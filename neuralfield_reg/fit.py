@@ -26,7 +26,7 @@ from .fields import MapPair, MapPairs
 from .filters import gaussian_blur_batch
 from .losses import SIMILARITIES, inverse_consistency_terms
 from .result import RegistrationResult
-from .validation import check_image, check_spacing, describe
+from .validation import as_tensor, check_image, check_spacing, describe
 
 
 # With on_divergence="rollback", the state is kept every this many iterations.
@@ -46,10 +46,19 @@ def _split_spacing(spacing, ndim: int) -> tuple[tuple[float, ...], tuple[float, 
     return one, one
 
 
-def normalize_intensity(name: str, image: torch.Tensor) -> torch.Tensor:
+def normalize_intensity(name: str, image: torch.Tensor, clip: tuple[float, float] | None = None) -> torch.Tensor:
     """Scale an image linearly to [0, 1] (computed in float64, returned as float32, so intensities
-    near the float32 limits do not overflow); a constant image cannot be registered and raises."""
+    near the float32 limits do not overflow); a constant image cannot be registered and raises.
+
+    With ``clip = (low, high)`` percentiles, intensities are first clipped to those percentiles
+    (e.g. ``(1, 99)`` for scans with a few very bright voxels).
+    """
     image = image.double()
+    if clip is not None:
+        bounds = torch.quantile(image.reshape(-1)[:: max(1, image.numel() // 1_000_000)],
+                                torch.tensor([clip[0] / 100, clip[1] / 100], dtype=torch.float64,
+                                             device=image.device))
+        image = image.clamp(float(bounds[0]), float(bounds[1]))
     low, high = image.min(), image.max()
     if not bool(high > low):
         raise ValueError(f"{name}: the image is constant ({float(low)}); there is nothing to register")
@@ -67,7 +76,7 @@ def level_weights(iteration: int, config: FitConfig, n_levels: int, device) -> t
 
 
 def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, device=None,
-             seed: int = 0, progress: bool = True) -> RegistrationResult:
+             seed: int = 0, progress: bool = True, moving_mask=None, fixed_mask=None) -> RegistrationResult:
     """Register a moving image A to a fixed image B with a pair of neural fields.
 
     Args:
@@ -80,17 +89,21 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
         seed: seeds the network initialisation and the random points (same seed and inputs give
             the same result on the CPU).
         progress: show a tqdm progress bar.
+        moving_mask, fixed_mask: optional boolean (or 0/1) arrays of the images' shapes: the
+            similarity counts only fixed voxels inside ``fixed_mask`` (direction AB) and moving
+            voxels inside ``moving_mask`` (direction BA), e.g. brain masks.
     Returns:
         A :class:`RegistrationResult`.
     Raises:
         FitDivergedError: a loss term became NaN or Inf (the message says when and which).
     """
     return _fit([moving], [fixed], config, spacing=spacing, device=device, seed=seed, progress=progress,
-                caller="fit_pair")[0]
+                caller="fit_pair", moving_masks=None if moving_mask is None else [moving_mask],
+                fixed_masks=None if fixed_mask is None else [fixed_mask])[0]
 
 
 def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None, device=None,
-              seed: int = 0, progress: bool = True) -> list[RegistrationResult]:
+              seed: int = 0, progress: bool = True, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
     """Fit ``B`` pairs in one optimisation: each pair has its own hash tables and MLPs, stored in
     batched tensors, and every step evaluates all pairs together (no loop over pairs).
 
@@ -103,6 +116,7 @@ def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None,
         movings, fixeds: sequences of ``B`` images; all moving images share one grid shape and
             all fixed images share one (fit groups of equal shapes, or use :func:`fit_pair`).
         config, spacing, device, progress: as for :func:`fit_pair` (one spacing for all pairs).
+        moving_masks, fixed_masks: optional lists of masks, one per pair (see :func:`fit_pair`).
         seed: pair ``p`` uses ``seed + p`` for its initialisation; one generator seeded with
             ``seed`` draws the random points of all pairs.
     Returns:
@@ -120,10 +134,34 @@ def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None,
         raise ValueError(f"movings and fixeds: expected two non-empty lists of equal length, got "
                          f"{len(movings)} and {len(fixeds)}")
     return _fit(list(movings), list(fixeds), config, spacing=spacing, device=device, seed=seed,
-                progress=progress, caller="fit_pairs")
+                progress=progress, caller="fit_pairs", moving_masks=moving_masks, fixed_masks=fixed_masks)
 
 
-def _check_images(caller: str, movings: list, fixeds: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_masks(caller: str, kind: str, masks, images: torch.Tensor) -> torch.Tensor | None:
+    """Masks as a boolean ``(B, *shape)`` tensor, checked against the images."""
+    if masks is None:
+        return None
+    many = caller == "fit_pairs"
+    if isinstance(masks, (np.ndarray, torch.Tensor)) or len(masks) != images.shape[0]:
+        raise ValueError(f"{kind}_masks: expected a list of {images.shape[0]} masks, one per pair")
+    checked = []
+    for p, mask in enumerate(masks):
+        name = f"{kind}_masks[{p}]" if many else f"{kind}_mask"
+        tensor, _ = as_tensor(name, mask, device=images.device)
+        if tuple(tensor.shape) != tuple(images.shape[1:]):
+            raise ValueError(f"{name}: expected the {kind} image's shape {tuple(images.shape[1:])}, "
+                             f"got {describe(mask)}")
+        if tensor.is_complex() or (tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())):
+            raise ValueError(f"{name}: expected a boolean or 0/1 mask, got {describe(mask)}")
+        tensor = tensor != 0
+        if not bool(tensor.any()):
+            raise ValueError(f"{name}: the mask is empty; nothing would be compared")
+        checked.append(tensor)
+    return torch.stack(checked)
+
+
+def _check_images(caller: str, movings: list, fixeds: list, device,
+                  clip: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked, [0, 1]-normalised images stacked as ``(B, *shape)`` (moving, fixed)."""
     many = caller == "fit_pairs"
     checked = {"moving": [], "fixed": []}
@@ -140,19 +178,21 @@ def _check_images(caller: str, movings: list, fixeds: list, device) -> tuple[tor
         if len(shapes) > 1:
             raise ValueError(f"{kind}s: every {kind} image of one fit_pairs call must have the same shape, "
                              f"got {shapes}; fit groups of equal shapes")
-    return tuple(torch.stack([normalize_intensity(f"{kind}s[{p}]" if many else kind, t)
+    return tuple(torch.stack([normalize_intensity(f"{kind}s[{p}]" if many else kind, t, clip)
                               for p, t in enumerate(checked[kind])]) for kind in ("moving", "fixed"))
 
 
 def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, seed: int, progress: bool,
-         caller: str) -> list[RegistrationResult]:
+         caller: str, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
     """The optimisation behind fit_pair (B = 1) and fit_pairs."""
     if not isinstance(config, FitConfig):
         raise TypeError(f"config: expected a FitConfig, got {type(config).__name__}")
     if device is None:
         device = movings[0].device if isinstance(movings[0], torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    moving_t, fixed_t = _check_images(caller, movings, fixeds, device)        # (B, *shape)
+    moving_t, fixed_t = _check_images(caller, movings, fixeds, device, config.clip_percentiles)  # (B, *shape)
+    masks = {"A": _check_masks(caller, "moving", moving_masks, moving_t),
+             "B": _check_masks(caller, "fixed", fixed_masks, fixed_t)}
     n_pairs, dim = moving_t.shape[0], moving_t.ndim - 1
     moving_shape, fixed_shape = tuple(moving_t.shape[1:]), tuple(fixed_t.shape[1:])
     moving_spacing, fixed_spacing = _split_spacing(spacing, dim)
@@ -203,12 +243,13 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
                               device=device)
         return grid[index], index
 
-    def similarity_term(sources, targets, mapped, index):
-        """Per pair ``(B,)``: ``sources`` sampled at ``mapped`` against ``targets``."""
+    def similarity_term(sources, targets, mapped, index, mask):
+        """Per pair ``(B,)``: ``sources`` sampled at ``mapped`` against ``targets`` (only where
+        ``mask``, the target image's mask, is set, when there is one)."""
         warped = sample_batch(sources, mapped)[:, 0]                              # (B, N)
         if config.similarity == "lncc":
             return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
-                              window=config.lncc_window, batched=True)
+                              window=config.lncc_window, batched=True, weights=mask)
         flat = targets.reshape(n_pairs, -1)
         target_values = flat if index is None else torch.gather(flat, 1, index)
         # Only where the map lands inside the other image's domain: outside it there is nothing
@@ -216,6 +257,10 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         # A pair with fewer than 16 such points compares all of them.
         inside = ((mapped >= 0) & (mapped <= 1)).all(-1)
         inside = inside | (inside.sum(1, keepdim=True) < 16)
+        if mask is not None:
+            flat_mask = mask.reshape(n_pairs, -1)
+            inside = inside & (flat_mask if index is None else torch.gather(flat_mask, 1, index))
+            inside = inside | ~inside.any(1, keepdim=True)        # no point left: compare all
         return similarity(warped, target_values, batched=True, weights=inside)
 
     good_state, rollbacks = None, []
@@ -230,8 +275,8 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         points_B, index_B = similarity_points(grid_B)
         points_A, index_A = similarity_points(grid_A)
         mapped_B, mapped_A = maps(points_B, points_A, weights)      # phi_AB on B's grid, phi_BA on A's
-        terms = {"similarity": similarity_term(moving_s, fixed_s, mapped_B, index_B)
-                 + similarity_term(fixed_s, moving_s, mapped_A, index_A)}
+        terms = {"similarity": similarity_term(moving_s, fixed_s, mapped_B, index_B, masks["B"])
+                 + similarity_term(fixed_s, moving_s, mapped_A, index_A, masks["A"])}
         points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
         consistency = inverse_consistency_terms(lambda a, b: maps(a, b, weights), points,
                                                 extent_A=extent_A, extent_B=extent_B)

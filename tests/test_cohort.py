@@ -129,11 +129,13 @@ def test_cli_fit_warp_and_cohort(tmp_path, capsys):
     pairs_csv = write_cohort(tmp_path, 2)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"iterations": 20, "similarity_points": 256, "gradient_icon_points": 64,
-                                  "affine": None}))
+                                  "affine": None, "clip_percentiles": [0, 100]}))
     out = tmp_path / "fit"
+    save_image(tmp_path / "mask.npy", np.ones((24, 24), dtype=np.uint8))
     assert main(["fit", str(tmp_path / "moving0.npy"), str(tmp_path / "fixed0.npy"), "-o", str(out),
                  "--labels", str(tmp_path / "moving_labels0.npy"), "--fixed-labels",
-                 str(tmp_path / "fixed_labels0.npy"), "--config", str(config), "--quiet"]) == 0
+                 str(tmp_path / "fixed_labels0.npy"), "--config", str(config), "--quiet",
+                 "--fixed-mask", str(tmp_path / "mask.npy")]) == 0
     assert {p.name for p in out.iterdir()} >= {"result.pt", "warped.npy", "warped_labels.npy", "overview.png",
                                                "summary.json"}
     summary = json.loads((out / "summary.json").read_text())
@@ -147,6 +149,8 @@ def test_cli_fit_warp_and_cohort(tmp_path, capsys):
     assert len(summaries(tmp_path / "cohort")) == 2
     assert main(["fit", str(tmp_path / "missing.npy"), str(tmp_path / "fixed0.npy"), "-o", str(out)]) == 2
     assert "missing.npy" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "32", "--quiet"]) == 0
+    assert (tmp_path / "demo" / "fit_pair_2d.png").stat().st_size > 10_000
     with pytest.raises(SystemExit) as help_exit:
         main(["--help"])
     assert help_exit.value.code == 0

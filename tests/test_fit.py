@@ -183,3 +183,46 @@ def test_fit_pairs_rejects_bad_batches(pair64):
         nfr.fit_pairs([moving, moving[:40]], [fixed, fixed], QUICK, progress=False)
     with pytest.raises(ValueError, match=r"fixeds\[1\]: the image contains NaN"):
         nfr.fit_pairs([moving, moving], [fixed, np.full_like(fixed, np.nan)], QUICK, progress=False)
+
+
+def test_masks_restrict_the_similarity(pair64):
+    """Identical images except a blob in the fixed one: at the first iteration (identity maps)
+    the similarity is exactly 0 when the fixed mask leaves the blob out, and positive without."""
+    moving, _, _, _ = pair64
+    fixed = moving.copy()
+    fixed[5:15, 5:15] += 1.0
+    fixed_mask = np.ones(fixed.shape, dtype=bool)
+    fixed_mask[:20, :20] = False
+    moving_mask = np.ones(moving.shape, dtype=bool)
+    moving_mask[:20, :20] = False
+    config = dataclasses.replace(QUICK, affine=None, iterations=1, blur_sigmas=(0.0,))
+    for similarity in ("ssd", "ncc"):
+        options = dataclasses.replace(config, similarity=similarity)
+        masked = nfr.fit_pair(moving, fixed, options, moving_mask=moving_mask, fixed_mask=fixed_mask, progress=False)
+        plain = nfr.fit_pair(moving, fixed, options, progress=False)
+        assert masked.history["similarity"][0] == pytest.approx(0.0, abs=2e-5), similarity   # float32
+        assert plain.history["similarity"][0] > 1e-3, similarity
+    # LNCC is not 0 for equal images (flat neighbourhoods correlate 0); masked it averages fewer voxels.
+    options = dataclasses.replace(config, similarity="lncc")
+    masked = nfr.fit_pair(moving, fixed, options, moving_mask=moving_mask, fixed_mask=fixed_mask, progress=False)
+    plain = nfr.fit_pair(moving, fixed, options, progress=False)
+    assert masked.history["similarity"][0] != pytest.approx(plain.history["similarity"][0], abs=1e-4)
+    with pytest.raises(ValueError, match=r"fixed_mask: expected the fixed image's shape \(64, 64\)"):
+        nfr.fit_pair(moving, fixed, config, fixed_mask=fixed_mask[:10], progress=False)
+    with pytest.raises(ValueError, match="moving_mask: the mask is empty"):
+        nfr.fit_pair(moving, fixed, config, moving_mask=np.zeros_like(moving_mask), progress=False)
+
+
+def test_percentile_clipping_ignores_outliers():
+    from neuralfield_reg.fit import normalize_intensity
+    image = torch.linspace(0.0, 1.0, 10_000).reshape(100, 100)
+    image[0, 0] = 1e6                                     # one hot voxel
+    plain = normalize_intensity("image", image)
+    clipped = normalize_intensity("image", image, (1.0, 99.0))
+    assert float(plain.median()) < 1e-5                   # everything squashed towards 0
+    assert float(clipped.median()) == pytest.approx(0.5, abs=0.01)
+    assert float(clipped.min()) == 0.0 and float(clipped.max()) == 1.0
+    with pytest.raises(ValueError, match="clip_percentiles"):
+        nfr.FitConfig(clip_percentiles=(99.0, 1.0))
+    config = nfr.FitConfig(clip_percentiles=(1.0, 99.0))
+    assert nfr.FitConfig.from_dict(config.to_dict()) == config

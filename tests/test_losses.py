@@ -45,7 +45,8 @@ def test_lncc_is_zero_for_locally_affine_intensity_changes_and_positive_otherwis
 def test_lncc_matches_explicit_windows():
     """Reference: local statistics from explicit (border-clipped) windows, one voxel at a time."""
     a, b = torch.rand(7, 8, dtype=torch.float64), torch.rand(7, 8, dtype=torch.float64)
-    radius, eps, total = 1, 1e-5, 0.0
+    radius, eps, total, masked = 1, 1e-5, 0.0, 0.0
+    mask = torch.rand(7, 8) < 0.5
     for i in range(7):
         for j in range(8):
             wa = a[max(0, i - radius):i + radius + 1, max(0, j - radius):j + radius + 1]
@@ -53,7 +54,10 @@ def test_lncc_matches_explicit_windows():
             covariance = (wa * wb).mean() - wa.mean() * wb.mean()
             variances = ((wa * wa).mean() - wa.mean() ** 2) * ((wb * wb).mean() - wb.mean() ** 2)
             total += float(covariance ** 2 / (variances + eps))
+            masked += float(covariance ** 2 / (variances + eps)) if mask[i, j] else 0.0
     assert float(lncc(a, b, window=3, eps=eps)) == pytest.approx(1.0 - total / 56, abs=1e-12)
+    assert float(lncc(a, b, window=3, eps=eps, weights=mask)) == pytest.approx(
+        1.0 - masked / int(mask.sum()), abs=1e-12)           # weights: which voxels' correlations count
 
 
 @pytest.mark.parametrize("name", ["ssd", "ncc", "lncc"])

@@ -68,7 +68,7 @@ def ncc(warped: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *, batche
 
 
 def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float = 1e-5, *,
-         batched: bool = False) -> torch.Tensor:
+         batched: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - `` mean local normalised cross-correlation over ``window``-wide cubic neighbourhoods.
 
     Args:
@@ -78,6 +78,7 @@ def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float
             an axis shorter than it).
     """
     _check_pair(warped, target)
+    w = _check_weights(weights, warped, batched)         # which voxels' local correlations count
     spatial = warped.ndim - 1 if batched else warped.ndim
     if spatial not in (2, 3):
         raise ValueError(f"warped: lncc expects a 2D or 3D image grid{' after the batch axis' if batched else ''}, "
@@ -100,7 +101,7 @@ def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float
     variance_a = (mean_aa - mean_a * mean_a).clamp_min(0.0)
     variance_b = (mean_bb - mean_b * mean_b).clamp_min(0.0)
     correlation = covariance * covariance / (variance_a * variance_b + eps)
-    return _finish(1.0 - correlation.reshape(correlation.shape[0], -1).mean(1), batched)
+    return _finish(1.0 - _weighted_mean(correlation.reshape(correlation.shape[0], -1), w), batched)
 
 
 SIMILARITIES = {"ssd": ssd, "ncc": ncc, "lncc": lncc}
