@@ -2,7 +2,8 @@
 
 The CSV has a header with the columns ``moving`` and ``fixed`` and optionally ``moving_labels``,
 ``fixed_labels``, ``moving_mask`` and ``fixed_mask`` (similarity masks); paths to ``.npy`` or
-NIfTI files, relative to the CSV's folder unless absolute. Pair ``i`` (the ``i``-th data row) is written to ``OUT/pairs/i/``:
+NIfTI files, relative to the CSV's folder unless absolute. Pair ``i`` (the ``i``-th data row) is
+written to ``OUT/pairs/i/``:
 
 * ``result.pt`` (the :class:`RegistrationResult`), ``warped``, ``warped_labels`` and
   ``jacobian_determinant`` images in the fixed image's format and with its affine; the
