@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (device tool): build the CUDA kernels, run the test suite
 # (CUDA parity tests included), then the encoder benchmark and fit timings. Logs go to $OUT.
-# SECTIONS picks what runs (default all): tests encoder fit2d fit3d gradicon.
+# SECTIONS picks what runs (default all): tests encoder fit2d fit3d gradicon batched.
 set -uo pipefail
 OUT=${OUT:-out/gpu}
-SECTIONS=${SECTIONS:-"tests encoder fit2d fit3d gradicon"}
+SECTIONS=${SECTIONS:-"tests encoder fit2d fit3d gradicon batched"}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -20,6 +20,7 @@ log "encoder 2D"; python3 benchmarks/encoder.py --device cuda --dim 2 --points 6
 log "encoder 3D"; python3 benchmarks/encoder.py --device cuda --dim 3 --points 1048576 --repeats 10
 fi
 if want fit2d; then log "fit 2D 128^2"; python3 benchmarks/encoder.py --device cuda --dim 2 --points 4096 --repeats 10 --fit 3; fi
+if want batched; then log "fit_pairs"; python3 benchmarks/fit_pairs.py --device cuda --batches 1 4 16 64; fi
 if want gradicon; then
 log "gradicon step"; python3 benchmarks/gradicon_step.py --device cuda --cases 2d:64:32 2d:128:32 3d:64:8 3d:128:2
 log "gradicon triangles 2 min"; python3 demos/gradicon_triangles.py --device cuda --runs gradicon:1 --minutes 2 --test-pairs 100 --eval-every 200 --quiet --out "$OUT/gradicon_triangles"

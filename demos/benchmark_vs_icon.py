@@ -169,7 +169,7 @@ def main(argv=None) -> list[dict]:
         for ax in axes.flat:
             ax.axis("off")
         figure.tight_layout()
-        figure.savefig(args.out / "pairs.png", dpi=100)
+        figure.savefig(args.out / "pairs.png", dpi=60)
         plt.close(figure)
     print(f"wrote {args.out / 'table.md'}, {args.out / 'table.csv'}, {args.out / 'pairs.png'}")
     return rows
