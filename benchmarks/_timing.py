@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -22,3 +26,19 @@ def step_times(function, device: torch.device, repeats: int, warmup: int = 2) ->
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory on CUDA, else the process's peak resident set (Linux), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # KiB -> GiB
+
+
+def run_isolated(script: str, arguments: list[str]) -> dict | str:
+    """Run ``script arguments`` in a fresh Python process (so its peak memory is its own) and
+    return the JSON object on its last output line, or the reason it failed."""
+    done = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True)
+    if done.returncode != 0:
+        return done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 
 import torch
 
-from _timing import step_times  # benchmarks/_timing.py, next to this script
+from _timing import peak_memory_gib, run_isolated, step_times  # benchmarks/_timing.py, next to this script
 from neuralfield_reg import gradicon
 
 
@@ -41,10 +38,7 @@ def one_case(dim: int, size: int, batch: int, device: str, similarity: str, step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = step_times(step, device, steps)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB (Linux)
+    peak = peak_memory_gib(device)
     return {"median_s": sorted(times)[len(times) // 2], "min_s": min(times), "peak_gib": peak,
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -65,13 +59,11 @@ def main(argv=None) -> None:
           f"similarity {args.similarity}, median of {args.steps} steps")
     print(f"{'case':>12} {'params':>9} {'s/step':>8} {'min s':>8} {'peak GiB':>9}")
     for case in args.cases:
-        command = [sys.executable, __file__, "--one", case, "--device", args.device,
-                   "--similarity", args.similarity, "--steps", str(args.steps)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{case:>12} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+        row = run_isolated(__file__, ["--one", case, "--device", args.device, "--similarity", args.similarity,
+                                      "--steps", str(args.steps)])
+        if isinstance(row, str):
+            print(f"{case:>12} failed: {row}")
             continue
-        row = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{case:>12} {row['parameters']:>9,d} {row['median_s']:>8.3f} {row['min_s']:>8.3f} "
               f"{row['peak_gib']:>9.2f}")
 

@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 
 import neuralfield_reg as nfr
+from _timing import peak_memory_gib, run_isolated  # benchmarks/_timing.py, next to this script
 from neuralfield_reg.metrics import folding_fraction
 
 
@@ -47,8 +45,7 @@ def one_case(shape, iterations: int, device: str) -> dict:
     determinant = result.jacobian_determinant()
     sync()
     dense_s = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    peak = peak_memory_gib(torch.device(device))
     return {"fit_s": fit_s, "per_iteration_s": fit_s / iterations, "dense_det_s": dense_s,
             "folds": folding_fraction(determinant), "peak_gib": peak, "backend": result.backend}
 
@@ -67,12 +64,10 @@ def main(argv=None) -> None:
     print(f"{'case':>17} {'backend':>8} {'fit s':>8} {'s / it':>8} {'dense det J s':>14} {'folds %':>8} "
           f"{'peak GiB':>9}")
     for case in args.cases:
-        done = subprocess.run([sys.executable, __file__, "--one", case, "--device", args.device],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{case:>17} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+        row = run_isolated(__file__, ["--one", case, "--device", args.device])
+        if isinstance(row, str):
+            print(f"{case:>17} failed: {row}")
             continue
-        row = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{case:>17} {row['backend']:>8} {row['fit_s']:>8.1f} {row['per_iteration_s']:>8.3f} "
               f"{row['dense_det_s']:>14.1f} {100 * row['folds']:>8.4f} {row['peak_gib']:>9.2f}", flush=True)
 

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ._files import atomic_write_text
 from .cohort import register_row, run_cohort
 from .config import FitConfig
 from .distributed import shutdown
@@ -35,7 +36,7 @@ def _config(path: str | None) -> FitConfig:
         raise ValueError(f"--config: {path!r} is not valid JSON: {error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"--config: {path!r} should hold a JSON object of FitConfig fields")
-    return FitConfig.from_dict({**FitConfig().to_dict(), **values})
+    return FitConfig.from_dict(values)              # fields not given keep their defaults
 
 
 def _fit(args) -> dict:
@@ -44,12 +45,12 @@ def _fit(args) -> dict:
     row = {"moving": args.moving, "fixed": args.fixed, "moving_labels": args.labels or "",
            "fixed_labels": args.fixed_labels or "", "moving_mask": args.moving_mask or "",
            "fixed_mask": args.fixed_mask or ""}
-    numbers = register_row(row, out, _config(args.config), args.device, not args.quiet)
-    result = RegistrationResult.load(out / "result.pt")
+    registered = register_row(row, out, _config(args.config), args.device, not args.quiet)
     from .viz import overview_figure                  # matplotlib only when a figure is drawn
-    overview_figure(result, load_image(args.moving)[0], load_image(args.fixed)[0], out / "overview.png")
-    summary = {**numbers, "backend": result.backend, "moving": args.moving, "fixed": args.fixed}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    overview_figure(registered.result, registered.moving, registered.fixed, out / "overview.png")
+    summary = {**registered.numbers, "backend": registered.result.backend, "moving": args.moving,
+               "fixed": args.fixed}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return summary
 

@@ -25,20 +25,21 @@ from __future__ import annotations
 import csv
 import io as _stringio
 import json
-import os
-import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch.distributed as dist
 
 from . import metrics
+from ._files import atomic_write_text
 from .config import FitConfig
 from .distributed import init_from_environment
 from .fit import fit_pair
 from .io import load_image, save_displacement_itk, save_image, spacing_of
+from .result import RegistrationResult
 
 COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_mask", "fixed_mask")
 SUMMARY_FIELDS = ("pair", "status", "moving", "fixed", "dice_before", "dice", "folding_fraction",
@@ -65,19 +66,21 @@ def read_pairs(pairs_csv) -> list[dict[str, str]]:
     return rows
 
 
-def _write_text(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
-
-
 def _output_suffix(fixed_path: str) -> str:
     return ".nii.gz" if fixed_path.lower().endswith((".nii", ".nii.gz")) else ".npy"
 
 
-def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device, progress: bool) -> dict:
-    """Fit one pair of the CSV and write its outputs; returns the summary's numbers."""
+class Registered(NamedTuple):
+    """What :func:`register_row` did: the summary's numbers, the result and the images it read."""
+
+    numbers: dict
+    result: RegistrationResult
+    moving: np.ndarray
+    fixed: np.ndarray
+
+
+def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device, progress: bool) -> Registered:
+    """Fit one pair of the CSV and write its outputs."""
     moving, moving_affine = load_image(row["moving"])
     fixed, fixed_affine = load_image(row["fixed"])
     spacing = (spacing_of(moving_affine, moving.ndim), spacing_of(fixed_affine, fixed.ndim))
@@ -109,7 +112,7 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device,
             numbers["dice_before"] = (metrics.mean_dice(moving_labels, fixed_labels)
                                       if moving_labels.shape == fixed_labels.shape else float("nan"))
             numbers["dice"] = metrics.mean_dice(warped_labels, fixed_labels)
-    return numbers
+    return Registered(numbers, result, moving, fixed)
 
 
 def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=None,
@@ -135,13 +138,13 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=No
             continue                                     # done by an earlier run
         summary = {"pair": index, "moving": rows[index]["moving"], "fixed": rows[index]["fixed"], "rank": rank}
         try:
-            summary.update(register_row(rows[index], pair_dir, config, device, progress))
+            summary.update(register_row(rows[index], pair_dir, config, device, progress).numbers)
             summary["status"] = "ok"
         except Exception as error:                       # recorded; the other pairs go on
             summary.update(status="failed", error=f"{type(error).__name__}: {error}")
             if progress:
                 traceback.print_exc()
-        _write_text(summary_path, json.dumps(summary, indent=1))
+        atomic_write_text(summary_path, json.dumps(summary, indent=1))
     if world > 1:
         dist.barrier()
     if rank != 0:
@@ -156,5 +159,5 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=No
     writer = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
     writer.writerows(merged)
-    _write_text(out_dir / "summary.csv", text.getvalue())
+    atomic_write_text(out_dir / "summary.csv", text.getvalue())
     return merged

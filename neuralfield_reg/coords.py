@@ -99,13 +99,8 @@ def sample(image: torch.Tensor, points: torch.Tensor, *, mode: str = "linear",
 
 
 def _sample_linear(image: torch.Tensor, flat: torch.Tensor, padding: str) -> torch.Tensor:
-    ndim = flat.shape[-1]
-    # grid_sample wants (x, y[, z]) = reversed array axes in [-1, 1]; align_corners=True puts
-    # -1 and 1 on the first and last voxel centres, which is our convention.
-    grid = (flat.flip(-1) * 2.0 - 1.0).to(image.dtype)
-    grid = grid.reshape(1, -1, *([1] * (ndim - 1)), ndim)
-    out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode=padding, align_corners=True)
-    return out.reshape(image.shape[0], -1)
+    """``(C, *spatial)`` image at ``(N, d)`` points -> ``(C, N)``: a batch of one for :func:`sample_batch`."""
+    return sample_batch(image[None], flat[None], padding=padding)[0]
 
 
 def _sample_nearest(image: torch.Tensor, flat: torch.Tensor, spatial: tuple[int, ...],

@@ -8,11 +8,11 @@ it into place, so an existing file is never left half-written. Every error names
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ._files import atomic_write
 
 SUFFIXES = (".npy", ".nii", ".nii.gz")
 
@@ -56,9 +56,7 @@ def load_image(path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except Exception as error:
         raise ValueError(f"path: {str(path)!r} could not be read as {suffix} ({error})") from error
-    while array.ndim > 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 3 and array.shape[-1] == 1:
+    while array.ndim > 2 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3):
         raise ValueError(f"path: {str(path)!r} holds an array of shape {array.shape}; expected a 2D or 3D image")
@@ -75,26 +73,20 @@ def save_image(path, array, affine=None) -> None:
     """Write ``array`` to ``path`` (``.npy`` or NIfTI with ``affine``, default identity), atomically."""
     path = Path(path)
     suffix = _suffix(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"path: the folder {str(path.parent)!r} does not exist")
     array = np.asarray(array)
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"affine: expected a 4x4 matrix, got shape {affine.shape}")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        if suffix == ".npy":
+    if suffix == ".npy":
+        def write(temporary):
             with open(temporary, "wb") as stream:
                 np.save(stream, array, allow_pickle=False)
-        else:
-            nibabel = _nibabel(path)
+    else:
+        nibabel = _nibabel(path)
+
+        def write(temporary):
             nibabel.save(nibabel.Nifti1Image(array, affine), temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_write(path, write, suffix=suffix)
 
 
 def _world(affine: np.ndarray, voxels: np.ndarray) -> np.ndarray:
@@ -137,12 +129,4 @@ def save_displacement_itk(path, result, moving_affine, fixed_affine) -> None:
     vectors = world_displacement(result, moving_affine, fixed_affine) * np.array([-1.0, -1.0, 1.0])
     image = nibabel.Nifti1Image(vectors[:, :, :, None, :].astype(np.float32), np.asarray(fixed_affine, float))
     image.header.set_intent("vector")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_suffix(path), dir=path.parent)
-    os.close(handle)
-    try:
-        nibabel.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_write(path, lambda temporary: nibabel.save(image, temporary), suffix=_suffix(path))

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import torch
 
 from ..filters import resample
-from ..fit import FitDivergedError, _split_spacing, normalize_intensity
+from ..fit import FitDivergedError, _check_images, _split_spacing
 from ..grid_maps import GridMapPair
 from ..result import RegistrationResult
-from ..validation import check_image
 from .losses import registration_loss
 from .wrappers import RegistrationNetwork
 
@@ -42,20 +42,16 @@ def register(network: RegistrationNetwork, moving, fixed, *, finetune_steps: int
     if not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise ValueError(f"finetune_steps: expected a non-negative integer, got {finetune_steps!r}")
     device = torch.device(device) if device is not None else next(network.parameters()).device
-    moving_t, _ = check_image("moving", moving, device=device)
-    fixed_t, _ = check_image("fixed", fixed, device=device)
-    if moving_t.ndim != fixed_t.ndim:
-        raise ValueError(f"moving and fixed: expected the same number of axes, got shapes "
-                         f"{tuple(moving_t.shape)} and {tuple(fixed_t.shape)}")
+    started = time.perf_counter()
+    moving_t, fixed_t = (images[0] for images in _check_images("register", [moving], [fixed], device))
     dim = moving_t.ndim
     shape = network.input_shape or tuple(fixed_t.shape)
     if len(shape) != dim:
         raise ValueError(f"moving: the network is for {len(shape)}D images {tuple(shape)}, got a "
                          f"{dim}D image of shape {tuple(moving_t.shape)}")
     moving_spacing, fixed_spacing = _split_spacing(spacing, dim)
-    started = time.perf_counter()
-    moving_n = resample(normalize_intensity("moving", moving_t), shape)[None, None]
-    fixed_n = resample(normalize_intensity("fixed", fixed_t), shape)[None, None]
+    moving_n = resample(moving_t, shape)[None, None]               # checked and rescaled to [0, 1]
+    fixed_n = resample(fixed_t, shape)[None, None]
 
     history: dict[str, list[float]] = {}
     if finetune_steps:
@@ -68,7 +64,7 @@ def register(network: RegistrationNetwork, moving, fixed, *, finetune_steps: int
                                       lam=lam, generator=generator, lncc_window=lncc_window)
             for name, value in terms.items():
                 value = float(value.detach())
-                if value != value or abs(value) == float("inf"):
+                if not math.isfinite(value):
                     raise FitDivergedError(f"register: the {name} term became {value} at fine-tuning "
                                            f"step {step}; lower lr")
                 history[name].append(value)
