@@ -24,14 +24,22 @@ __device__ __forceinline__ int64_t table_of(const int64_t* table_index, int64_t 
   return table_index != nullptr ? table_index[n] : default_table;
 }
 
+// Thread -> (flat index i = n * n_levels + l, point n, level l); false for threads past the end.
+__device__ __forceinline__ bool point_level(int64_t n_points, const Levels& levels, int64_t& i, int64_t& n, int& l) {
+  i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n_points * levels.n_levels) return false;
+  n = i / levels.n_levels;
+  l = static_cast<int>(i % levels.n_levels);
+  return true;
+}
+
 template <typename scalar_t, int D>
 __global__ void forward_kernel(int64_t n_points, const scalar_t* __restrict__ x, const scalar_t* __restrict__ table,
                                const int64_t* __restrict__ table_index, int64_t default_table, Levels levels,
                                scalar_t* __restrict__ out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n_points * levels.n_levels) return;
-  const int64_t n = i / levels.n_levels;
-  const int l = static_cast<int>(i % levels.n_levels);
+  int64_t i, n;
+  int l;
+  if (!point_level(n_points, levels, i, n, l)) return;
   Cell<scalar_t, D> cell(x + n * D, l, levels, table_of(table_index, n, default_table));
   encode<scalar_t, D>(cell, table, levels.n_features, out + i * levels.n_features);
 }
@@ -41,10 +49,9 @@ __global__ void backward_kernel(int64_t n_points, const scalar_t* __restrict__ g
                                 const scalar_t* __restrict__ table, const int64_t* __restrict__ table_index,
                                 int64_t default_table, Levels levels, scalar_t* __restrict__ grad_x,
                                 scalar_t* __restrict__ grad_table) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n_points * levels.n_levels) return;
-  const int64_t n = i / levels.n_levels;
-  const int l = static_cast<int>(i % levels.n_levels);
+  int64_t i, n;
+  int l;
+  if (!point_level(n_points, levels, i, n, l)) return;
   const int F = levels.n_features;
   Cell<scalar_t, D> cell(x + n * D, l, levels, table_of(table_index, n, default_table));
   const scalar_t* g = grad_out + i * F;
@@ -68,10 +75,9 @@ __global__ void double_backward_kernel(int64_t n_points, const scalar_t* __restr
                                        const int64_t* __restrict__ table_index, int64_t default_table, Levels levels,
                                        scalar_t* __restrict__ d_grad_out, scalar_t* __restrict__ d_x,
                                        scalar_t* __restrict__ d_table) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n_points * levels.n_levels) return;
-  const int64_t n = i / levels.n_levels;
-  const int l = static_cast<int>(i % levels.n_levels);
+  int64_t i, n;
+  int l;
+  if (!point_level(n_points, levels, i, n, l)) return;
   const int F = levels.n_features;
   Cell<scalar_t, D> cell(x + n * D, l, levels, table_of(table_index, n, default_table));
   const scalar_t* g = grad_out + i * F;
