@@ -3,7 +3,8 @@
     nfreg fit MOVING FIXED -o OUTDIR [--labels MOVING_LABELS] [--fixed-labels FIXED_LABELS]
     nfreg warp RESULT IMAGE -o OUT [--nearest] [--reference FIXED]
     nfreg cohort PAIRS.csv -o OUTDIR            (under torchrun: sharded over the processes)
-    nfreg demo [--out OUT]                      (the 2D triangle/circle demo)
+    nfreg demo [--out OUT] [--brain]            (the 2D triangle/circle demo; the real brain pair)
+    nfreg benchmark [--dataset shapes2d|bodies3d]   (neural fields against conv GradICON/ICON)
 
 Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). ``--config``
 takes a JSON file of FitConfig fields, e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ._files import atomic_write_text
+from . import benchmark as benchmark_vs_icon
 from .cohort import register_row, run_cohort
 from .config import FitConfig
 from .distributed import shutdown
@@ -75,8 +77,16 @@ def _cohort(args) -> None:
 
 
 def _demo(args) -> None:
+    if args.brain:
+        from .brain_demo import run_brain_demo
+        run_brain_demo(Path(args.out) / "brain", seed=0 if args.seed is None else args.seed, progress=not args.quiet)
+        return
     from .demo import run_demo
-    run_demo(Path(args.out), seed=args.seed, size=args.size, progress=not args.quiet)
+    run_demo(Path(args.out), seed=2 if args.seed is None else args.seed, size=args.size, progress=not args.quiet)
+
+
+def _benchmark(args) -> None:
+    benchmark_vs_icon.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,12 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     cohort.add_argument("-o", "--output", required=True, help="output folder")
     cohort.set_defaults(run=_cohort)
 
-    demo = commands.add_parser("demo", help="fit one synthetic 2D pair and draw it (out/fit_pair_2d.png)")
+    demo = commands.add_parser("demo", help="fit one synthetic 2D pair and draw it (out/fit_pair_2d.png); "
+                                            "--brain: the real Colin27 -> MNI152 pair (out/brain/)")
+    demo.add_argument("--brain", action="store_true",
+                      help="register Colin27 to MNI152 at 2 mm and score the 116 AAL structures")
     demo.add_argument("--out", default="out", help="output folder (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=2, help="which random pair (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=None,
+                      help="2D: which random pair (default 2); --brain: the fit's seed (default 0)")
     demo.add_argument("--size", type=int, default=128)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+
+    benchmark = commands.add_parser("benchmark", help="neural fields against conv GradICON/ICON on the same pairs",
+                                    description=benchmark_vs_icon.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    benchmark_vs_icon.add_arguments(benchmark)
+    benchmark.set_defaults(run=_benchmark)
 
     for command in (fit, cohort):
         command.add_argument("--config", help="JSON file of FitConfig fields")

@@ -66,7 +66,10 @@ class FitConfig:
         gradient_icon_points: random points per iteration for the penalty.
         icon_weight: weight of an optional plain ICON term (mean squared residual).
         similarity_points: random fixed/moving voxels per iteration for ``ssd``/``ncc``; None uses
-            every voxel (``lncc`` always uses the whole grid).
+            every voxel.
+        lncc_patches: None: ``lncc`` compares whole images every iteration; an integer: that many
+            random cubic patches of ``lncc_patch_size`` voxels per axis (per image and pair), so an
+            iteration costs the same for any volume size.
         blur_sigmas: coarse-to-fine schedule: Gaussian blur (voxels) of both images, one stage
             each, stages of equal length.
         level_ramp: fraction of the iterations over which the hash-grid levels are switched on,
@@ -93,6 +96,8 @@ class FitConfig:
     gradient_icon_points: int = 512
     icon_weight: float = 0.0
     similarity_points: int | None = 4096
+    lncc_patches: int | None = None
+    lncc_patch_size: int = 16
     blur_sigmas: tuple[float, ...] = (6.0, 3.0, 1.5, 0.0)
     level_ramp: float = 0.5
     start_levels: int = 2
@@ -124,6 +129,9 @@ class FitConfig:
                  self.gradient_icon_points)
         _require(self.similarity_points is None or self.similarity_points >= 1,
                  "FitConfig.similarity_points", "None or an integer >= 1", self.similarity_points)
+        _require(self.lncc_patches is None or self.lncc_patches >= 1, "FitConfig.lncc_patches",
+                 "None or an integer >= 1", self.lncc_patches)
+        _require(self.lncc_patch_size >= 2, "FitConfig.lncc_patch_size", "an integer >= 2", self.lncc_patch_size)
         _require(len(self.blur_sigmas) > 0 and all(s >= 0 for s in self.blur_sigmas),
                  "FitConfig.blur_sigmas", "one or more sigmas >= 0", self.blur_sigmas)
         _require(0 <= self.level_ramp <= 1, "FitConfig.level_ramp", "a fraction in [0, 1]", self.level_ramp)

@@ -67,6 +67,20 @@ def normalize_intensity(name: str, image: torch.Tensor, clip: tuple[float, float
     return ((image - low) / (high - low)).float()
 
 
+def patch_indices(shape, n_pairs: int, n_patches: int, patch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Flat voxel indices ``(n_pairs, n_patches * p^d)`` of random cubic patches inside a grid of
+    ``shape``: each run of ``p^d`` indices is one patch in C order, ``p = min(patch_size, axis)``
+    per axis (so a patch never leaves the grid)."""
+    device = generator.device
+    patch = [min(patch_size, n) for n in shape]
+    corners = torch.stack([torch.randint(n - p + 1, (n_pairs, n_patches), generator=generator, device=device)
+                           for n, p in zip(shape, patch)], dim=-1)                      # (B, P, d)
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(p, device=device) for p in patch], indexing="ij"),
+                          dim=-1).reshape(-1, len(shape))                                # (p^d, d)
+    strides = torch.tensor([math.prod(shape[a + 1:]) for a in range(len(shape))], device=device)
+    return ((corners[:, :, None, :] + offsets) * strides).sum(-1).reshape(n_pairs, -1)
+
+
 def level_weights(iteration: int, config: FitConfig, n_levels: int, device) -> torch.Tensor:
     """Weights in [0, 1] per hash-grid level: a ramp from ``start_levels`` to all levels."""
     ramp_iterations = config.level_ramp * config.iterations
@@ -160,6 +174,15 @@ def _check_masks(caller: str, kind: str, masks, images: torch.Tensor) -> torch.T
     return torch.stack(checked)
 
 
+def _padded_nonzero(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of each row's set voxels, ``(B, max count)`` padded with the row's first
+    one, and the counts ``(B,)``."""
+    counts = masks.sum(1)
+    order = torch.argsort((~masks).to(torch.uint8), dim=1, stable=True)[:, :int(counts.max())]
+    column = torch.arange(order.shape[1], device=masks.device)
+    return torch.where(column < counts[:, None], order, order[:, :1]), counts
+
+
 def _check_images(caller: str, movings: list, fixeds: list, device,
                   clip: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked, [0, 1]-normalised images stacked as ``(B, *shape)`` (moving, fixed)."""
@@ -234,11 +257,26 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
     names = ["loss", "similarity", "gradient_icon"] + (["icon"] if config.icon_weight > 0 else [])
     history: list[dict[str, list[float]]] = [{name: [] for name in names} for _ in range(n_pairs)]
 
-    def similarity_points(grid):
-        """All voxels, or random subsets: ``(points (B, N, d), flat voxel indices (B, N) or None)``."""
-        if config.similarity == "lncc" or config.similarity_points is None \
-                or config.similarity_points >= grid.shape[0]:
-            return grid.expand(n_pairs, *grid.shape), None     # lncc needs whole images (neighbourhoods)
+    # Random similarity points are drawn inside the target image's mask when it has one: the
+    # budget of points goes where the similarity counts (e.g. the brain, not the background).
+    mask_voxels = {key: None if mask is None else _padded_nonzero(mask.reshape(n_pairs, -1))
+                   for key, mask in masks.items()}
+
+    def similarity_points(grid, shape, key):
+        """All voxels, random voxels or random LNCC patches: ``(points (B, N, d), flat voxel
+        indices (B, N) or None)`` (patches: see :func:`patch_indices`)."""
+        if config.similarity == "lncc":
+            if config.lncc_patches is None:
+                return grid.expand(n_pairs, *grid.shape), None     # whole images (neighbourhoods)
+            index = patch_indices(shape, n_pairs, config.lncc_patches, config.lncc_patch_size, generator)
+            return grid[index], index
+        if config.similarity_points is None or config.similarity_points >= grid.shape[0]:
+            return grid.expand(n_pairs, *grid.shape), None
+        if mask_voxels[key] is not None:
+            voxels, counts = mask_voxels[key]
+            draw = torch.rand(n_pairs, config.similarity_points, generator=generator, device=device)
+            index = torch.gather(voxels, 1, (draw * counts[:, None]).long().clamp_max(voxels.shape[1] - 1))
+            return grid[index], index
         index = torch.randint(grid.shape[0], (n_pairs, config.similarity_points), generator=generator,
                               device=device)
         return grid[index], index
@@ -247,11 +285,19 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         """Per pair ``(B,)``: ``sources`` sampled at ``mapped`` against ``targets`` (only where
         ``mask``, the target image's mask, is set, when there is one)."""
         warped = sample_batch(sources, mapped)[:, 0]                              # (B, N)
-        if config.similarity == "lncc":
-            return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
-                              window=config.lncc_window, batched=True, weights=mask)
         flat = targets.reshape(n_pairs, -1)
         target_values = flat if index is None else torch.gather(flat, 1, index)
+        if config.similarity == "lncc":
+            if index is None:
+                return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
+                                  window=config.lncc_window, batched=True, weights=mask)
+            patch = [min(config.lncc_patch_size, n) for n in targets.shape[2:]]
+            weights = None if mask is None else torch.gather(mask.reshape(n_pairs, -1), 1, index).reshape(-1, *patch)
+            if weights is not None:               # a patch with no masked voxel counts nothing
+                weights = weights | ~weights.reshape(weights.shape[0], -1).any(1).reshape(-1, *[1] * dim)
+            per_patch = similarity(warped.reshape(-1, *patch), target_values.reshape(-1, *patch),
+                                   window=config.lncc_window, batched=True, weights=weights)
+            return per_patch.reshape(n_pairs, -1).mean(1)
         # Only where the map lands inside the other image's domain: outside it there is nothing
         # to compare (padding would invent structure, e.g. streaks from a shape cut by the border).
         # A pair with fewer than 16 such points compares all of them.
@@ -272,8 +318,8 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         weights = level_weights(iteration, config, n_levels, device)
 
         optimizer.zero_grad(set_to_none=True)
-        points_B, index_B = similarity_points(grid_B)
-        points_A, index_A = similarity_points(grid_A)
+        points_B, index_B = similarity_points(grid_B, fixed_shape, "B")
+        points_A, index_A = similarity_points(grid_A, moving_shape, "A")
         mapped_B, mapped_A = maps(points_B, points_A, weights)      # phi_AB on B's grid, phi_BA on A's
         terms = {"similarity": similarity_term(moving_s, fixed_s, mapped_B, index_B, masks["B"])
                  + similarity_term(fixed_s, moving_s, mapped_A, index_A, masks["A"])}

@@ -127,7 +127,8 @@ def test_integer_images_are_accepted(pair64):
                                          ("similarity", "mi"), ("blur_sigmas", ()), ("backend", "gpu"),
                                          ("similarity_points", 0), ("lncc_window", 4),
                                          ("learning_rate_decay", 0.0), ("on_divergence", "ignore"),
-                                         ("rollback_factor", 1.0), ("max_rollbacks", -1)])
+                                         ("rollback_factor", 1.0), ("max_rollbacks", -1),
+                                         ("lncc_patches", 0), ("lncc_patch_size", 1)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         nfr.FitConfig(**{field: value})
@@ -226,3 +227,45 @@ def test_percentile_clipping_ignores_outliers():
         nfr.FitConfig(clip_percentiles=(99.0, 1.0))
     config = nfr.FitConfig(clip_percentiles=(1.0, 99.0))
     assert nfr.FitConfig.from_dict(config.to_dict()) == config
+
+
+def test_patch_indices_are_whole_cubes_inside_the_grid():
+    from neuralfield_reg.fit import patch_indices
+    shape = (7, 20, 9)
+    index = patch_indices(shape, 2, 5, 4, torch.Generator().manual_seed(0))
+    assert index.shape == (2, 5 * 4 * 4 * 4)
+    voxels = np.stack(np.unravel_index(index.numpy().reshape(2, 5, 64), shape), axis=-1)    # (B, P, 64, 3)
+    for patch in voxels.reshape(-1, 64, 3):
+        corner = patch.min(0)
+        assert (patch.max(0) - corner == 3).all()
+        expected = corner + np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)
+        np.testing.assert_array_equal(patch, expected)            # a whole cube, in C order
+    # An axis shorter than the patch is taken whole.
+    short = patch_indices((3, 30), 1, 2, 8, torch.Generator().manual_seed(1))
+    rows = np.unravel_index(short.numpy().reshape(2, 24), (3, 30))[0]
+    assert (np.sort(np.unique(rows)) == [0, 1, 2]).all()
+
+
+def test_lncc_on_patches_registers_a_volume():
+    moving = np.zeros((24, 24, 24), np.float32)
+    fixed = np.zeros_like(moving)
+    moving[6:15, 7:16, 8:17] = 1.0
+    fixed[9:18, 9:18, 8:17] = 1.0
+    config = nfr.FitConfig(iterations=120, similarity="lncc", lncc_window=5, lncc_patches=8, lncc_patch_size=10,
+                           blur_sigmas=(2.0, 1.0, 0.0), affine=None, gradient_icon_points=256)
+    result = nfr.fit_pair(moving, fixed, config, progress=False)
+    before = mean_dice(moving > 0.5, fixed > 0.5)
+    after = mean_dice(result.warp(moving) > 0.5, fixed > 0.5)
+    assert before < 0.6 and after > 0.85, (before, after)
+    assert len(result.history["similarity"]) == 120
+
+
+def test_masked_points_are_drawn_from_the_mask_voxels():
+    from neuralfield_reg.fit import _padded_nonzero
+    masks = torch.zeros(2, 10, dtype=torch.bool)
+    masks[0, [2, 5, 7]] = True
+    masks[1, [0, 9]] = True
+    voxels, counts = _padded_nonzero(masks)
+    assert counts.tolist() == [3, 2]
+    assert voxels[0].tolist() == [2, 5, 7] and voxels[1, :2].tolist() == [0, 9]
+    assert voxels[1, 2].item() in (0, 9)             # padding repeats a mask voxel

@@ -77,18 +77,27 @@ def shape_pairs(n: int, size: int = 128, hollow: bool = True, seed: int = 0) -> 
 class ShapePairDataset(Dataset):
     """``n`` random pairs rendered once, as a torch ``Dataset`` of ``(moving, fixed)`` tensors.
 
-    Items are ``(size, size)`` float32 images in [0, 1]; :attr:`moving_labels` and
-    :attr:`fixed_labels` (``(n, size, size)`` uint8) hold the filled-shape label maps for scoring.
+    Items are ``(size, size)`` float32 images in [0, 1] (from :meth:`from_pairs`: any common
+    shape); :attr:`moving_labels` and :attr:`fixed_labels` (``(n, *shape)`` uint8) hold the label
+    maps for scoring.
     """
 
-    def __init__(self, n: int, size: int = 64, hollow: bool = True, seed: int = 0):
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected at least one pair, got {n!r}")
-        pairs = shape_pairs(n, size, hollow, seed)
+    def __init__(self, n: int, size: int = 64, hollow: bool = True, seed: int = 0, *, pairs=None):
+        if pairs is None:
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"n: expected at least one pair, got {n!r}")
+            pairs = shape_pairs(n, size, hollow, seed)
         self.moving = torch.from_numpy(np.stack([p.moving for p in pairs]))
         self.fixed = torch.from_numpy(np.stack([p.fixed for p in pairs]))
         self.moving_labels = np.stack([p.moving_labels for p in pairs])
         self.fixed_labels = np.stack([p.fixed_labels for p in pairs])
+
+    @classmethod
+    def from_pairs(cls, pairs: list[ShapePair]) -> "ShapePairDataset":
+        """A dataset of given pairs (2D or 3D, all on one grid), e.g. ``data.shapes3d.body_pairs``."""
+        if len(pairs) == 0:
+            raise ValueError("pairs: expected at least one pair")
+        return cls(len(pairs), pairs=pairs)
 
     def __len__(self) -> int:
         return self.moving.shape[0]
