@@ -5,6 +5,9 @@ Datasets (``--dataset``):
   shapes2d   hollow triangles/circles at 128^2 (50 held-out pairs; networks trained at 64^2)
   bodies3d   deformed ellipsoids with two inner spheres at 64^3, labels 1-3 (8 held-out pairs;
              networks trained at 32^3)
+  brain      the real Colin27 -> MNI152 pair at 2 mm with 116 AAL labels (one pair; the neural
+             fields use the brain demo's BRAIN_CONFIG and brain masks; there is no offline
+             training set of real pairs for the networks, so only the nf_* methods run)
 
 Methods (``--methods``):
   nf_gradicon   fit_pairs with the autograd gradient-ICON penalty (the library's default)
@@ -41,8 +44,11 @@ import numpy as np
 import torch
 
 from . import gradicon, metrics
+from .brain_demo import BRAIN_CONFIG, brain_mask
 from .config import FitConfig
 from .data import ShapePairDataset, shape_pairs
+from .data.brain import load_brain_pair
+from .data.shapes import ShapePair
 from .data.shapes3d import body_pairs
 from .fit import fit_pairs
 
@@ -51,12 +57,16 @@ METHODS = ("nf_gradicon", "nf_icon", "nf_none", "conv_gradicon", "conv_icon")
 DATASETS = {"shapes2d": dict(dim=2, size=128, pairs=50, subset_pairs=16, train_pairs=2000, train_size=64,
                              nf_batch=16),
             "bodies3d": dict(dim=3, size=64, pairs=8, subset_pairs=8, train_pairs=200, train_size=32,
-                             nf_batch=4)}
+                             nf_batch=4),
+            "brain": dict(dim=3, size=91, pairs=1, subset_pairs=1, train_pairs=1, train_size=32, nf_batch=1)}
 
 
 def make_pairs(dataset: str, n: int, size: int, seed: int) -> list:
     if dataset == "shapes2d":
         return shape_pairs(n, size, hollow=True, seed=seed)
+    if dataset == "brain":
+        brain = load_brain_pair(2)
+        return [ShapePair(brain.moving, brain.fixed, brain.moving_labels, brain.fixed_labels)]
     return body_pairs(n, size, seed=seed)
 
 
@@ -76,13 +86,16 @@ def score(result, pair) -> dict[str, float]:
             "ice": result.inverse_consistency_error()}
 
 
-def neural_fields(pairs, config, batch: int, device: str) -> tuple[list, float]:
-    """fit_pairs in batches; returns the results and the seconds per pair."""
+def neural_fields(pairs, config, batch: int, device: str, masks: bool = False) -> tuple[list, float]:
+    """fit_pairs in batches (with the images' dilated foregrounds as masks when ``masks``);
+    returns the results and the seconds per pair."""
     results, start = [], time.perf_counter()
     for first in range(0, len(pairs), batch):
         chunk = pairs[first:first + batch]
+        mask_lists = {f"{kind}_masks": [brain_mask(getattr(p, kind)) for p in chunk] if masks else None
+                      for kind in ("moving", "fixed")}
         results += fit_pairs([p.moving for p in chunk], [p.fixed for p in chunk], config, device=device,
-                             seed=first, progress=False)
+                             seed=first, progress=False, **mask_lists)
     return results, (time.perf_counter() - start) / len(pairs)
 
 
@@ -115,11 +128,20 @@ def run(args: argparse.Namespace) -> list[dict]:
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')}: expected a positive integer, got {getattr(args, key)}")
     dim = settings["dim"]
+    if args.dataset == "brain":
+        conv = [m for m in args.methods if m.startswith("conv_")]
+        if conv:
+            print(f"dataset brain: skipping {', '.join(conv)} (no offline training set of real pairs)")
+        args.methods = [m for m in args.methods if m.startswith("nf_")]
+        if not args.methods:
+            raise ValueError("--methods: the brain dataset runs only the nf_* methods")
     out = Path(args.out) if args.out is not None else Path(f"out/benchmark_{args.dataset}")
     out.mkdir(parents=True, exist_ok=True)
     pairs = make_pairs(args.dataset, args.pairs, args.size, args.seed)
     subset = pairs[:min(args.subset_pairs, len(pairs))]
-    base = FitConfig() if args.nf_iterations is None else FitConfig(iterations=args.nf_iterations)
+    base = BRAIN_CONFIG if args.dataset == "brain" else FitConfig()
+    if args.nf_iterations is not None:
+        base = dataclasses.replace(base, iterations=args.nf_iterations)
     nf_configs = {"nf_gradicon": base,
                   "nf_icon": dataclasses.replace(base, gradient_icon_weight=0.0, icon_weight=args.nf_icon_weight),
                   "nf_none": dataclasses.replace(base, gradient_icon_weight=0.0, icon_weight=0.0)}
@@ -146,7 +168,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         evaluated = pairs if name == "nf_gradicon" else subset
-        results, seconds = neural_fields(evaluated, nf_configs[name], args.nf_batch, args.device)
+        results, seconds = neural_fields(evaluated, nf_configs[name], args.nf_batch, args.device,
+                                         masks=args.dataset == "brain")
         add_row(name, results, evaluated, seconds)
 
     conv = [m for m in args.methods if m.startswith("conv_")]

@@ -67,14 +67,25 @@ def normalize_intensity(name: str, image: torch.Tensor, clip: tuple[float, float
     return ((image - low) / (high - low)).float()
 
 
-def patch_indices(shape, n_pairs: int, n_patches: int, patch_size: int, generator: torch.Generator) -> torch.Tensor:
+def patch_indices(shape, n_pairs: int, n_patches: int, patch_size: int, generator: torch.Generator,
+                  centres: torch.Tensor | None = None) -> torch.Tensor:
     """Flat voxel indices ``(n_pairs, n_patches * p^d)`` of random cubic patches inside a grid of
     ``shape``: each run of ``p^d`` indices is one patch in C order, ``p = min(patch_size, axis)``
-    per axis (so a patch never leaves the grid)."""
+    per axis (so a patch never leaves the grid).
+
+    Args:
+        centres: optional flat voxel indices ``(n_pairs, n_patches)``; each patch then contains
+            its centre voxel (centred on it, shifted only to stay inside the grid).
+    """
     device = generator.device
     patch = [min(patch_size, n) for n in shape]
-    corners = torch.stack([torch.randint(n - p + 1, (n_pairs, n_patches), generator=generator, device=device)
-                           for n, p in zip(shape, patch)], dim=-1)                      # (B, P, d)
+    if centres is None:
+        corners = torch.stack([torch.randint(n - p + 1, (n_pairs, n_patches), generator=generator, device=device)
+                               for n, p in zip(shape, patch)], dim=-1)                  # (B, P, d)
+    else:
+        voxels = torch.stack(torch.unravel_index(centres, tuple(shape)), dim=-1)
+        corners = torch.stack([(voxels[..., a] - p // 2).clamp(0, n - p) for a, (n, p) in enumerate(zip(shape, patch))],
+                              dim=-1)
     offsets = torch.stack(torch.meshgrid(*[torch.arange(p, device=device) for p in patch], indexing="ij"),
                           dim=-1).reshape(-1, len(shape))                                # (p^d, d)
     strides = torch.tensor([math.prod(shape[a + 1:]) for a in range(len(shape))], device=device)
@@ -257,25 +268,29 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
     names = ["loss", "similarity", "gradient_icon"] + (["icon"] if config.icon_weight > 0 else [])
     history: list[dict[str, list[float]]] = [{name: [] for name in names} for _ in range(n_pairs)]
 
-    # Random similarity points are drawn inside the target image's mask when it has one: the
-    # budget of points goes where the similarity counts (e.g. the brain, not the background).
+    # Random similarity points (and LNCC patch centres) are drawn inside the target image's mask
+    # when it has one: the budget goes where the similarity counts (the brain, not the background).
     mask_voxels = {key: None if mask is None else _padded_nonzero(mask.reshape(n_pairs, -1))
                    for key, mask in masks.items()}
 
     def similarity_points(grid, shape, key):
         """All voxels, random voxels or random LNCC patches: ``(points (B, N, d), flat voxel
         indices (B, N) or None)`` (patches: see :func:`patch_indices`)."""
+        def in_mask(count):
+            voxels, counts = mask_voxels[key]
+            draw = torch.rand(n_pairs, count, generator=generator, device=device)
+            return torch.gather(voxels, 1, (draw * counts[:, None]).long().clamp_max(voxels.shape[1] - 1))
+
         if config.similarity == "lncc":
             if config.lncc_patches is None:
                 return grid.expand(n_pairs, *grid.shape), None     # whole images (neighbourhoods)
-            index = patch_indices(shape, n_pairs, config.lncc_patches, config.lncc_patch_size, generator)
+            centres = None if mask_voxels[key] is None else in_mask(config.lncc_patches)
+            index = patch_indices(shape, n_pairs, config.lncc_patches, config.lncc_patch_size, generator, centres)
             return grid[index], index
         if config.similarity_points is None or config.similarity_points >= grid.shape[0]:
             return grid.expand(n_pairs, *grid.shape), None
         if mask_voxels[key] is not None:
-            voxels, counts = mask_voxels[key]
-            draw = torch.rand(n_pairs, config.similarity_points, generator=generator, device=device)
-            index = torch.gather(voxels, 1, (draw * counts[:, None]).long().clamp_max(voxels.shape[1] - 1))
+            index = in_mask(config.similarity_points)
             return grid[index], index
         index = torch.randint(grid.shape[0], (n_pairs, config.similarity_points), generator=generator,
                               device=device)
@@ -292,9 +307,8 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
                 return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
                                   window=config.lncc_window, batched=True, weights=mask)
             patch = [min(config.lncc_patch_size, n) for n in targets.shape[2:]]
+            # With a mask, every patch holds its (masked) centre voxel, so no patch is all-zero.
             weights = None if mask is None else torch.gather(mask.reshape(n_pairs, -1), 1, index).reshape(-1, *patch)
-            if weights is not None:               # a patch with no masked voxel counts nothing
-                weights = weights | ~weights.reshape(weights.shape[0], -1).any(1).reshape(-1, *[1] * dim)
             per_patch = similarity(warped.reshape(-1, *patch), target_values.reshape(-1, *patch),
                                    window=config.lncc_window, batched=True, weights=weights)
             return per_patch.reshape(n_pairs, -1).mean(1)

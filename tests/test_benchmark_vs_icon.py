@@ -44,3 +44,16 @@ def test_cli_benchmark_3d_reports_every_label(tmp_path):
             assert math.isfinite(float(row[key])), (row["method"], key)
     assert "Dice per label" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "pairs.png").stat().st_size > 0
+
+
+def test_brain_dataset_runs_the_neural_fields_only(tmp_path, capsys):
+    code = nfreg(["benchmark", "--dataset", "brain", "--methods", "nf_gradicon", "nf_none", "conv_gradicon",
+                  "--nf-iterations", "3", "--figure-pairs", "1", "--out", str(tmp_path)])
+    assert code == 0
+    assert "skipping conv_gradicon" in capsys.readouterr().out
+    with open(tmp_path / "table.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [r["method"] for r in rows] == ["nf_gradicon", "nf_none"]
+    for row in rows:
+        assert row["pairs"] == "1" and math.isfinite(float(row["dice_mean"]))
+        assert math.isfinite(float(row["dice_116"]))

@@ -240,6 +240,11 @@ def test_patch_indices_are_whole_cubes_inside_the_grid():
         assert (patch.max(0) - corner == 3).all()
         expected = corner + np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)
         np.testing.assert_array_equal(patch, expected)            # a whole cube, in C order
+    # Patches around given centres contain them, also at the border.
+    centres = torch.tensor([[0, 7 * 20 * 9 - 1, 3 * 20 * 9 + 10 * 9 + 4]])
+    around = patch_indices(shape, 1, 3, 4, torch.Generator().manual_seed(0), centres).reshape(3, 64)
+    for patch, centre in zip(around, centres[0]):
+        assert centre in patch
     # An axis shorter than the patch is taken whole.
     short = patch_indices((3, 30), 1, 2, 8, torch.Generator().manual_seed(1))
     rows = np.unravel_index(short.numpy().reshape(2, 24), (3, 30))[0]
