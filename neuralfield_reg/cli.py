@@ -4,7 +4,7 @@
     nfreg warp RESULT IMAGE -o OUT [--nearest] [--reference FIXED]
     nfreg cohort PAIRS.csv -o OUTDIR            (under torchrun: sharded over the processes)
     nfreg demo [--out OUT] [--brain]            (the 2D triangle/circle demo; the real brain pair)
-    nfreg benchmark [--dataset shapes2d|bodies3d]   (neural fields against conv GradICON/ICON)
+    nfreg benchmark [--dataset shapes2d|bodies3d|brain]  (neural fields against conv GradICON/ICON)
 
 Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). ``--config``
 takes a JSON file of FitConfig fields, e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
