@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+
+from neuralfield_reg.benchmark import peak_memory_gib  # noqa: F401  (the benchmark scripts import it from here)
 
 
 def step_times(function, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
@@ -26,13 +27,6 @@ def step_times(function, device: torch.device, repeats: int, warmup: int = 2) ->
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated GPU memory on CUDA, else the process's peak resident set (Linux), in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # KiB -> GiB
 
 
 def run_isolated(script: str, arguments: list[str]) -> dict | str:

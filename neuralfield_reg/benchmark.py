@@ -70,10 +70,12 @@ def make_pairs(dataset: str, n: int, size: int, seed: int) -> list:
     return body_pairs(n, size, seed=seed)
 
 
-def peak_memory_gib(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def peak_memory_gib(device) -> float:
+    """Peak allocated GPU memory on CUDA, else the process's peak resident set (Linux), in GiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20          # KiB -> GiB
 
 
 def score(result, pair) -> dict[str, float]:

@@ -67,6 +67,12 @@ def normalize_intensity(name: str, image: torch.Tensor, clip: tuple[float, float
     return ((image - low) / (high - low)).float()
 
 
+def patch_shape(shape, patch_size: int) -> list[int]:
+    """The patch grid of :func:`patch_indices`: ``patch_size`` voxels per axis, or the whole axis
+    where it is shorter."""
+    return [min(patch_size, n) for n in shape]
+
+
 def patch_indices(shape, n_pairs: int, n_patches: int, patch_size: int, generator: torch.Generator,
                   centres: torch.Tensor | None = None) -> torch.Tensor:
     """Flat voxel indices ``(n_pairs, n_patches * p^d)`` of random cubic patches inside a grid of
@@ -78,7 +84,7 @@ def patch_indices(shape, n_pairs: int, n_patches: int, patch_size: int, generato
             its centre voxel (centred on it, shifted only to stay inside the grid).
     """
     device = generator.device
-    patch = [min(patch_size, n) for n in shape]
+    patch = patch_shape(shape, patch_size)
     if centres is None:
         corners = torch.stack([torch.randint(n - p + 1, (n_pairs, n_patches), generator=generator, device=device)
                                for n, p in zip(shape, patch)], dim=-1)                  # (B, P, d)
@@ -306,7 +312,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
             if index is None:
                 return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
                                   window=config.lncc_window, batched=True, weights=mask)
-            patch = [min(config.lncc_patch_size, n) for n in targets.shape[2:]]
+            patch = patch_shape(targets.shape[2:], config.lncc_patch_size)
             # With a mask, every patch holds its (masked) centre voxel, so no patch is all-zero.
             weights = None if mask is None else torch.gather(mask.reshape(n_pairs, -1), 1, index).reshape(-1, *patch)
             per_patch = similarity(warped.reshape(-1, *patch), target_values.reshape(-1, *patch),

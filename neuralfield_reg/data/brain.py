@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..io import spacing_of
+
 _DATA_DIR = Path(__file__).with_name("brain")
 _PACKAGED = {2: _DATA_DIR / "colin27_mni152_2mm.npz"}
 
@@ -63,7 +65,7 @@ def load_brain_pair(resolution_mm: int = 2, path: str | Path | None = None) -> B
         return BrainPair(moving=data["moving"].astype(np.float32) / 255.0,
                          fixed=data["fixed"].astype(np.float32) / 255.0,
                          moving_labels=data["moving_labels"], fixed_labels=data["fixed_labels"],
-                         affine=affine, spacing=tuple(float(s) for s in np.abs(np.diag(affine)[:3])),
+                         affine=affine, spacing=spacing_of(affine, 3),
                          label_names=names)
 
 

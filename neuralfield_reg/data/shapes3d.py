@@ -27,7 +27,7 @@ class Body:
     center: np.ndarray                   # (3,)
     semi_axes: np.ndarray                # (3,)
     rotation: np.ndarray                 # (3, 3), columns are the ellipsoid's axes
-    wobble: np.ndarray                   # (4, 3 + 3 + 1): frequency vector, phase... of surface sines
+    wobble: np.ndarray                   # (4, 3 + 1 + 3): per surface sine, frequency vector, phase, amplitude
     spheres: np.ndarray                  # (2, 4): centre (3) and radius
 
     @classmethod
