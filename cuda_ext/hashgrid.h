@@ -70,7 +70,9 @@ HG_HD uint32_t level_row(const uint32_t vertex[D], uint32_t resolution, uint32_t
       stride *= resolution;
     }
   }
-  return index % size;
+  // Power-of-two sizes (every hashed level) need no division; an in-range dense index neither.
+  if ((size & (size - 1)) == 0) return index & (size - 1);
+  return index < size ? index : index % size;
 }
 
 // Everything about one point in one level: the 2^D corner rows and the per-axis weight factors.

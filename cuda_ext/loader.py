@@ -41,8 +41,8 @@ def load(verbose: bool = False):
     try:
         from torch.utils import cpp_extension
 
-        sources = [str(SOURCE_DIR / "hashgrid_cpu.cpp")]
-        flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+        sources = [str(SOURCE_DIR / "hashgrid_cpu.cpp"), str(SOURCE_DIR / "fused_cpu.cpp")]
+        flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
         name = NAME
         extra = {}
         if _with_cuda():

@@ -79,6 +79,10 @@ class FitConfig:
         hidden_widths, output_scale: the MLP and the scale of its output (unit coordinates).
         affine: settings of the global affine stage, or None to start from the identity.
         backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
+        fused_kernels: with the native backend on the CPU, run the fields and the gradient-ICON
+            penalty in the fused kernels (``neuralfield_reg/fused.py``; not used with
+            ``icon_weight > 0``); False uses the per-operation autograd path (same function,
+            slower; for comparison).
         clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
             rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
         on_divergence: what a NaN/Inf loss term does: ``"raise"`` stops with
@@ -106,6 +110,7 @@ class FitConfig:
     output_scale: float = 0.1
     affine: AffineConfig | None = AffineConfig()
     backend: str = "auto"
+    fused_kernels: bool = True
     clip_percentiles: tuple[float, float] | None = None
     on_divergence: str = "raise"
     rollback_factor: float = 0.1
@@ -142,6 +147,8 @@ class FitConfig:
                  "a positive number", self.output_scale)
         _require(self.backend in ("auto", "torch", "native", "tcnn"), "FitConfig.backend",
                  "'auto', 'torch', 'native' or 'tcnn'", self.backend)
+        _require(isinstance(self.fused_kernels, bool), "FitConfig.fused_kernels", "True or False",
+                 self.fused_kernels)
         _require(self.clip_percentiles is None or (len(self.clip_percentiles) == 2
                                                    and 0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100),
                  "FitConfig.clip_percentiles", "None or (low, high) with 0 <= low < high <= 100",

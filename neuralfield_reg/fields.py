@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .encoders import HashGridConfig, make_encoding
+from .fused import fields_displacement, fused_supported
 
 Points = Sequence[torch.Tensor | None]
 
@@ -39,6 +40,9 @@ class DisplacementFields(nn.Module):
         self.n_fields = n_fields
         self.hidden_widths = tuple(int(w) for w in hidden_widths)
         self.output_scale = float(output_scale)
+        # With the native backend on the CPU, forward_batched runs the fused encoding + MLP kernel
+        # when the points need no gradient; False keeps the per-operation autograd path.
+        self.use_fused = True
         self.encoding = make_encoding(dim, encoding, backend, n_tables=n_fields)
         widths = [self.encoding.n_output_dims, *self.hidden_widths, dim]
         self.weights = nn.ParameterList()
@@ -89,11 +93,19 @@ class DisplacementFields(nn.Module):
             flat = torch.cat([points[t] for t in used])
             table_index = torch.repeat_interleave(torch.tensor(used, device=flat.device),
                                                   torch.tensor(sizes, device=flat.device))
+        out: list[torch.Tensor | None] = [None] * self.n_fields
+        if self.fused_for(flat):
+            if isinstance(table_index, int):
+                table_index = torch.full((flat.shape[0],), table_index, dtype=torch.long, device=flat.device)
+            displacement = fields_displacement(self.encoding, list(self.weights), list(self.biases),
+                                               self.output_scale, flat, table_index, level_weights)
+            for t, chunk in zip(used, displacement.split(sizes)):
+                out[t] = chunk
+            return out
         features = self.encoding(flat.clamp(0.0, 1.0), table_index)
         if level_weights is not None:
             per_feature = self.encoding.config.n_features_per_level
             features = features * level_weights.to(features.dtype).repeat_interleave(per_feature)
-        out: list[torch.Tensor | None] = [None] * self.n_fields
         if len(used) == self.n_fields and len(set(sizes)) == 1:
             batched = self._mlp(features.reshape(self.n_fields, sizes[0], -1), None)
             for t in range(self.n_fields):
@@ -103,6 +115,12 @@ class DisplacementFields(nn.Module):
                 out[t] = self.output_scale * self._mlp(chunk, t)
         return out
 
+
+    def fused_for(self, points: torch.Tensor) -> bool:
+        """Whether the fused CPU kernels evaluate these points (native backend, CPU, points that
+        need no gradient)."""
+        return (self.use_fused and not (points.requires_grad and torch.is_grad_enabled())
+                and fused_supported(self.encoding, points))
 
     def forward_batched(self, points: torch.Tensor, level_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Displacements ``(T, M, d)`` of all ``T = n_fields`` fields, field ``t`` at ``points[t]``.
@@ -116,6 +134,9 @@ class DisplacementFields(nn.Module):
         if count == 0:
             return points.new_zeros(points.shape)
         table_index = torch.arange(n_fields, device=points.device).repeat_interleave(count)
+        if self.fused_for(points):
+            return fields_displacement(self.encoding, list(self.weights), list(self.biases), self.output_scale,
+                                       points.reshape(-1, dim), table_index, level_weights).reshape(points.shape)
         features = self.encoding(points.reshape(-1, dim).clamp(0.0, 1.0), table_index)
         if level_weights is not None:
             per_feature = self.encoding.config.n_features_per_level

@@ -24,6 +24,7 @@ from .coords import identity_grid, physical_extent, sample_batch
 from .encoders import resolve_backend
 from .fields import MapPair, MapPairs
 from .filters import gaussian_blur_batch
+from .fused import gradient_icon_fused
 from .losses import SIMILARITIES, inverse_consistency_terms
 from .result import RegistrationResult
 from .validation import as_tensor, check_image, check_spacing, describe
@@ -256,6 +257,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
                                  output_scale=config.output_scale, backend=backend,
                                  affine_AB=affine_AB, affine_BA=affine_BA).to(device))
     maps = MapPairs.stack(pairs)
+    maps.fields.use_fused = config.fused_kernels
     optimizer = torch.optim.Adam(maps.parameters(), lr=config.learning_rate)
     learning_rate_scale = 1.0          # lowered by each rollback
 
@@ -344,9 +346,15 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         terms = {"similarity": similarity_term(moving_s, fixed_s, mapped_B, index_B, masks["B"])
                  + similarity_term(fixed_s, moving_s, mapped_A, index_A, masks["A"])}
         points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
-        consistency = inverse_consistency_terms(lambda a, b: maps(a, b, weights), points,
-                                                extent_A=extent_A, extent_B=extent_B)
-        terms["gradient_icon"] = consistency["gradient_icon"]
+        if config.icon_weight == 0 and maps.fields.fused_for(points):
+            fields = maps.fields        # the fused CPU kernel: the same penalty, in one native call
+            terms["gradient_icon"] = gradient_icon_fused(
+                fields.encoding, list(fields.weights), list(fields.biases), fields.output_scale, maps.matrices,
+                maps.offsets, points, extent_A=extent_A, extent_B=extent_B, level_weights=weights)
+        else:
+            consistency = inverse_consistency_terms(lambda a, b: maps(a, b, weights), points,
+                                                    extent_A=extent_A, extent_B=extent_B)
+            terms["gradient_icon"] = consistency["gradient_icon"]
         loss = terms["similarity"] + config.gradient_icon_weight * terms["gradient_icon"]
         if config.icon_weight > 0:
             terms["icon"] = consistency["icon"]

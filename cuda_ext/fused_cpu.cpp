@@ -1,0 +1,650 @@
+// Fused CPU kernels for the fit's training step: hash-grid encoding + ReLU MLP in one pass per
+// point, with hand-written reverse mode, so that a step is a few native calls instead of hundreds
+// of small autograd operations.
+//
+//   fields_forward       u = scale * MLP_t(lw * enc_t(clamp(x)))   for every point (field t each)
+//   fields_backward      dL/dtable, dL/dW, dL/db from dL/du and the forward's saved activations
+//                        (no dL/dx: the points are data)
+//   gradient_icon        the penalty 0.5 * sum_dir mean_n ||S (J_f(g(x)) J_g(x) - I) S^-1||_F^2 of
+//                        every pair and, in the same pass, its gradient with respect to all
+//                        parameters (see neuralfield_reg/losses/inverse_consistency.py)
+//
+// Jets. The penalty needs Jacobians of the maps. Each evaluation carries C = 1 + D channels: the
+// value and its derivative along each axis (forward mode). A linear layer acts on every channel
+// (the bias only on the value); a ReLU multiplies every channel by the value's mask h > 0 (ReLU's
+// second derivative is zero, so the Jacobian depends on the activations only through the masks).
+// Buffers are channel-major: channel c of a width-n layer is n contiguous numbers.
+//
+// Reverse mode through the encoding jet (level weight w_l, clamp mask m_j = 1 if 0 <= x_j <= 1):
+//   e[lf]    = w_l sum_c W_c row_c[f]             E_j[lf] = w_l m_j sum_c dW_c/dx_j row_c[f]
+//   table    : row_c[f] += w_l (W_c adj_e[lf] + sum_j m_j dW_c/dx_j adj_E_j[lf])       (scatter)
+//   point x_i: += w_l m_i sum_c (dW_c/dx_i <row_c, adj_e> + sum_j m_j d2W_c/dx_i dx_j <row_c, adj_E_j>)
+// Table scatters are collected per evaluation and applied in a second pass that is parallel over
+// levels (their rows never overlap), as in hashgrid_cpu.cpp, so no atomics are needed.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "hashgrid.h"
+
+namespace hashgrid {
+
+Levels make_levels(const at::Tensor& geometry, int64_t n_features, bool smoothstep, int64_t rows_per_table);
+
+namespace {
+
+constexpr int64_t kGrain = 64;
+
+// The stacked MLPs of all fields: layer k of field t has weight (in_k, out_k) and bias (out_k).
+template <typename scalar_t>
+struct Mlp {
+  int n_layers = 0;
+  std::vector<int64_t> width;                 // width[0] = L * F, width[n_layers] = D
+  std::vector<const scalar_t*> weight, bias;
+  std::vector<int64_t> weight_offset, bias_offset;   // offsets of layer k in one field's gradient
+  int64_t weight_count = 0, bias_count = 0;         // numbers per field
+  scalar_t scale = 1;
+
+  std::vector<scalar_t> transposed;          // every field's layers as (out_k, in_k), for the reverse mode
+  std::vector<int64_t> transposed_offset;     // of layer k of field 0; field t adds t * weight_count
+
+  const scalar_t* W(int k, int64_t t) const { return weight[k] + t * width[k] * width[k + 1]; }
+  const scalar_t* WT(int k, int64_t t) const { return transposed.data() + t * weight_count + transposed_offset[k]; }
+  const scalar_t* b(int k, int64_t t) const { return bias[k] + t * width[k + 1]; }
+  int64_t max_width() const { return *std::max_element(width.begin(), width.end()); }
+  int64_t activation_count() const {          // sum of the widths of every layer's input
+    int64_t total = 0;
+    for (int k = 0; k < n_layers; ++k) total += width[k];
+    return total;
+  }
+};
+
+template <typename scalar_t>
+Mlp<scalar_t> make_mlp(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                       int64_t n_fields, int64_t n_inputs, int64_t dim, double scale, bool transpose) {
+  TORCH_CHECK(!weights.empty() && weights.size() == biases.size() && weights.size() <= 64,
+              "weights and biases: one of each per layer, at most 64 layers");
+  Mlp<scalar_t> mlp;
+  mlp.n_layers = static_cast<int>(weights.size());
+  mlp.width.push_back(n_inputs);
+  mlp.scale = static_cast<scalar_t>(scale);
+  for (size_t k = 0; k < weights.size(); ++k) {
+    const auto& w = weights[k];
+    const auto& b = biases[k];
+    TORCH_CHECK(w.dim() == 3 && w.size(0) == n_fields && w.size(1) == mlp.width.back() && w.is_contiguous() &&
+                    w.device().is_cpu(),
+                "weights[", k, "]: expected a contiguous CPU tensor (fields, ", mlp.width.back(), ", out)");
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == n_fields && b.size(1) == w.size(2) && b.is_contiguous(),
+                "biases[", k, "]: expected a contiguous tensor (fields, out)");
+    TORCH_CHECK(w.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value &&
+                    b.scalar_type() == w.scalar_type(),
+                "weights and biases: expected the points' dtype");
+    mlp.weight_offset.push_back(mlp.weight_count);
+    mlp.bias_offset.push_back(mlp.bias_count);
+    mlp.weight_count += w.size(1) * w.size(2);
+    mlp.bias_count += w.size(2);
+    mlp.width.push_back(w.size(2));
+    mlp.weight.push_back(w.data_ptr<scalar_t>());
+    mlp.bias.push_back(b.data_ptr<scalar_t>());
+  }
+  TORCH_CHECK(mlp.width.back() == dim, "weights: the last layer must output one number per axis");
+  if (transpose) {
+    mlp.transposed.resize(n_fields * mlp.weight_count);
+    for (int k = 0; k < mlp.n_layers; ++k) {
+      mlp.transposed_offset.push_back(mlp.weight_offset[k]);
+      const int64_t n_in = mlp.width[k], n_out = mlp.width[k + 1];
+      for (int64_t t = 0; t < n_fields; ++t) {
+        const scalar_t* src = mlp.W(k, t);
+        scalar_t* dst = mlp.transposed.data() + t * mlp.weight_count + mlp.weight_offset[k];
+        for (int64_t i = 0; i < n_in; ++i) {
+          for (int64_t o = 0; o < n_out; ++o) dst[o * n_in + i] = src[i * n_out + o];
+        }
+      }
+    }
+  }
+  return mlp;
+}
+
+// Per-thread gradient accumulators of the MLP weights and biases of every field.
+template <typename scalar_t>
+struct MlpGradients {
+  std::vector<std::vector<scalar_t>> weight, bias;   // [thread] -> (fields, per-field count)
+
+  MlpGradients(int threads, int64_t n_fields, const Mlp<scalar_t>& mlp)
+      : weight(threads, std::vector<scalar_t>(n_fields * mlp.weight_count, 0)),
+        bias(threads, std::vector<scalar_t>(n_fields * mlp.bias_count, 0)) {}
+
+  // Sums the threads' parts into tensors shaped like the parameters.
+  void reduce(const Mlp<scalar_t>& mlp, int64_t n_fields, const at::TensorOptions& options,
+              std::vector<at::Tensor>& out) const {
+    for (int k = 0; k < mlp.n_layers; ++k) {
+      at::Tensor gw = at::zeros({n_fields, mlp.width[k], mlp.width[k + 1]}, options);
+      at::Tensor gb = at::zeros({n_fields, mlp.width[k + 1]}, options);
+      scalar_t* pw = gw.data_ptr<scalar_t>();
+      scalar_t* pb = gb.data_ptr<scalar_t>();
+      const int64_t nw = mlp.width[k] * mlp.width[k + 1], nb = mlp.width[k + 1];
+      for (const auto& part : weight) {
+        for (int64_t t = 0; t < n_fields; ++t) {
+          const scalar_t* src = part.data() + t * mlp.weight_count + mlp.weight_offset[k];
+          for (int64_t i = 0; i < nw; ++i) pw[t * nw + i] += src[i];
+        }
+      }
+      for (const auto& part : bias) {
+        for (int64_t t = 0; t < n_fields; ++t) {
+          const scalar_t* src = part.data() + t * mlp.bias_count + mlp.bias_offset[k];
+          for (int64_t i = 0; i < nb; ++i) pb[t * nb + i] += src[i];
+        }
+      }
+      out.push_back(gw);
+      out.push_back(gb);
+    }
+  }
+};
+
+// A point's clamped position and clamp mask.
+template <typename scalar_t, int D>
+struct Clamped {
+  scalar_t x[D];
+  scalar_t mask[D];
+  explicit Clamped(const scalar_t* point) {
+    for (int k = 0; k < D; ++k) {
+      const scalar_t v = point[k];
+      mask[k] = (v >= 0 && v <= 1) ? scalar_t(1) : scalar_t(0);
+      x[k] = v < 0 ? scalar_t(0) : (v > 1 ? scalar_t(1) : v);
+    }
+  }
+};
+
+// jet (C x L*F, channel-major, zeroed here): the encoding and, for C = 1 + D, its derivatives.
+template <typename scalar_t, int D>
+void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, const scalar_t* table,
+                const scalar_t* level_weight, int C, scalar_t* jet) {
+  const int F = levels.n_features, LF = levels.n_levels * F;
+  std::fill(jet, jet + C * LF, scalar_t(0));
+  for (int l = 0; l < levels.n_levels; ++l) {
+    const scalar_t lw = level_weight[l];
+    if (lw == 0) continue;
+    const Cell<scalar_t, D> cell(p.x, l, levels, t);
+    for (int c = 0; c < Cell<scalar_t, D>::kCorners; ++c) {
+      const scalar_t* row = table + cell.row[c] * F;
+      const scalar_t weight = lw * cell.weight(c);
+      for (int f = 0; f < F; ++f) jet[l * F + f] += weight * row[f];
+      if (C > 1) {
+        scalar_t gradient[D];
+        cell.weight_gradient(c, gradient);
+        for (int j = 0; j < D; ++j) {
+          const scalar_t g = lw * p.mask[j] * gradient[j];
+          for (int f = 0; f < F; ++f) jet[(1 + j) * LF + l * F + f] += g * row[f];
+        }
+      }
+    }
+  }
+}
+
+// point_grad[i] += d/dx_i of <adj, jet(x)> (through the encoding only; see the header comment).
+template <typename scalar_t, int D>
+void encode_jet_point_grad(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, const scalar_t* table,
+                           const scalar_t* level_weight, int C, const scalar_t* adj, scalar_t* point_grad) {
+  const int F = levels.n_features, LF = levels.n_levels * F;
+  for (int l = 0; l < levels.n_levels; ++l) {
+    const scalar_t lw = level_weight[l];
+    if (lw == 0) continue;
+    const Cell<scalar_t, D> cell(p.x, l, levels, t);
+    for (int c = 0; c < Cell<scalar_t, D>::kCorners; ++c) {
+      const scalar_t* row = table + cell.row[c] * F;
+      scalar_t dots[1 + D];
+      for (int ch = 0; ch < C; ++ch) {
+        scalar_t dot = 0;
+        for (int f = 0; f < F; ++f) dot += row[f] * adj[ch * LF + l * F + f];
+        dots[ch] = dot;
+      }
+      scalar_t gradient[D];
+      cell.weight_gradient(c, gradient);
+      scalar_t hessian[D][D];
+      if (C > 1) cell.weight_hessian(c, hessian);
+      for (int i = 0; i < D; ++i) {
+        scalar_t sum = gradient[i] * dots[0];
+        if (C > 1) {
+          for (int j = 0; j < D; ++j) sum += p.mask[j] * hessian[i][j] * dots[1 + j];
+        }
+        point_grad[i] += lw * p.mask[i] * sum;
+      }
+    }
+  }
+}
+
+// dst[o] += sum_i in[i] W[i, o] for a row-major (n_in, n_out) W. Blocks of outputs are summed in
+// local accumulators (registers) instead of reading and writing dst once per input.
+template <typename scalar_t>
+inline void matvec_add(const scalar_t* __restrict__ in, int64_t n_in, const scalar_t* __restrict__ W, int64_t n_out,
+                       scalar_t* __restrict__ dst) {
+  int64_t o0 = 0;
+  constexpr int kWide = 32, kNarrow = 8;
+  for (; o0 + kWide <= n_out; o0 += kWide) {
+    scalar_t acc[kWide];
+    for (int j = 0; j < kWide; ++j) acc[j] = dst[o0 + j];
+    for (int64_t i = 0; i < n_in; ++i) {
+      const scalar_t a = in[i];
+      const scalar_t* w = W + i * n_out + o0;
+      for (int j = 0; j < kWide; ++j) acc[j] += a * w[j];
+    }
+    for (int j = 0; j < kWide; ++j) dst[o0 + j] = acc[j];
+  }
+  for (; o0 + kNarrow <= n_out; o0 += kNarrow) {
+    scalar_t acc[kNarrow];
+    for (int j = 0; j < kNarrow; ++j) acc[j] = dst[o0 + j];
+    for (int64_t i = 0; i < n_in; ++i) {
+      const scalar_t a = in[i];
+      const scalar_t* w = W + i * n_out + o0;
+      for (int j = 0; j < kNarrow; ++j) acc[j] += a * w[j];
+    }
+    for (int j = 0; j < kNarrow; ++j) dst[o0 + j] = acc[j];
+  }
+  for (; o0 < n_out; ++o0) {
+    scalar_t acc = dst[o0];
+    for (int64_t i = 0; i < n_in; ++i) acc += in[i] * W[i * n_out + o0];
+    dst[o0] = acc;
+  }
+}
+
+// MLP forward on a jet of C channels. acts holds every layer's input (C x width[k] each, the
+// first is the encoding jet, already filled); out receives C x D (value and derivatives of u).
+template <typename scalar_t, int C>
+void mlp_forward(const Mlp<scalar_t>& mlp, int64_t t, scalar_t* acts, scalar_t* out) {
+  scalar_t* in = acts;
+  for (int k = 0; k < mlp.n_layers; ++k) {
+    const int64_t n_in = mlp.width[k], n_out = mlp.width[k + 1];
+    const bool last = k == mlp.n_layers - 1;
+    scalar_t* next = last ? out : in + C * n_in;
+    const scalar_t* W = mlp.W(k, t);
+    const scalar_t* b = mlp.b(k, t);
+    for (int64_t o = 0; o < n_out; ++o) next[o] = b[o];
+    std::fill(next + n_out, next + C * n_out, scalar_t(0));
+    for (int c = 0; c < C; ++c) matvec_add<scalar_t>(in + c * n_in, n_in, W, n_out, next + c * n_out);
+    if (last) {
+      for (int64_t o = 0; o < C * n_out; ++o) next[o] *= mlp.scale;
+    } else {
+      for (int64_t o = 0; o < n_out; ++o) {
+        const scalar_t keep = next[o] > 0 ? scalar_t(1) : scalar_t(0);
+        for (int c = 0; c < C; ++c) next[c * n_out + o] *= keep;
+      }
+    }
+    in = next;
+  }
+}
+
+// Reverse mode through mlp_forward: adj_out (C x D, overwritten) is dL/d(out); accumulates the
+// weight and bias gradients of field t and writes dL/d(encoding jet) to adj_in (C x width[0]).
+// Channels below first_channel have zero adjoint and are skipped. work: 2 C max_width numbers.
+template <typename scalar_t, int C>
+void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const scalar_t* acts, scalar_t* adj_out,
+                  scalar_t* work, scalar_t* grad_weight, scalar_t* grad_bias, scalar_t* adj_in) {
+  int64_t offset[64];                     // layer k's input is acts + offset[k]
+  int64_t position = 0;
+  for (int k = 0; k < mlp.n_layers; ++k) {
+    offset[k] = position;
+    position += C * mlp.width[k];
+  }
+  const int64_t max_width = mlp.max_width();
+  scalar_t* adj = adj_out;                // dL/d(output of layer k), C x width[k+1]
+  scalar_t* spare = work;
+  scalar_t* spare2 = work + C * max_width;
+  for (int k = mlp.n_layers - 1; k >= 0; --k) {
+    const int64_t n_in = mlp.width[k], n_out = mlp.width[k + 1];
+    const scalar_t* in = acts + offset[k];
+    if (k == mlp.n_layers - 1) {
+      for (int64_t o = first_channel * n_out; o < C * n_out; ++o) adj[o] *= mlp.scale;
+    }
+    scalar_t* __restrict__ gW = grad_weight + t * mlp.weight_count + mlp.weight_offset[k];
+    scalar_t* __restrict__ gb = grad_bias + t * mlp.bias_count + mlp.bias_offset[k];
+    if (first_channel == 0) {
+      for (int64_t o = 0; o < n_out; ++o) gb[o] += adj[o];
+    }
+    // dW[i, o] += sum_c in[c, i] adj[c, o]: each row once, all channels together.
+    for (int64_t i = 0; i < n_in; ++i) {
+      scalar_t v[C];
+      bool any = false;
+      for (int c = 0; c < C; ++c) {
+        v[c] = c < first_channel ? scalar_t(0) : in[c * n_in + i];
+        any = any || v[c] != 0;
+      }
+      if (!any) continue;
+      scalar_t* __restrict__ g = gW + i * n_out;
+      for (int64_t o = 0; o < n_out; ++o) {
+        scalar_t sum = 0;
+        for (int c = 0; c < C; ++c) sum += v[c] * adj[c * n_out + o];
+        g[o] += sum;
+      }
+    }
+    // dL/d(input of layer k) = W adj, masked by the ReLU that produced it (its value channel > 0).
+    scalar_t* adj_prev = k == 0 ? adj_in : spare;
+    const scalar_t* WT = mlp.WT(k, t);
+    for (int c = 0; c < C; ++c) {
+      scalar_t* dst = adj_prev + c * n_in;
+      std::fill(dst, dst + n_in, scalar_t(0));
+      if (c < first_channel) continue;
+      matvec_add<scalar_t>(adj + c * n_out, n_out, WT, n_in, dst);
+      if (k > 0) {
+        for (int64_t i = 0; i < n_in; ++i) dst[i] *= in[i] > 0 ? scalar_t(1) : scalar_t(0);
+      }
+    }
+    if (k > 0) {
+      adj = spare;
+      std::swap(spare, spare2);
+    }
+  }
+}
+
+// One record of a table scatter: the table and clamped point of an evaluation, and dL/d(jet).
+template <typename scalar_t, int D>
+void scatter_records(const std::vector<Clamped<scalar_t, D>>& points, const std::vector<int64_t>& tables,
+                     const scalar_t* adj, int C, const Levels& levels, const scalar_t* level_weight,
+                     scalar_t* grad_table) {
+  const int F = levels.n_features, LF = levels.n_levels * F;
+  const int64_t R = static_cast<int64_t>(points.size());
+  at::parallel_for(0, levels.n_levels, 1, [&](int64_t level_begin, int64_t level_end) {
+    for (int64_t l = level_begin; l < level_end; ++l) {
+      const scalar_t lw = level_weight[l];
+      if (lw == 0) continue;
+      for (int64_t r = 0; r < R; ++r) {
+        const Clamped<scalar_t, D>& p = points[r];
+        const scalar_t* a = adj + r * C * LF + l * F;
+        const Cell<scalar_t, D> cell(p.x, static_cast<int>(l), levels, tables[r]);
+        for (int c = 0; c < Cell<scalar_t, D>::kCorners; ++c) {
+          scalar_t* row = grad_table + cell.row[c] * F;
+          const scalar_t weight = lw * cell.weight(c);
+          for (int f = 0; f < F; ++f) row[f] += weight * a[f];
+          if (C > 1) {
+            scalar_t gradient[D];
+            cell.weight_gradient(c, gradient);
+            for (int j = 0; j < D; ++j) {
+              const scalar_t g = lw * p.mask[j] * gradient[j];
+              if (g == 0) continue;
+              for (int f = 0; f < F; ++f) row[f] += g * a[(1 + j) * LF + f];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+struct Common {
+  Levels levels;
+  int64_t n_fields;
+};
+
+Common check_common(const at::Tensor& table, const at::Tensor& geometry, int64_t n_features, bool smoothstep,
+                    int64_t rows_per_table, const at::Tensor& level_weight) {
+  Common common{make_levels(geometry, n_features, smoothstep, rows_per_table), 0};
+  TORCH_CHECK(table.device().is_cpu() && table.is_contiguous() && table.dim() == 2 && table.size(1) == n_features,
+              "table: expected a contiguous CPU tensor (rows, n_features)");
+  TORCH_CHECK(table.size(0) % rows_per_table == 0, "table: rows must be a multiple of rows_per_table");
+  TORCH_CHECK(level_weight.dim() == 1 && level_weight.size(0) == common.levels.n_levels &&
+                  level_weight.scalar_type() == table.scalar_type() && level_weight.is_contiguous(),
+              "level_weight: expected (n_levels,) in the table's dtype");
+  common.n_fields = table.size(0) / rows_per_table;
+  return common;
+}
+
+template <typename Function>
+void dispatch_dim(const at::Tensor& table, int64_t dim, Function&& function) {
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "fused", [&] {
+    if (dim == 2) {
+      function(scalar_t(0), std::integral_constant<int, 2>());
+    } else {
+      function(scalar_t(0), std::integral_constant<int, 3>());
+    }
+  });
+}
+
+void check_points(const at::Tensor& points, const at::Tensor& field, const at::Tensor& table, int64_t n_fields) {
+  TORCH_CHECK(points.dim() == 2 && (points.size(1) == 2 || points.size(1) == 3) && points.is_contiguous() &&
+                  points.device().is_cpu() && points.scalar_type() == table.scalar_type(),
+              "points: expected a contiguous CPU tensor (N, 2 or 3) in the table's dtype");
+  TORCH_CHECK(field.dim() == 1 && field.size(0) == points.size(0) && field.scalar_type() == at::kLong &&
+                  field.is_contiguous(),
+              "field: expected one int64 field index per point");
+  if (field.numel() > 0) {
+    const auto range = at::aminmax(field);
+    TORCH_CHECK(std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < n_fields,
+                "field: indices must lie in [0, ", n_fields, ")");
+  }
+}
+
+}  // namespace
+
+// Returns [u (N, D)] and, when save, the MLP's layer inputs of every point (N, sum of widths) for
+// fields_backward.
+std::vector<at::Tensor> fields_forward(const at::Tensor& points, const at::Tensor& field, const at::Tensor& table,
+                                       const at::Tensor& geometry, int64_t n_features, bool smoothstep,
+                                       int64_t rows_per_table, const at::Tensor& level_weight,
+                                       const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                                       double scale, bool save) {
+  const Common common = check_common(table, geometry, n_features, smoothstep, rows_per_table, level_weight);
+  check_points(points, field, table, common.n_fields);
+  const int64_t N = points.size(0), dim = points.size(1);
+  auto out = at::empty({N, dim}, points.options());
+  at::Tensor saved;
+  dispatch_dim(table, dim, [&](auto scalar, auto dimension) {
+    using scalar_t = decltype(scalar);
+    constexpr int D = decltype(dimension)::value;
+    const Levels& levels = common.levels;
+    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, levels.n_levels * levels.n_features, D,
+                                        scale, false);
+    const int64_t A = mlp.activation_count();
+    saved = at::empty({save ? N : 0, A}, points.options());
+    const scalar_t* x = points.data_ptr<scalar_t>();
+    const int64_t* t = field.data_ptr<int64_t>();
+    const scalar_t* tab = table.data_ptr<scalar_t>();
+    const scalar_t* lw = level_weight.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    scalar_t* acts_all = saved.data_ptr<scalar_t>();
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(save ? 0 : A);
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* acts = save ? acts_all + n * A : scratch.data();
+        encode_jet<scalar_t, D>(Clamped<scalar_t, D>(x + n * D), t[n], levels, tab, lw, 1, acts);
+        mlp_forward<scalar_t, 1>(mlp, t[n], acts, o + n * D);
+      }
+    });
+  });
+  return {out, saved};
+}
+
+// dL/dtable, then (dL/dW, dL/db) per layer, from dL/du and fields_forward's saved layer inputs.
+std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& points,
+                                        const at::Tensor& field, const at::Tensor& table, const at::Tensor& geometry,
+                                        int64_t n_features, bool smoothstep, int64_t rows_per_table,
+                                        const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
+                                        const std::vector<at::Tensor>& biases, double scale) {
+  const Common common = check_common(table, geometry, n_features, smoothstep, rows_per_table, level_weight);
+  check_points(points, field, table, common.n_fields);
+  TORCH_CHECK(grad_out.sizes() == points.sizes() && grad_out.is_contiguous() &&
+                  grad_out.scalar_type() == points.scalar_type(),
+              "grad_out: expected the points' shape");
+  const int64_t N = points.size(0), dim = points.size(1);
+  std::vector<at::Tensor> out;
+  auto grad_table = at::zeros_like(table);
+  out.push_back(grad_table);
+  dispatch_dim(table, dim, [&](auto scalar, auto dimension) {
+    using scalar_t = decltype(scalar);
+    constexpr int D = decltype(dimension)::value;
+    const Levels& levels = common.levels;
+    const int64_t LF = levels.n_levels * levels.n_features;
+    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, LF, D, scale, true);
+    const int64_t A = mlp.activation_count();
+    TORCH_CHECK(saved.dim() == 2 && saved.size(0) == N && saved.size(1) == A && saved.is_contiguous(),
+                "saved: expected fields_forward's saved layer inputs");
+    const scalar_t* x = points.data_ptr<scalar_t>();
+    const int64_t* t = field.data_ptr<int64_t>();
+    const scalar_t* lw = level_weight.data_ptr<scalar_t>();
+    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    const scalar_t* acts_all = saved.data_ptr<scalar_t>();
+    const int threads = at::get_num_threads();
+    MlpGradients<scalar_t> gradients(threads, common.n_fields, mlp);
+    std::vector<Clamped<scalar_t, D>> clamped;
+    clamped.reserve(N);
+    for (int64_t n = 0; n < N; ++n) clamped.emplace_back(x + n * D);
+    std::vector<int64_t> tables(t, t + N);
+    std::vector<scalar_t> adj_encoding(N * LF);
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      const int thread = at::get_thread_num();
+      scalar_t adj_out[D];
+      std::vector<scalar_t> work(2 * mlp.max_width());
+      for (int64_t n = begin; n < end; ++n) {
+        for (int k = 0; k < D; ++k) adj_out[k] = g[n * D + k];
+        mlp_backward<scalar_t, 1>(mlp, t[n], 0, acts_all + n * A, adj_out, work.data(),
+                               gradients.weight[thread].data(), gradients.bias[thread].data(),
+                               adj_encoding.data() + n * LF);
+      }
+    });
+    scatter_records<scalar_t, D>(clamped, tables, adj_encoding.data(), 1, levels, lw,
+                                 grad_table.data_ptr<scalar_t>());
+    gradients.reduce(mlp, common.n_fields, table.options(), out);
+  });
+  return out;
+}
+
+// points (B, N, D): the penalty's sample points of each pair. scales (2, D): the physical extent per
+// axis of A's domain (direction A: x in A, r = phi_AB(phi_BA(x)) - x) and of B's domain.
+// matrices (2B, D, D) and offsets (2B, D): the fixed affine parts; field 2p is phi_AB of pair p and
+// 2p + 1 is phi_BA. Returns [penalty (B,), then, when need_grad, dtable and (dW, db) per layer].
+std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor& scales, const at::Tensor& matrices,
+                                      const at::Tensor& offsets, const at::Tensor& table, const at::Tensor& geometry,
+                                      int64_t n_features, bool smoothstep, int64_t rows_per_table,
+                                      const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
+                                      const std::vector<at::Tensor>& biases, double scale, bool need_grad) {
+  const Common common = check_common(table, geometry, n_features, smoothstep, rows_per_table, level_weight);
+  TORCH_CHECK(points.dim() == 3 && (points.size(2) == 2 || points.size(2) == 3) && points.is_contiguous() &&
+                  points.scalar_type() == table.scalar_type() && points.device().is_cpu(),
+              "points: expected a contiguous CPU tensor (B, N, 2 or 3) in the table's dtype");
+  const int64_t B = points.size(0), N = points.size(1), dim = points.size(2);
+  TORCH_CHECK(common.n_fields == 2 * B, "table: expected two fields (phi_AB, phi_BA) per pair of points");
+  TORCH_CHECK(N > 0, "points: expected at least one point per pair");
+  TORCH_CHECK(scales.sizes() == at::IntArrayRef({2, dim}) && scales.scalar_type() == table.scalar_type() &&
+                  scales.is_contiguous(),
+              "scales: expected (2, D) extents in the table's dtype");
+  TORCH_CHECK(matrices.sizes() == at::IntArrayRef({2 * B, dim, dim}) && matrices.is_contiguous() &&
+                  matrices.scalar_type() == table.scalar_type(),
+              "matrices: expected (2B, D, D) in the table's dtype");
+  TORCH_CHECK(offsets.sizes() == at::IntArrayRef({2 * B, dim}) && offsets.is_contiguous() &&
+                  offsets.scalar_type() == table.scalar_type(),
+              "offsets: expected (2B, D) in the table's dtype");
+  std::vector<at::Tensor> out;
+  auto penalty = at::zeros({B}, points.options());
+  out.push_back(penalty);
+  dispatch_dim(table, dim, [&](auto scalar, auto dimension) {
+    using scalar_t = decltype(scalar);
+    constexpr int D = decltype(dimension)::value;
+    constexpr int C = 1 + D;
+    const Levels& levels = common.levels;
+    const int64_t LF = levels.n_levels * levels.n_features;
+    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, LF, D, scale, need_grad);
+    const scalar_t* x = points.data_ptr<scalar_t>();
+    const scalar_t* tab = table.data_ptr<scalar_t>();
+    const scalar_t* lw = level_weight.data_ptr<scalar_t>();
+    const scalar_t* M = matrices.data_ptr<scalar_t>();
+    const scalar_t* off = offsets.data_ptr<scalar_t>();
+    const scalar_t* S = scales.data_ptr<scalar_t>();
+    const int threads = at::get_num_threads();
+    const int64_t items = B * 2 * N;          // (pair, direction, point)
+    MlpGradients<scalar_t> gradients(need_grad ? threads : 0, common.n_fields, mlp);
+    // Evaluation 2i is item i's inner map at x, 2i + 1 its outer map at y = inner(x).
+    std::vector<Clamped<scalar_t, D>> clamped(2 * items, Clamped<scalar_t, D>(x));
+    std::vector<int64_t> tables(2 * items);
+    std::vector<scalar_t> adj_encoding(need_grad ? 2 * items * C * LF : 0);
+    std::vector<scalar_t> item_loss(items);
+    const scalar_t weight = scalar_t(0.5) / static_cast<scalar_t>(N);
+    at::parallel_for(0, items, kGrain, [&](int64_t begin, int64_t end) {
+      const int thread = at::get_thread_num();
+      std::vector<scalar_t> acts_inner(C * mlp.activation_count()), acts_outer(C * mlp.activation_count());
+      std::vector<scalar_t> work(2 * C * mlp.max_width());
+      scalar_t jet_inner[C * D], jet_outer[C * D], adj[C * D];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t pair = item / (2 * N), direction = (item / N) % 2, n = item % N;
+        const int64_t inner = 2 * pair + (direction == 0 ? 1 : 0), outer = 2 * pair + direction;
+        const scalar_t* point = x + (pair * N + n) * D;
+        const scalar_t* s = S + direction * D;
+        // Inner map g at x: J_g = M_g + dU, y = M_g x + o_g + u.
+        clamped[2 * item] = Clamped<scalar_t, D>(point);
+        tables[2 * item] = inner;
+        encode_jet<scalar_t, D>(clamped[2 * item], inner, levels, tab, lw, C, acts_inner.data());
+        mlp_forward<scalar_t, C>(mlp, inner, acts_inner.data(), jet_inner);
+        scalar_t Jg[D][D], Jf[D][D], y[D];
+        const scalar_t* Mg = M + inner * D * D;
+        const scalar_t* Mf = M + outer * D * D;
+        for (int k = 0; k < D; ++k) {
+          y[k] = off[inner * D + k] + jet_inner[k];
+          for (int j = 0; j < D; ++j) {
+            y[k] += Mg[k * D + j] * point[j];
+            Jg[k][j] = Mg[k * D + j] + jet_inner[(1 + j) * D + k];
+          }
+        }
+        // Outer map f at y.
+        clamped[2 * item + 1] = Clamped<scalar_t, D>(y);
+        tables[2 * item + 1] = outer;
+        encode_jet<scalar_t, D>(clamped[2 * item + 1], outer, levels, tab, lw, C, acts_outer.data());
+        mlp_forward<scalar_t, C>(mlp, outer, acts_outer.data(), jet_outer);
+        for (int k = 0; k < D; ++k) {
+          for (int j = 0; j < D; ++j) Jf[k][j] = Mf[k * D + j] + jet_outer[(1 + j) * D + k];
+        }
+        // R = Jf Jg - I in physical units: R_kj s_k / s_j.
+        scalar_t G[D][D];
+        scalar_t loss = 0;
+        for (int k = 0; k < D; ++k) {
+          for (int j = 0; j < D; ++j) {
+            scalar_t r = k == j ? scalar_t(-1) : scalar_t(0);
+            for (int m = 0; m < D; ++m) r += Jf[k][m] * Jg[m][j];
+            const scalar_t ratio = s[k] / s[j];
+            loss += r * r * ratio * ratio;
+            G[k][j] = weight * 2 * r * ratio * ratio;          // dL/dR
+          }
+        }
+        item_loss[item] = loss;
+        if (!need_grad) continue;
+        scalar_t* grad_w = gradients.weight[thread].data();
+        scalar_t* grad_b = gradients.bias[thread].data();
+        // Outer: dL/dJf = G Jg^T, on the derivative channels only.
+        for (int k = 0; k < D; ++k) {
+          adj[k] = 0;
+          for (int j = 0; j < D; ++j) {
+            scalar_t sum = 0;
+            for (int m = 0; m < D; ++m) sum += G[k][m] * Jg[j][m];
+            adj[(1 + j) * D + k] = sum;
+          }
+        }
+        scalar_t* adj_outer = adj_encoding.data() + (2 * item + 1) * C * LF;
+        mlp_backward<scalar_t, C>(mlp, outer, 1, acts_outer.data(), adj, work.data(), grad_w, grad_b, adj_outer);
+        scalar_t y_grad[D] = {};
+        encode_jet_point_grad<scalar_t, D>(clamped[2 * item + 1], outer, levels, tab, lw, C, adj_outer, y_grad);
+        // Inner: dL/dJg = Jf^T G on the derivative channels, dL/dy on the value channel.
+        for (int k = 0; k < D; ++k) {
+          adj[k] = y_grad[k];
+          for (int j = 0; j < D; ++j) {
+            scalar_t sum = 0;
+            for (int m = 0; m < D; ++m) sum += Jf[m][k] * G[m][j];
+            adj[(1 + j) * D + k] = sum;
+          }
+        }
+        mlp_backward<scalar_t, C>(mlp, inner, 0, acts_inner.data(), adj, work.data(), grad_w, grad_b,
+                               adj_encoding.data() + 2 * item * C * LF);
+      }
+    });
+    scalar_t* pen = penalty.data_ptr<scalar_t>();
+    for (int64_t item = 0; item < items; ++item) pen[item / (2 * N)] += weight * item_loss[item];
+    if (need_grad) {
+      auto grad_table = at::zeros_like(table);
+      scatter_records<scalar_t, D>(clamped, tables, adj_encoding.data(), C, levels, lw,
+                                   grad_table.data_ptr<scalar_t>());
+      out.push_back(grad_table);
+      gradients.reduce(mlp, common.n_fields, table.options(), out);
+    }
+  });
+  return out;
+}
+
+}  // namespace hashgrid

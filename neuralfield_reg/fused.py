@@ -1,0 +1,127 @@
+"""Fused native training step on the CPU: encoding + MLP in one kernel, with hand-written gradients.
+
+With the native backend on the CPU, a fit's step is a handful of kernel calls instead of hundreds
+of small autograd operations (``cuda_ext/fused_cpu.cpp``):
+
+    ======================  ==============================================  =====================
+    Function                forward computes                                backward
+    ======================  ==============================================  =====================
+    fields_displacement     u_t(x) = scale * MLP_t(w * enc_t(clamp(x)))     dL/dtable, dL/dW,
+                                                                            dL/db (not dL/dx)
+    gradient_icon_fused     the gradient-ICON penalty of every pair and,    scales the stored
+                            in the same pass, its parameter gradient        gradient
+    ======================  ==============================================  =====================
+
+The penalty's Jacobians are carried forward (value and d derivatives per evaluation) and the
+reverse mode is written out in the kernel, so no double backward is needed. Both are first-order
+only (their backward is not differentiable again); the general autograd path
+(``losses.inverse_consistency_terms`` on the native or torch encodings) is the reference the tests
+compare them with.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .encoders.native import NativeHashGridEncoding
+
+
+def fused_supported(encoding, *tensors: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels can evaluate fields with this encoding on these tensors."""
+    return (isinstance(encoding, NativeHashGridEncoding)
+            and all(t.device.type == "cpu" and t.dtype == encoding.params.dtype for t in tensors)
+            and encoding.params.dtype in (torch.float32, torch.float64))
+
+
+def _kernel_args(encoding: NativeHashGridEncoding, level_weights: torch.Tensor | None, like: torch.Tensor):
+    config = encoding.config
+    table = encoding.params.reshape(-1, config.n_features_per_level)
+    if level_weights is None:
+        level_weights = torch.ones(config.n_levels, dtype=like.dtype)
+    level_weights = level_weights.to(like.device, like.dtype).contiguous()
+    geometry = (encoding._geometry, config.n_features_per_level, config.interpolation == "Smoothstep",
+                encoding.layout.total_rows)
+    return encoding._module, table, geometry, level_weights
+
+
+class _FusedFields(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, points, field, level_weights, module, geometry, scale, n_layers, table, *params):
+        weights, biases = list(params[:n_layers]), list(params[n_layers:])
+        save = any(ctx.needs_input_grad[7:])
+        displacement, saved = module.fields_forward(points, field, table, *geometry, level_weights, weights, biases,
+                                                    scale, save)
+        ctx.save_for_backward(saved, points, field, level_weights, table, *params)
+        ctx.module, ctx.geometry, ctx.scale, ctx.n_layers = module, geometry, scale, n_layers
+        return displacement
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        saved, points, field, level_weights, table, *params = ctx.saved_tensors
+        n_layers = ctx.n_layers
+        grads = ctx.module.fields_backward(grad_out.contiguous(), saved, points, field, table, *ctx.geometry,
+                                           level_weights, list(params[:n_layers]), list(params[n_layers:]), ctx.scale)
+        grad_table, layer_grads = grads[0], grads[1:]
+        grad_weights, grad_biases = layer_grads[0::2], layer_grads[1::2]
+        return (None,) * 7 + (grad_table, *grad_weights, *grad_biases)
+
+
+def fields_displacement(encoding: NativeHashGridEncoding, weights: Sequence[torch.Tensor],
+                        biases: Sequence[torch.Tensor], output_scale: float, points: torch.Tensor,
+                        field: torch.Tensor, level_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(P, d)`` displacements, point ``n`` by field ``field[n]``: the same function as
+    ``DisplacementFields`` (ReLU MLP on the clamped points' encoding), differentiable in the
+    parameters but not in the points."""
+    module, table, geometry, level_weights = _kernel_args(encoding, level_weights, points)
+    return _FusedFields.apply(points.contiguous(), field.contiguous(), level_weights, module, geometry,
+                              float(output_scale), len(weights), table, *weights, *biases)
+
+
+class _FusedGradientIcon(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, points, scales, matrices, offsets, level_weights, module, geometry, scale, n_layers, table,
+                *params):
+        need_grad = any(ctx.needs_input_grad[9:])
+        out = module.gradient_icon(points, scales, matrices, offsets, table, *geometry, level_weights,
+                                   list(params[:n_layers]), list(params[n_layers:]), scale, need_grad)
+        ctx.gradients = out[1:]
+        ctx.n_layers = n_layers
+        return out[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_penalty):
+        grad_table, *layer_grads = ctx.gradients
+        per_field = grad_penalty.repeat_interleave(2)           # fields 2p and 2p + 1 belong to pair p
+
+        def scaled(gradient):
+            return gradient * per_field.reshape(-1, *[1] * (gradient.dim() - 1))
+
+        n_fields = per_field.shape[0]
+        grad_table = scaled(grad_table.reshape(n_fields, -1, grad_table.shape[-1])).reshape(grad_table.shape)
+        grad_weights = [scaled(g) for g in layer_grads[0::2]]
+        grad_biases = [scaled(g) for g in layer_grads[1::2]]
+        return (None,) * 9 + (grad_table, *grad_weights, *grad_biases)
+
+
+def gradient_icon_fused(encoding: NativeHashGridEncoding, weights: Sequence[torch.Tensor],
+                        biases: Sequence[torch.Tensor], output_scale: float, matrices: torch.Tensor,
+                        offsets: torch.Tensor, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
+                        extent_B: Sequence[float] | None = None,
+                        level_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient-ICON penalty of ``B`` pairs of maps, ``(B,)``, at ``(B, N, d)`` points.
+
+    Field ``2 p`` is pair ``p``'s ``phi_AB`` and ``2 p + 1`` its ``phi_BA``, each
+    ``phi(x) = matrices[t] x + offsets[t] + u_t(x)``: the layout of ``MapPairs``. The value is
+    that of :func:`~neuralfield_reg.losses.inverse_consistency_terms` ``["gradient_icon"]``.
+    """
+    dim = points.shape[-1]
+    module, table, geometry, level_weights = _kernel_args(encoding, level_weights, points)
+    scales = torch.tensor([list(extent_A) if extent_A is not None else [1.0] * dim,
+                           list(extent_B) if extent_B is not None else [1.0] * dim], dtype=points.dtype)
+    return _FusedGradientIcon.apply(points.contiguous(), scales, matrices.to(points.dtype).contiguous(),
+                                    offsets.to(points.dtype).contiguous(), level_weights, module, geometry,
+                                    float(output_scale), len(weights), table, *weights, *biases)

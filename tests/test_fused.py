@@ -1,0 +1,140 @@
+"""The fused CPU kernels (neuralfield_reg/fused.py) against the per-operation autograd path on the
+torch backend: displacements, the gradient-ICON penalty, and their parameter gradients."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import neuralfield_reg as nfr
+from neuralfield_reg.data import shape_pairs
+from neuralfield_reg.encoders import HashGridConfig
+from neuralfield_reg.fields import MapPairs
+from neuralfield_reg.fused import _FusedGradientIcon, _kernel_args, fields_displacement, gradient_icon_fused
+from neuralfield_reg.losses import inverse_consistency_terms
+
+CASES = [  # (dim, encoding, hidden widths); every encoding mixes dense and hashed levels
+    (2, HashGridConfig(n_levels=4, log2_hashmap_size=8, base_resolution=3, per_level_scale=2.0), (8, 8)),
+    (2, HashGridConfig(n_levels=3, n_features_per_level=4, log2_hashmap_size=6, base_resolution=4,
+                       per_level_scale=1.5, interpolation="Smoothstep"), (12,)),
+    (3, HashGridConfig(n_levels=3, log2_hashmap_size=8, base_resolution=3, per_level_scale=2.0), (8, 40, 8)),
+    (3, HashGridConfig(n_levels=2, n_features_per_level=1, log2_hashmap_size=7, base_resolution=4,
+                       per_level_scale=1.7, interpolation="Smoothstep"), (8, 8)),
+]
+
+
+def twin_maps(dim, encoding, widths, n_pairs, dtype):
+    """Native and torch MapPairs with the same random (non-zero) parameters and affine parts."""
+    native = MapPairs(dim, n_pairs, encoding=encoding, hidden_widths=widths, backend="native").to(dtype)
+    with torch.no_grad():
+        for parameter in native.parameters():
+            parameter.normal_(0, 0.5)
+        native.matrices += 0.1 * torch.randn_like(native.matrices)
+        native.offsets += 0.05 * torch.randn_like(native.offsets)
+    reference = MapPairs(dim, n_pairs, encoding=encoding, hidden_widths=widths, backend="torch").to(dtype)
+    reference.load_state_dict(native.state_dict())
+    return native, reference
+
+
+def level_weights_of(encoding, dtype):
+    weights = torch.linspace(1.0, 0.0, encoding.n_levels, dtype=dtype)     # the last level switched off
+    return weights
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dim,encoding,widths", CASES)
+def test_fields_match_the_autograd_path(dim, encoding, widths, dtype, tolerance):
+    native, reference = twin_maps(dim, encoding, widths, 2, dtype)
+    fields = native.fields
+    level_weights = level_weights_of(encoding, dtype)
+    points = torch.rand(4, 70, dim, dtype=dtype) * 1.3 - 0.15            # some outside the unit cube
+    field = torch.arange(4).repeat_interleave(70)
+    fused = fields_displacement(fields.encoding, list(fields.weights), list(fields.biases), fields.output_scale,
+                                points.reshape(-1, dim), field, level_weights)
+    expected = reference.fields.forward_batched(points, level_weights).reshape(-1, dim)
+    torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
+
+    upstream = torch.randn_like(expected)
+    got = torch.autograd.grad((fused * upstream).sum(), list(fields.parameters()))
+    want = torch.autograd.grad((expected * upstream).sum(), list(reference.fields.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dim,encoding,widths", CASES)
+def test_gradient_icon_matches_the_autograd_path(dim, encoding, widths, dtype, tolerance):
+    native, reference = twin_maps(dim, encoding, widths, 2, dtype)
+    fields = native.fields
+    level_weights = level_weights_of(encoding, dtype)
+    points = torch.rand(2, 40, dim, dtype=dtype)
+    extent_A, extent_B = [1.0, 2.0, 1.5][:dim], [2.0, 1.0, 0.7][:dim]
+    fused = gradient_icon_fused(fields.encoding, list(fields.weights), list(fields.biases), fields.output_scale,
+                                native.matrices, native.offsets, points, extent_A=extent_A, extent_B=extent_B,
+                                level_weights=level_weights)
+    expected = inverse_consistency_terms(lambda a, b: reference(a, b, level_weights), points, extent_A=extent_A,
+                                         extent_B=extent_B)["gradient_icon"]
+    assert fused.shape == (2,)
+    torch.testing.assert_close(fused, expected, rtol=tolerance, atol=0)
+    # The inner maps send some points out of the unit cube (clamped encoding) in these cases.
+    per_pair = torch.tensor([0.7, 1.3], dtype=dtype)
+    got = torch.autograd.grad((fused * per_pair).sum(), list(fields.parameters()))
+    want = torch.autograd.grad((expected * per_pair).sum(), list(reference.fields.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
+
+
+def test_gradient_icon_float64_gradcheck_on_a_tiny_config():
+    encoding = HashGridConfig(n_levels=2, log2_hashmap_size=4, base_resolution=2, per_level_scale=2.0,
+                              interpolation="Smoothstep")
+    native, _ = twin_maps(2, encoding, (4,), 1, torch.float64)
+    fields = native.fields
+    points = torch.rand(1, 5, 2, dtype=torch.float64) * 0.8 + 0.1
+
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, None, points)
+    n_layers = len(fields.weights)
+
+    def penalty(table, *mlp):          # the Function itself, with the table as an explicit input
+        return _FusedGradientIcon.apply(points, torch.ones(2, 2, dtype=torch.float64), native.matrices,
+                                        native.offsets, level_weights, module, geometry, fields.output_scale,
+                                        n_layers, table, *mlp)
+
+    params = [table.detach().clone().requires_grad_(True)]
+    params += [p.detach().clone().requires_grad_(True) for p in (*fields.weights, *fields.biases)]
+    assert torch.autograd.gradcheck(penalty, params, eps=1e-6, atol=1e-6)
+
+
+def test_fused_backward_is_first_order_only():
+    native, _ = twin_maps(2, CASES[0][1], (8,), 1, torch.float32)
+    fields = native.fields
+    displacement = fields_displacement(fields.encoding, list(fields.weights), list(fields.biases), 0.1,
+                                       torch.rand(10, 2), torch.zeros(10, dtype=torch.long))
+    (gradient,) = torch.autograd.grad(displacement.sum(), fields.weights[0], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gradient.sum(), fields.weights[0])
+
+
+def test_points_that_need_a_gradient_use_the_autograd_path():
+    native, reference = twin_maps(2, CASES[0][1], (8,), 1, torch.float32)
+    points = torch.rand(2, 20, 2, requires_grad=True)
+    assert not native.fields.fused_for(points)
+    (grad_native,) = torch.autograd.grad(native.fields.forward_batched(points).sum(), points)
+    (grad_reference,) = torch.autograd.grad(reference.fields.forward_batched(points).sum(), points)
+    torch.testing.assert_close(grad_native, grad_reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_with_fused_kernels_follows_the_autograd_path():
+    # Same seed, same points: the fused and per-operation paths compute one function, so a short fit
+    # follows the same trajectory up to float32 rounding.
+    pair = shape_pairs(1, size=48, seed=5)[0]
+    config = nfr.FitConfig(iterations=40, affine=None, similarity_points=1024, gradient_icon_points=128,
+                           backend="native")
+    fused = nfr.fit_pair(pair.moving, pair.fixed, config, progress=False)
+    plain = nfr.fit_pair(pair.moving, pair.fixed, dataclasses.replace(config, fused_kernels=False), progress=False)
+    for term in ("similarity", "gradient_icon"):
+        np.testing.assert_allclose(fused.history[term], plain.history[term], rtol=2e-3, atol=1e-7)
+    # The maps agree to a small fraction of a pixel (displacements in pixels).
+    np.testing.assert_allclose(fused.displacement("AB"), plain.displacement("AB"), atol=0.02)
+    np.testing.assert_allclose(fused.displacement("BA"), plain.displacement("BA"), atol=0.02)
+    assert np.abs(fused.displacement("AB")).max() > 0.5          # and they did move
