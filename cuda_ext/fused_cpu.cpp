@@ -158,27 +158,42 @@ struct Clamped {
   }
 };
 
+// One corner of one level of an evaluation, kept for the table scatter: its row and the
+// coefficient of each of the C jet channels (w_l W_c, then w_l m_j dW_c/dx_j).
+template <typename scalar_t, int C>
+struct CornerRecord {
+  int64_t row;
+  scalar_t coefficient[C];
+};
+
 // jet (C x L*F, channel-major, zeroed here): the encoding and, for C = 1 + D, its derivatives.
-template <typename scalar_t, int D>
+// records (optional, L x 2^D): every corner's row and coefficients, for scatter_records.
+template <typename scalar_t, int D, int C>
 void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, const scalar_t* table,
-                const scalar_t* level_weight, int C, scalar_t* jet) {
+                const scalar_t* level_weight, scalar_t* jet, CornerRecord<scalar_t, C>* records) {
+  constexpr int K = Cell<scalar_t, D>::kCorners;
   const int F = levels.n_features, LF = levels.n_levels * F;
   std::fill(jet, jet + C * LF, scalar_t(0));
   for (int l = 0; l < levels.n_levels; ++l) {
     const scalar_t lw = level_weight[l];
-    if (lw == 0) continue;
+    if (lw == 0) continue;                     // scatter_records skips these levels too
     const Cell<scalar_t, D> cell(p.x, l, levels, t);
-    for (int c = 0; c < Cell<scalar_t, D>::kCorners; ++c) {
+    for (int c = 0; c < K; ++c) {
       const scalar_t* row = table + cell.row[c] * F;
-      const scalar_t weight = lw * cell.weight(c);
-      for (int f = 0; f < F; ++f) jet[l * F + f] += weight * row[f];
+      scalar_t coefficient[C];
+      coefficient[0] = lw * cell.weight(c);
       if (C > 1) {
         scalar_t gradient[D];
         cell.weight_gradient(c, gradient);
-        for (int j = 0; j < D; ++j) {
-          const scalar_t g = lw * p.mask[j] * gradient[j];
-          for (int f = 0; f < F; ++f) jet[(1 + j) * LF + l * F + f] += g * row[f];
-        }
+        for (int j = 0; j < D && 1 + j < C; ++j) coefficient[1 + j] = lw * p.mask[j] * gradient[j];
+      }
+      for (int ch = 0; ch < C; ++ch) {
+        for (int f = 0; f < F; ++f) jet[ch * LF + l * F + f] += coefficient[ch] * row[f];
+      }
+      if (records != nullptr) {
+        CornerRecord<scalar_t, C>& record = records[l * K + c];
+        record.row = cell.row[c];
+        for (int ch = 0; ch < C; ++ch) record.coefficient[ch] = coefficient[ch];
       }
     }
   }
@@ -338,33 +353,26 @@ void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const 
   }
 }
 
-// One record of a table scatter: the table and clamped point of an evaluation, and dL/d(jet).
-template <typename scalar_t, int D>
-void scatter_records(const std::vector<Clamped<scalar_t, D>>& points, const std::vector<int64_t>& tables,
-                     const scalar_t* adj, int C, const Levels& levels, const scalar_t* level_weight,
-                     scalar_t* grad_table) {
-  const int F = levels.n_features, LF = levels.n_levels * F;
-  const int64_t R = static_cast<int64_t>(points.size());
-  at::parallel_for(0, levels.n_levels, 1, [&](int64_t level_begin, int64_t level_end) {
+// grad_table[row] += sum over channels of coefficient * adj, for the corner records of R
+// evaluations (R x L x 2^D) and their jet adjoints adj (R x C x L*F). Parallel over levels, whose
+// rows never overlap, so no atomics are needed.
+template <typename scalar_t, int D, int C>
+void scatter_records(const CornerRecord<scalar_t, C>* records, int64_t R, const scalar_t* adj, const Levels& levels,
+                     const scalar_t* level_weight, scalar_t* grad_table) {
+  constexpr int K = Cell<scalar_t, D>::kCorners;
+  const int F = levels.n_features, L = levels.n_levels, LF = L * F;
+  at::parallel_for(0, L, 1, [&](int64_t level_begin, int64_t level_end) {
     for (int64_t l = level_begin; l < level_end; ++l) {
-      const scalar_t lw = level_weight[l];
-      if (lw == 0) continue;
+      if (level_weight[l] == 0) continue;
       for (int64_t r = 0; r < R; ++r) {
-        const Clamped<scalar_t, D>& p = points[r];
+        const CornerRecord<scalar_t, C>* corners = records + (r * L + l) * K;
         const scalar_t* a = adj + r * C * LF + l * F;
-        const Cell<scalar_t, D> cell(p.x, static_cast<int>(l), levels, tables[r]);
-        for (int c = 0; c < Cell<scalar_t, D>::kCorners; ++c) {
-          scalar_t* row = grad_table + cell.row[c] * F;
-          const scalar_t weight = lw * cell.weight(c);
-          for (int f = 0; f < F; ++f) row[f] += weight * a[f];
-          if (C > 1) {
-            scalar_t gradient[D];
-            cell.weight_gradient(c, gradient);
-            for (int j = 0; j < D; ++j) {
-              const scalar_t g = lw * p.mask[j] * gradient[j];
-              if (g == 0) continue;
-              for (int f = 0; f < F; ++f) row[f] += g * a[(1 + j) * LF + f];
-            }
+        for (int c = 0; c < K; ++c) {
+          scalar_t* row = grad_table + corners[c].row * F;
+          for (int f = 0; f < F; ++f) {
+            scalar_t sum = 0;
+            for (int ch = 0; ch < C; ++ch) sum += corners[c].coefficient[ch] * a[ch * LF + f];
+            row[f] += sum;
           }
         }
       }
@@ -417,8 +425,8 @@ void check_points(const at::Tensor& points, const at::Tensor& field, const at::T
 
 }  // namespace
 
-// Returns [u (N, D)] and, when save, the MLP's layer inputs of every point (N, sum of widths) for
-// fields_backward.
+// Returns [u (N, D), saved layer inputs, saved corner records]; the last two are empty unless
+// save, and fields_backward takes them instead of recomputing the forward pass.
 std::vector<at::Tensor> fields_forward(const at::Tensor& points, const at::Tensor& field, const at::Tensor& table,
                                        const at::Tensor& geometry, int64_t n_features, bool smoothstep,
                                        int64_t rows_per_table, const at::Tensor& level_weight,
@@ -428,35 +436,41 @@ std::vector<at::Tensor> fields_forward(const at::Tensor& points, const at::Tenso
   check_points(points, field, table, common.n_fields);
   const int64_t N = points.size(0), dim = points.size(1);
   auto out = at::empty({N, dim}, points.options());
-  at::Tensor saved;
+  at::Tensor saved, saved_corners;
   dispatch_dim(table, dim, [&](auto scalar, auto dimension) {
     using scalar_t = decltype(scalar);
     constexpr int D = decltype(dimension)::value;
+    using Record = CornerRecord<scalar_t, 1>;
     const Levels& levels = common.levels;
-    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, levels.n_levels * levels.n_features, D,
-                                        scale, false);
+    const int64_t L = levels.n_levels, K = int64_t(1) << D;
+    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, L * levels.n_features, D, scale, false);
     const int64_t A = mlp.activation_count();
     saved = at::empty({save ? N : 0, A}, points.options());
+    saved_corners = at::empty({save ? N * L * K * static_cast<int64_t>(sizeof(Record)) : 0},
+                              points.options().dtype(at::kByte));
     const scalar_t* x = points.data_ptr<scalar_t>();
     const int64_t* t = field.data_ptr<int64_t>();
     const scalar_t* tab = table.data_ptr<scalar_t>();
     const scalar_t* lw = level_weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* acts_all = saved.data_ptr<scalar_t>();
+    Record* records = save ? reinterpret_cast<Record*>(saved_corners.data_ptr<uint8_t>()) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(save ? 0 : A);
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* acts = save ? acts_all + n * A : scratch.data();
-        encode_jet<scalar_t, D>(Clamped<scalar_t, D>(x + n * D), t[n], levels, tab, lw, 1, acts);
+        encode_jet<scalar_t, D, 1>(Clamped<scalar_t, D>(x + n * D), t[n], levels, tab, lw, acts,
+                                   save ? records + n * L * K : nullptr);
         mlp_forward<scalar_t, 1>(mlp, t[n], acts, o + n * D);
       }
     });
   });
-  return {out, saved};
+  return {out, saved, saved_corners};
 }
 
-// dL/dtable, then (dL/dW, dL/db) per layer, from dL/du and fields_forward's saved layer inputs.
-std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Tensor& saved, const at::Tensor& points,
+// dL/dtable, then (dL/dW, dL/db) per layer, from dL/du and fields_forward's saved tensors.
+std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Tensor& saved,
+                                        const at::Tensor& saved_corners, const at::Tensor& points,
                                         const at::Tensor& field, const at::Tensor& table, const at::Tensor& geometry,
                                         int64_t n_features, bool smoothstep, int64_t rows_per_table,
                                         const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
@@ -473,23 +487,20 @@ std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Te
   dispatch_dim(table, dim, [&](auto scalar, auto dimension) {
     using scalar_t = decltype(scalar);
     constexpr int D = decltype(dimension)::value;
+    using Record = CornerRecord<scalar_t, 1>;
     const Levels& levels = common.levels;
-    const int64_t LF = levels.n_levels * levels.n_features;
+    const int64_t L = levels.n_levels, K = int64_t(1) << D, LF = L * levels.n_features;
     const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, LF, D, scale, true);
     const int64_t A = mlp.activation_count();
-    TORCH_CHECK(saved.dim() == 2 && saved.size(0) == N && saved.size(1) == A && saved.is_contiguous(),
-                "saved: expected fields_forward's saved layer inputs");
-    const scalar_t* x = points.data_ptr<scalar_t>();
+    TORCH_CHECK(saved.dim() == 2 && saved.size(0) == N && saved.size(1) == A && saved.is_contiguous() &&
+                    saved_corners.numel() == N * L * K * static_cast<int64_t>(sizeof(Record)),
+                "saved: expected fields_forward's saved tensors");
     const int64_t* t = field.data_ptr<int64_t>();
     const scalar_t* lw = level_weight.data_ptr<scalar_t>();
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* acts_all = saved.data_ptr<scalar_t>();
     const int threads = at::get_num_threads();
     MlpGradients<scalar_t> gradients(threads, common.n_fields, mlp);
-    std::vector<Clamped<scalar_t, D>> clamped;
-    clamped.reserve(N);
-    for (int64_t n = 0; n < N; ++n) clamped.emplace_back(x + n * D);
-    std::vector<int64_t> tables(t, t + N);
     std::vector<scalar_t> adj_encoding(N * LF);
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
@@ -498,12 +509,12 @@ std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Te
       for (int64_t n = begin; n < end; ++n) {
         for (int k = 0; k < D; ++k) adj_out[k] = g[n * D + k];
         mlp_backward<scalar_t, 1>(mlp, t[n], 0, acts_all + n * A, adj_out, work.data(),
-                               gradients.weight[thread].data(), gradients.bias[thread].data(),
-                               adj_encoding.data() + n * LF);
+                                  gradients.weight[thread].data(), gradients.bias[thread].data(),
+                                  adj_encoding.data() + n * LF);
       }
     });
-    scatter_records<scalar_t, D>(clamped, tables, adj_encoding.data(), 1, levels, lw,
-                                 grad_table.data_ptr<scalar_t>());
+    scatter_records<scalar_t, D, 1>(reinterpret_cast<const Record*>(saved_corners.data_ptr<uint8_t>()), N,
+                                    adj_encoding.data(), levels, lw, grad_table.data_ptr<scalar_t>());
     gradients.reduce(mlp, common.n_fields, table.options(), out);
   });
   return out;
@@ -554,8 +565,9 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
     const int64_t items = B * 2 * N;          // (pair, direction, point)
     MlpGradients<scalar_t> gradients(need_grad ? threads : 0, common.n_fields, mlp);
     // Evaluation 2i is item i's inner map at x, 2i + 1 its outer map at y = inner(x).
-    std::vector<Clamped<scalar_t, D>> clamped(2 * items, Clamped<scalar_t, D>(x));
-    std::vector<int64_t> tables(2 * items);
+    using Record = CornerRecord<scalar_t, C>;
+    const int64_t L = levels.n_levels, K = int64_t(1) << D;
+    std::vector<Record> records(need_grad ? 2 * items * L * K : 0);
     std::vector<scalar_t> adj_encoding(need_grad ? 2 * items * C * LF : 0);
     std::vector<scalar_t> item_loss(items);
     const scalar_t weight = scalar_t(0.5) / static_cast<scalar_t>(N);
@@ -570,9 +582,8 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         const scalar_t* point = x + (pair * N + n) * D;
         const scalar_t* s = S + direction * D;
         // Inner map g at x: J_g = M_g + dU, y = M_g x + o_g + u.
-        clamped[2 * item] = Clamped<scalar_t, D>(point);
-        tables[2 * item] = inner;
-        encode_jet<scalar_t, D>(clamped[2 * item], inner, levels, tab, lw, C, acts_inner.data());
+        encode_jet<scalar_t, D, C>(Clamped<scalar_t, D>(point), inner, levels, tab, lw, acts_inner.data(),
+                                   need_grad ? records.data() + 2 * item * L * K : nullptr);
         mlp_forward<scalar_t, C>(mlp, inner, acts_inner.data(), jet_inner);
         scalar_t Jg[D][D], Jf[D][D], y[D];
         const scalar_t* Mg = M + inner * D * D;
@@ -585,9 +596,9 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
           }
         }
         // Outer map f at y.
-        clamped[2 * item + 1] = Clamped<scalar_t, D>(y);
-        tables[2 * item + 1] = outer;
-        encode_jet<scalar_t, D>(clamped[2 * item + 1], outer, levels, tab, lw, C, acts_outer.data());
+        const Clamped<scalar_t, D> y_clamped(y);
+        encode_jet<scalar_t, D, C>(y_clamped, outer, levels, tab, lw, acts_outer.data(),
+                                   need_grad ? records.data() + (2 * item + 1) * L * K : nullptr);
         mlp_forward<scalar_t, C>(mlp, outer, acts_outer.data(), jet_outer);
         for (int k = 0; k < D; ++k) {
           for (int j = 0; j < D; ++j) Jf[k][j] = Mf[k * D + j] + jet_outer[(1 + j) * D + k];
@@ -620,7 +631,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         scalar_t* adj_outer = adj_encoding.data() + (2 * item + 1) * C * LF;
         mlp_backward<scalar_t, C>(mlp, outer, 1, acts_outer.data(), adj, work.data(), grad_w, grad_b, adj_outer);
         scalar_t y_grad[D] = {};
-        encode_jet_point_grad<scalar_t, D>(clamped[2 * item + 1], outer, levels, tab, lw, C, adj_outer, y_grad);
+        encode_jet_point_grad<scalar_t, D>(y_clamped, outer, levels, tab, lw, C, adj_outer, y_grad);
         // Inner: dL/dJg = Jf^T G on the derivative channels, dL/dy on the value channel.
         for (int k = 0; k < D; ++k) {
           adj[k] = y_grad[k];
@@ -638,8 +649,8 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
     for (int64_t item = 0; item < items; ++item) pen[item / (2 * N)] += weight * item_loss[item];
     if (need_grad) {
       auto grad_table = at::zeros_like(table);
-      scatter_records<scalar_t, D>(clamped, tables, adj_encoding.data(), C, levels, lw,
-                                   grad_table.data_ptr<scalar_t>());
+      scatter_records<scalar_t, D, C>(records.data(), 2 * items, adj_encoding.data(), levels, lw,
+                                      grad_table.data_ptr<scalar_t>());
       out.push_back(grad_table);
       gradients.reduce(mlp, common.n_fields, table.options(), out);
     }

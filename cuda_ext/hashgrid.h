@@ -57,24 +57,6 @@ HG_HD T floor_of(T value) {
 #endif
 }
 
-template <int D>
-HG_HD uint32_t level_row(const uint32_t vertex[D], uint32_t resolution, uint32_t size, bool hashed) {
-  constexpr uint32_t primes[3] = {1u, 2654435761u, 805459861u};
-  uint32_t index = 0;
-  if (hashed) {
-    for (int k = 0; k < D; ++k) index ^= vertex[k] * primes[k];
-  } else {
-    uint32_t stride = 1;
-    for (int k = 0; k < D; ++k) {
-      index += vertex[k] * stride;
-      stride *= resolution;
-    }
-  }
-  // Power-of-two sizes (every hashed level) need no division; an in-range dense index neither.
-  if ((size & (size - 1)) == 0) return index & (size - 1);
-  return index < size ? index : index % size;
-}
-
 // Everything about one point in one level: the 2^D corner rows and the per-axis weight factors.
 template <typename scalar_t, int D>
 struct Cell {
@@ -85,13 +67,22 @@ struct Cell {
   scalar_t ddw[D];           // d2 w_k / d x_k2
 
   HG_HD Cell(const scalar_t* x, int level, const Levels& levels, int64_t table) {
+    constexpr uint32_t primes[3] = {1u, 2654435761u, 805459861u};
     const scalar_t scale = static_cast<scalar_t>(levels.scale[level]);
-    uint32_t cell[D];
+    const bool hashed = levels.hashed[level];
+    // Each axis adds (dense: sum) or XORs in (hashed) its lower or upper vertex's term; uint32
+    // arithmetic wraps exactly as the reference's does.
+    uint32_t lower_term[D], upper_term[D];
+    uint32_t stride = 1;
     for (int k = 0; k < D; ++k) {
       const scalar_t p = x[k] * scale + static_cast<scalar_t>(0.5);
       const scalar_t lower = floor_of(p);
       const scalar_t t = p - lower;
-      cell[k] = static_cast<uint32_t>(static_cast<int64_t>(lower));   // negative cells wrap as uint32
+      const uint32_t vertex = static_cast<uint32_t>(static_cast<int64_t>(lower));   // negative cells wrap
+      const uint32_t factor = hashed ? primes[k] : stride;
+      lower_term[k] = vertex * factor;
+      upper_term[k] = (vertex + 1u) * factor;
+      stride *= levels.resolution[level];
       if (levels.smoothstep) {
         w[k] = t * t * (static_cast<scalar_t>(3) - static_cast<scalar_t>(2) * t);
         dw[k] = static_cast<scalar_t>(6) * t * (static_cast<scalar_t>(1) - t) * scale;
@@ -102,11 +93,19 @@ struct Cell {
         ddw[k] = 0;
       }
     }
+    const uint32_t size = levels.size[level];
+    const bool power_of_two = (size & (size - 1)) == 0;
     const int64_t base = table * levels.rows_per_table + levels.offset[level];
     for (int c = 0; c < kCorners; ++c) {
-      uint32_t vertex[D];
-      for (int k = 0; k < D; ++k) vertex[k] = cell[k] + ((c >> k) & 1);
-      row[c] = base + level_row<D>(vertex, levels.resolution[level], levels.size[level], levels.hashed[level]);
+      uint32_t index = 0;
+      for (int k = 0; k < D; ++k) {
+        const uint32_t term = ((c >> k) & 1) ? upper_term[k] : lower_term[k];
+        index = hashed ? (index ^ term) : (index + term);
+      }
+      // modulo the level's size: a mask for powers of two (every hashed level); an in-range
+      // dense index needs no division.
+      index = power_of_two ? (index & (size - 1)) : (index < size ? index : index % size);
+      row[c] = base + index;
     }
   }
 

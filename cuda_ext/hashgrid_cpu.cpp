@@ -265,7 +265,7 @@ std::vector<at::Tensor> fields_forward(const at::Tensor&, const at::Tensor&, con
                                        int64_t, bool, int64_t, const at::Tensor&, const std::vector<at::Tensor>&,
                                        const std::vector<at::Tensor>&, double, bool);
 std::vector<at::Tensor> fields_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t,
+                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t,
                                         const at::Tensor&, const std::vector<at::Tensor>&,
                                         const std::vector<at::Tensor>&, double);
 std::vector<at::Tensor> gradient_icon(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

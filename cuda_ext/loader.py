@@ -42,7 +42,7 @@ def load(verbose: bool = False):
         from torch.utils import cpp_extension
 
         sources = [str(SOURCE_DIR / "hashgrid_cpu.cpp"), str(SOURCE_DIR / "fused_cpu.cpp")]
-        flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
         name = NAME
         extra = {}
         if _with_cuda():

@@ -51,19 +51,20 @@ class _FusedFields(torch.autograd.Function):
     def forward(ctx, points, field, level_weights, module, geometry, scale, n_layers, table, *params):
         weights, biases = list(params[:n_layers]), list(params[n_layers:])
         save = any(ctx.needs_input_grad[7:])
-        displacement, saved = module.fields_forward(points, field, table, *geometry, level_weights, weights, biases,
-                                                    scale, save)
-        ctx.save_for_backward(saved, points, field, level_weights, table, *params)
+        displacement, saved, saved_corners = module.fields_forward(points, field, table, *geometry, level_weights,
+                                                                   weights, biases, scale, save)
+        ctx.save_for_backward(saved, saved_corners, points, field, level_weights, table, *params)
         ctx.module, ctx.geometry, ctx.scale, ctx.n_layers = module, geometry, scale, n_layers
         return displacement
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        saved, points, field, level_weights, table, *params = ctx.saved_tensors
+        saved, saved_corners, points, field, level_weights, table, *params = ctx.saved_tensors
         n_layers = ctx.n_layers
-        grads = ctx.module.fields_backward(grad_out.contiguous(), saved, points, field, table, *ctx.geometry,
-                                           level_weights, list(params[:n_layers]), list(params[n_layers:]), ctx.scale)
+        grads = ctx.module.fields_backward(grad_out.contiguous(), saved, saved_corners, points, field, table,
+                                           *ctx.geometry, level_weights, list(params[:n_layers]),
+                                           list(params[n_layers:]), ctx.scale)
         grad_table, layer_grads = grads[0], grads[1:]
         grad_weights, grad_biases = layer_grads[0::2], layer_grads[1::2]
         return (None,) * 7 + (grad_table, *grad_weights, *grad_biases)
