@@ -2,45 +2,64 @@
 
     python benchmarks/encoder.py                         # CPU, 2D, every available backend
     python benchmarks/encoder.py --device cuda --dim 3 --points 1048576
-    python benchmarks/encoder.py --fit                   # also fit 4 hollow 128^2 pairs per backend
+    python benchmarks/encoder.py --fit 4                 # also fit 4 hollow 128^2 pairs per row
 
-All backends run in the same process, one after the other, and the table gives each one's ratio to
-the torch backend measured in this run (these machines are noisy: compare within a run).
-The training step is the one fit_pair runs: similarity on ``points`` random voxels per direction
-and the autograd gradient-ICON on ``points / 8`` random points, backward, Adam.
+Rows: ``torch`` (the reference), ``native`` (the compiled encoder inside the per-operation autograd
+graph, with the double backward for the penalty), ``native-fused`` (the fused CPU kernels of
+``neuralfield_reg/fused.py``: encoding + MLP in one kernel and the gradient-ICON penalty with its
+gradient in one kernel; the fit's default with the native backend on the CPU) and ``tcnn``.
+The encoder columns time the encoding alone, which native-fused does not have (``-``).
+
+The training step is the one fit_pair runs: both maps of a pair on ``points`` random voxels per
+direction with SSD against an image, the gradient-ICON penalty on ``points / 8`` random points,
+backward, Adam. The rows' steps are timed in turn, round-robin, and each row's median is
+compared with the torch row's (these machines are noisy: only compare within a run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import time
 
 import torch
 
 from _timing import step_times  # benchmarks/_timing.py, next to this script
 from neuralfield_reg.config import default_encoding
-from neuralfield_reg.coords import sample
+from neuralfield_reg.coords import sample_batch
 from neuralfield_reg.encoders import BackendUnavailableError, resolve_backend
-from neuralfield_reg.fields import MapPair
+from neuralfield_reg.fields import MapPairs
+from neuralfield_reg.fit import make_adam
+from neuralfield_reg.fused import gradient_icon_fused
 from neuralfield_reg.losses import inverse_consistency_terms
 
-
-def timed(function, device, repeats: int) -> float:
-    """Median seconds of ``function()`` after two warm-up calls."""
-    times = step_times(function, device, repeats)
-    return sorted(times)[len(times) // 2]
+ROWS = {"torch": ("torch", False), "native": ("native", False), "native-fused": ("native", True),
+        "tcnn": ("tcnn", False)}
 
 
-def measure(backend: str, device: torch.device, dim: int, points: int, repeats: int) -> dict:
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+@dataclasses.dataclass
+class Row:
+    encoder_forward: object            # callables, or None where the row has no encoder of its own
+    encoder_forward_backward: object
+    training_step: object
+
+
+def make_row(backend: str, fused: bool, device: torch.device, dim: int, points: int) -> Row:
     torch.manual_seed(0)
     shape = (128, 128) if dim == 2 else (64, 64, 64)
-    maps = MapPair(dim, encoding=default_encoding(shape), hidden_widths=(32, 32), backend=backend).to(device)
+    maps = MapPairs(dim, 1, encoding=default_encoding(shape), hidden_widths=(32, 32), backend=backend).to(device)
+    maps.fields.use_fused = fused
     with torch.no_grad():
         for parameter in maps.parameters():
             parameter.normal_(0, 0.01)
     encoding = maps.fields.encoding
-    image = torch.rand(shape, device=device)
+    image = torch.rand(1, 1, *shape, device=device)
     x = torch.rand(points, dim, device=device)
-    optimizer = torch.optim.Adam(maps.parameters(), lr=1e-3)
+    optimizer = make_adam(list(maps.parameters()), 1e-3)
 
     def forward():
         with torch.no_grad():
@@ -48,32 +67,38 @@ def measure(backend: str, device: torch.device, dim: int, points: int, repeats: 
 
     def forward_backward():
         xg = x.clone().requires_grad_(True)
-        gradients = torch.autograd.grad(encoding(xg, 0).square().sum(), [xg, encoding.params])
-        return gradients
+        return torch.autograd.grad(encoding(xg, 0).square().sum(), [xg, encoding.params])
 
     def training_step():
         optimizer.zero_grad(set_to_none=True)
-        mapped_B, mapped_A = maps(torch.rand(points, dim, device=device), torch.rand(points, dim, device=device))
-        loss = sample(image, mapped_B).square().mean() + sample(image, mapped_A).square().mean()
-        consistency = inverse_consistency_terms(maps, torch.rand(max(1, points // 8), dim, device=device))
-        (loss + 0.5 * consistency["gradient_icon"]).backward()
+        mapped_B, mapped_A = maps(torch.rand(1, points, dim, device=device), torch.rand(1, points, dim, device=device))
+        loss = sample_batch(image, mapped_B).square().mean() + sample_batch(image, mapped_A).square().mean()
+        penalty_points = torch.rand(1, max(1, points // 8), dim, device=device)
+        if fused:
+            fields = maps.fields
+            penalty = gradient_icon_fused(fields.encoding, list(fields.weights), list(fields.biases),
+                                          fields.output_scale, maps.matrices, maps.offsets, penalty_points)
+        else:
+            penalty = inverse_consistency_terms(maps, penalty_points)["gradient_icon"]
+        (loss + 0.5 * penalty.sum()).backward()
         optimizer.step()
 
-    return {"forward": points / timed(forward, device, repeats),
-            "forward_backward": points / timed(forward_backward, device, repeats),
-            "step_ms": 1000 * timed(training_step, device, repeats)}
+    if fused:
+        return Row(None, None, training_step)
+    return Row(forward, forward_backward, training_step)
 
 
-def fit_benchmark(backend: str, device: torch.device, pairs: int) -> tuple[float, float]:
+def fit_benchmark(backend: str, fused: bool, device: torch.device, pairs: int) -> tuple[float, float]:
     import neuralfield_reg as nfr
     from neuralfield_reg.data import shape_pairs
     from neuralfield_reg.metrics import mean_dice
 
     seconds, dice = [], []
     for index, pair in enumerate(shape_pairs(pairs, 128, seed=2024)):
-        config = nfr.FitConfig(backend=backend)
+        config = nfr.FitConfig(backend=backend, fused_kernels=fused)
+        start = time.perf_counter()
         result = nfr.fit_pair(pair.moving, pair.fixed, config, device=device, seed=index, progress=False)
-        seconds.append(result.elapsed_s)
+        seconds.append(time.perf_counter() - start)
         dice.append(mean_dice(result.warp(pair.moving_labels, mode="nearest"), pair.fixed_labels))
     return sum(seconds) / len(seconds), sum(dice) / len(dice)
 
@@ -90,29 +115,52 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; {args.dim}D, {args.points} points; torch {torch.__version__}")
-    rows = {}
-    for backend in ("torch", "native", "tcnn"):
+    rows: dict[str, Row] = {}
+    for label, (backend, fused) in ROWS.items():
         try:
             resolve_backend(backend, device)
         except BackendUnavailableError as error:
-            print(f"  {backend}: skipped ({error})")
+            print(f"  {label}: skipped ({error})")
             continue
-        rows[backend] = measure(backend, device, args.dim, args.points, args.repeats)
+        if fused and device.type != "cpu":
+            print(f"  {label}: skipped (the fused kernels are CPU kernels)")
+            continue
+        rows[label] = make_row(backend, fused, device, args.dim, args.points)
+    results: dict[str, dict[str, float]] = {label: {} for label in rows}
+    for label, row in rows.items():
+        if row.encoder_forward is not None:
+            results[label]["forward"] = args.points / median(step_times(row.encoder_forward, device, args.repeats))
+            results[label]["forward_backward"] = args.points / median(
+                step_times(row.encoder_forward_backward, device, args.repeats))
+    steps: dict[str, list[float]] = {label: [] for label in rows}
+    for row in rows.values():                   # warm-up
+        step_times(row.training_step, device, 0, warmup=2)
+    for _ in range(args.repeats):               # round-robin: every row sees the same machine state
+        for label, row in rows.items():
+            steps[label] += step_times(row.training_step, device, 1, warmup=0)
+    for label in rows:
+        results[label]["step_ms"] = 1000 * median(steps[label])
         if args.fit:
-            rows[backend]["fit_s"], rows[backend]["dice"] = fit_benchmark(backend, device, args.fit)
-    base = rows["torch"]
-    header = f"{'backend':8} {'fwd Mpts/s':>11} {'x':>6} {'fwd+bwd Mpts/s':>15} {'x':>6} {'train step ms':>14} {'x':>6}"
+            backend, fused = ROWS[label]
+            results[label]["fit_s"], results[label]["dice"] = fit_benchmark(backend, fused, device, args.fit)
+
+    base = results["torch"]
+
+    def rate(label: str, key: str) -> str:
+        if key not in results[label]:
+            return f"{'-':>11} {'-':>6}"
+        return f"{results[label][key] / 1e6:>11.2f} {results[label][key] / base[key]:>6.2f}"
+
+    header = f"{'row':13} {'fwd Mpts/s':>11} {'x':>6} {'f+b Mpts/s':>11} {'x':>6} {'step ms':>8} {'x':>6}"
     if args.fit:
         header += f" {'fit s/pair':>11} {'x':>6} {'Dice':>6}"
     print(header)
-    for backend, row in rows.items():
-        line = (f"{backend:8} {row['forward'] / 1e6:>11.2f} {row['forward'] / base['forward']:>6.2f} "
-                f"{row['forward_backward'] / 1e6:>15.2f} {row['forward_backward'] / base['forward_backward']:>6.2f} "
-                f"{row['step_ms']:>14.2f} {base['step_ms'] / row['step_ms']:>6.2f}")
+    for label, row in results.items():
+        line = (f"{label:13} {rate(label, 'forward')} {rate(label, 'forward_backward')} "
+                f"{row['step_ms']:>8.2f} {base['step_ms'] / row['step_ms']:>6.2f}")
         if args.fit:
             line += f" {row['fit_s']:>11.2f} {base['fit_s'] / row['fit_s']:>6.2f} {row['dice']:>6.3f}"
         print(line)
-
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <vector>
 
 #include "hashgrid.h"
@@ -231,124 +233,217 @@ void encode_jet_point_grad(const Clamped<scalar_t, D>& p, int64_t t, const Level
   }
 }
 
-// dst[o] += sum_i in[i] W[i, o] for a row-major (n_in, n_out) W. Blocks of outputs are summed in
-// local accumulators (registers) instead of reading and writing dst once per input.
+// 32-byte vectors of GCC/Clang's vector extension (AVX on x86, two NEON registers on ARM).
 template <typename scalar_t>
-inline void matvec_add(const scalar_t* __restrict__ in, int64_t n_in, const scalar_t* __restrict__ W, int64_t n_out,
-                       scalar_t* __restrict__ dst) {
-  int64_t o0 = 0;
-  constexpr int kWide = 32, kNarrow = 8;
-  for (; o0 + kWide <= n_out; o0 += kWide) {
-    scalar_t acc[kWide];
-    for (int j = 0; j < kWide; ++j) acc[j] = dst[o0 + j];
-    for (int64_t i = 0; i < n_in; ++i) {
-      const scalar_t a = in[i];
-      const scalar_t* w = W + i * n_out + o0;
-      for (int j = 0; j < kWide; ++j) acc[j] += a * w[j];
-    }
-    for (int j = 0; j < kWide; ++j) dst[o0 + j] = acc[j];
+struct Simd {
+  typedef scalar_t type __attribute__((vector_size(32)));
+  static constexpr int kLanes = 32 / static_cast<int>(sizeof(scalar_t));
+  static type load(const scalar_t* p) {
+    type v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
   }
-  for (; o0 + kNarrow <= n_out; o0 += kNarrow) {
-    scalar_t acc[kNarrow];
-    for (int j = 0; j < kNarrow; ++j) acc[j] = dst[o0 + j];
-    for (int64_t i = 0; i < n_in; ++i) {
-      const scalar_t a = in[i];
-      const scalar_t* w = W + i * n_out + o0;
-      for (int j = 0; j < kNarrow; ++j) acc[j] += a * w[j];
-    }
-    for (int j = 0; j < kNarrow; ++j) dst[o0 + j] = acc[j];
-  }
-  for (; o0 < n_out; ++o0) {
-    scalar_t acc = dst[o0];
-    for (int64_t i = 0; i < n_in; ++i) acc += in[i] * W[i * n_out + o0];
-    dst[o0] = acc;
-  }
-}
+  static void store(scalar_t* p, type v) { std::memcpy(p, &v, sizeof v); }
+  static type splat(scalar_t a) { return type{} + a; }
+};
 
-// MLP forward on a jet of C channels. acts holds every layer's input (C x width[k] each, the
-// first is the encoding jet, already filled); out receives C x D (value and derivatives of u).
+// out[c][o] += sum_i in[c][i] W[i, o] for C vectors at once, W row-major (n_in, n_out): each row
+// of W is loaded once for all C vectors, and blocks of outputs are summed in registers.
 template <typename scalar_t, int C>
-void mlp_forward(const Mlp<scalar_t>& mlp, int64_t t, scalar_t* acts, scalar_t* out) {
-  scalar_t* in = acts;
-  for (int k = 0; k < mlp.n_layers; ++k) {
-    const int64_t n_in = mlp.width[k], n_out = mlp.width[k + 1];
-    const bool last = k == mlp.n_layers - 1;
-    scalar_t* next = last ? out : in + C * n_in;
-    const scalar_t* W = mlp.W(k, t);
-    const scalar_t* b = mlp.b(k, t);
-    for (int64_t o = 0; o < n_out; ++o) next[o] = b[o];
-    std::fill(next + n_out, next + C * n_out, scalar_t(0));
-    for (int c = 0; c < C; ++c) matvec_add<scalar_t>(in + c * n_in, n_in, W, n_out, next + c * n_out);
-    if (last) {
-      for (int64_t o = 0; o < C * n_out; ++o) next[o] *= mlp.scale;
-    } else {
-      for (int64_t o = 0; o < n_out; ++o) {
-        const scalar_t keep = next[o] > 0 ? scalar_t(1) : scalar_t(0);
-        for (int c = 0; c < C; ++c) next[c * n_out + o] *= keep;
+inline void matvec_multi(scalar_t* const* in, int64_t n_in, const scalar_t* __restrict__ W, int64_t n_out,
+                         scalar_t* const* out) {
+  using S = Simd<scalar_t>;
+  using vec = typename S::type;
+  constexpr int V = S::kLanes;
+  const scalar_t* source[C];
+  for (int c = 0; c < C; ++c) source[c] = in[c];
+  int64_t o0 = 0;
+  for (; o0 + 2 * V <= n_out; o0 += 2 * V) {
+    vec acc0[C], acc1[C];
+    for (int c = 0; c < C; ++c) {
+      acc0[c] = S::load(out[c] + o0);
+      acc1[c] = S::load(out[c] + o0 + V);
+    }
+    for (int64_t i = 0; i < n_in; ++i) {
+      const vec w0 = S::load(W + i * n_out + o0), w1 = S::load(W + i * n_out + o0 + V);
+      for (int c = 0; c < C; ++c) {
+        const vec a = S::splat(source[c][i]);
+        acc0[c] += a * w0;
+        acc1[c] += a * w1;
       }
     }
-    in = next;
+    for (int c = 0; c < C; ++c) {
+      S::store(out[c] + o0, acc0[c]);
+      S::store(out[c] + o0 + V, acc1[c]);
+    }
+  }
+  for (; o0 + V <= n_out; o0 += V) {
+    vec acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = S::load(out[c] + o0);
+    for (int64_t i = 0; i < n_in; ++i) {
+      const vec w = S::load(W + i * n_out + o0);
+      for (int c = 0; c < C; ++c) acc[c] += S::splat(source[c][i]) * w;
+    }
+    for (int c = 0; c < C; ++c) S::store(out[c] + o0, acc[c]);
+  }
+  for (; o0 < n_out; ++o0) {
+    for (int c = 0; c < C; ++c) {
+      scalar_t acc = out[c][o0];
+      for (int64_t i = 0; i < n_in; ++i) acc += source[c][i] * W[i * n_out + o0];
+      out[c][o0] = acc;
+    }
   }
 }
 
-// Reverse mode through mlp_forward: adj_out (C x D, overwritten) is dL/d(out); accumulates the
-// weight and bias gradients of field t and writes dL/d(encoding jet) to adj_in (C x width[0]).
-// Channels below first_channel have zero adjoint and are skipped. work: 2 C max_width numbers.
+// g[o] += sum_c value[c] adj[c][o] (a row of a weight gradient, all C vectors at once).
 template <typename scalar_t, int C>
-void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const scalar_t* acts, scalar_t* adj_out,
-                  scalar_t* work, scalar_t* grad_weight, scalar_t* grad_bias, scalar_t* adj_in) {
-  int64_t offset[64];                     // layer k's input is acts + offset[k]
-  int64_t position = 0;
-  for (int k = 0; k < mlp.n_layers; ++k) {
-    offset[k] = position;
-    position += C * mlp.width[k];
+inline void outer_add(const scalar_t* value, scalar_t* const* adj, int64_t n_out, scalar_t* __restrict__ g) {
+  using S = Simd<scalar_t>;
+  using vec = typename S::type;
+  constexpr int V = S::kLanes;
+  vec splats[C];
+  for (int c = 0; c < C; ++c) splats[c] = S::splat(value[c]);
+  int64_t o = 0;
+  for (; o + V <= n_out; o += V) {
+    vec sum = S::load(g + o);
+    for (int c = 0; c < C; ++c) sum += splats[c] * S::load(adj[c] + o);
+    S::store(g + o, sum);
   }
+  for (; o < n_out; ++o) {
+    scalar_t sum = g[o];
+    for (int c = 0; c < C; ++c) sum += value[c] * adj[c][o];
+    g[o] = sum;
+  }
+}
+
+// C vectors through the MLP together: at[k][c] is vector c's input of layer k, at[n_layers][c] its
+// output (D numbers). Two kinds: a jet (kJet: channel 0 the value, the others its derivatives;
+// the bias applies to the value and every channel takes the value's ReLU mask), or C independent
+// points of one field (each with its own bias and mask).
+template <typename scalar_t, int C>
+struct Vectors {
+  scalar_t* at[65][C];
+};
+
+// A jet's buffer acts (channel-major per layer: layer k holds C x width[k]) and its output (C x D).
+template <typename scalar_t, int C>
+Vectors<scalar_t, C> jet_vectors(const Mlp<scalar_t>& mlp, scalar_t* acts, scalar_t* out) {
+  Vectors<scalar_t, C> v;
+  int64_t offset = 0;
+  for (int k = 0; k < mlp.n_layers; ++k) {
+    for (int c = 0; c < C; ++c) v.at[k][c] = acts + offset + c * mlp.width[k];
+    offset += C * mlp.width[k];
+  }
+  for (int c = 0; c < C; ++c) v.at[mlp.n_layers][c] = out + c * mlp.width[mlp.n_layers];
+  return v;
+}
+
+// Points n .. n + C - 1 with A numbers of layer inputs each (acts) and D outputs each (out; may be
+// null for the backward pass, which reads only the inputs).
+template <typename scalar_t, int C>
+Vectors<scalar_t, C> point_vectors(const Mlp<scalar_t>& mlp, scalar_t* acts, int64_t A, scalar_t* out) {
+  Vectors<scalar_t, C> v;
+  int64_t offset = 0;
+  for (int k = 0; k < mlp.n_layers; ++k) {
+    for (int c = 0; c < C; ++c) v.at[k][c] = acts + c * A + offset;
+    offset += mlp.width[k];
+  }
+  for (int c = 0; c < C; ++c) v.at[mlp.n_layers][c] = out == nullptr ? nullptr : out + c * mlp.width[mlp.n_layers];
+  return v;
+}
+
+// Forward pass; the layer-0 inputs (encodings) are already in place.
+template <typename scalar_t, int C, bool kJet>
+void mlp_forward(const Mlp<scalar_t>& mlp, int64_t t, const Vectors<scalar_t, C>& v) {
+  for (int k = 0; k < mlp.n_layers; ++k) {
+    const int64_t n_out = mlp.width[k + 1];
+    const bool last = k == mlp.n_layers - 1;
+    const scalar_t* b = mlp.b(k, t);
+    scalar_t* const* next = v.at[k + 1];
+    for (int c = 0; c < C; ++c) {
+      if (kJet && c > 0) {
+        std::fill(next[c], next[c] + n_out, scalar_t(0));
+      } else {
+        std::copy(b, b + n_out, next[c]);
+      }
+    }
+    matvec_multi<scalar_t, C>(v.at[k], mlp.width[k], mlp.W(k, t), n_out, next);
+    if (last) {
+      for (int c = 0; c < C; ++c) {
+        for (int64_t o = 0; o < n_out; ++o) next[c][o] *= mlp.scale;
+      }
+    } else if (kJet) {
+      for (int64_t o = 0; o < n_out; ++o) {
+        const scalar_t keep = next[0][o] > 0 ? scalar_t(1) : scalar_t(0);
+        for (int c = 0; c < C; ++c) next[c][o] *= keep;
+      }
+    } else {
+      for (int c = 0; c < C; ++c) {
+        for (int64_t o = 0; o < n_out; ++o) next[c][o] = next[c][o] > 0 ? next[c][o] : scalar_t(0);
+      }
+    }
+  }
+}
+
+// Reverse mode through mlp_forward: adj_out[c] (D numbers each, overwritten) is dL/d(output of
+// vector c); accumulates the weight and bias gradients of field t and writes dL/d(layer-0 input)
+// to adj_in[c]. A jet's channels below first_channel have zero adjoint (their dW terms are
+// skipped; zero stays zero through the rest). work: 2 C max_width numbers.
+template <typename scalar_t, int C, bool kJet>
+void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const Vectors<scalar_t, C>& v,
+                  scalar_t* const* adj_out, scalar_t* work, scalar_t* grad_weight, scalar_t* grad_bias,
+                  scalar_t* const* adj_in) {
   const int64_t max_width = mlp.max_width();
-  scalar_t* adj = adj_out;                // dL/d(output of layer k), C x width[k+1]
-  scalar_t* spare = work;
-  scalar_t* spare2 = work + C * max_width;
+  scalar_t* adj[C];
+  scalar_t* spare[C];
+  scalar_t* spare2[C];
+  for (int c = 0; c < C; ++c) {
+    adj[c] = adj_out[c];
+    spare[c] = work + c * max_width;
+    spare2[c] = work + (C + c) * max_width;
+  }
   for (int k = mlp.n_layers - 1; k >= 0; --k) {
     const int64_t n_in = mlp.width[k], n_out = mlp.width[k + 1];
-    const scalar_t* in = acts + offset[k];
+    scalar_t* const* in = v.at[k];
     if (k == mlp.n_layers - 1) {
-      for (int64_t o = first_channel * n_out; o < C * n_out; ++o) adj[o] *= mlp.scale;
+      for (int c = first_channel; c < C; ++c) {
+        for (int64_t o = 0; o < n_out; ++o) adj[c][o] *= mlp.scale;
+      }
     }
     scalar_t* __restrict__ gW = grad_weight + t * mlp.weight_count + mlp.weight_offset[k];
     scalar_t* __restrict__ gb = grad_bias + t * mlp.bias_count + mlp.bias_offset[k];
-    if (first_channel == 0) {
-      for (int64_t o = 0; o < n_out; ++o) gb[o] += adj[o];
+    // The bias acts on values only: every point of a block, a jet's channel 0.
+    const int bias_channels = kJet ? (first_channel == 0 ? 1 : 0) : C;
+    for (int c = 0; c < bias_channels; ++c) {
+      for (int64_t o = 0; o < n_out; ++o) gb[o] += adj[c][o];
     }
-    // dW[i, o] += sum_c in[c, i] adj[c, o]: each row once, all channels together.
+    // dW[i, o] += sum_c in[c][i] adj[c][o]: each row of dW once for all vectors.
     for (int64_t i = 0; i < n_in; ++i) {
-      scalar_t v[C];
+      scalar_t value[C];
       bool any = false;
       for (int c = 0; c < C; ++c) {
-        v[c] = c < first_channel ? scalar_t(0) : in[c * n_in + i];
-        any = any || v[c] != 0;
+        value[c] = c < first_channel ? scalar_t(0) : in[c][i];
+        any = any || value[c] != 0;
       }
       if (!any) continue;
-      scalar_t* __restrict__ g = gW + i * n_out;
-      for (int64_t o = 0; o < n_out; ++o) {
-        scalar_t sum = 0;
-        for (int c = 0; c < C; ++c) sum += v[c] * adj[c * n_out + o];
-        g[o] += sum;
-      }
+      outer_add<scalar_t, C>(value, adj, n_out, gW + i * n_out);
     }
-    // dL/d(input of layer k) = W adj, masked by the ReLU that produced it (its value channel > 0).
-    scalar_t* adj_prev = k == 0 ? adj_in : spare;
-    const scalar_t* WT = mlp.WT(k, t);
+    // dL/d(input of layer k) = W adj, masked by the ReLU that produced that input.
+    scalar_t* dst[C];
     for (int c = 0; c < C; ++c) {
-      scalar_t* dst = adj_prev + c * n_in;
-      std::fill(dst, dst + n_in, scalar_t(0));
-      if (c < first_channel) continue;
-      matvec_add<scalar_t>(adj + c * n_out, n_out, WT, n_in, dst);
-      if (k > 0) {
-        for (int64_t i = 0; i < n_in; ++i) dst[i] *= in[i] > 0 ? scalar_t(1) : scalar_t(0);
-      }
+      dst[c] = k == 0 ? adj_in[c] : spare[c];
+      std::fill(dst[c], dst[c] + n_in, scalar_t(0));
     }
+    matvec_multi<scalar_t, C>(adj, n_out, mlp.WT(k, t), n_in, dst);
     if (k > 0) {
-      adj = spare;
-      std::swap(spare, spare2);
+      for (int c = 0; c < C; ++c) {
+        const scalar_t* mask_values = in[kJet ? 0 : c];
+        for (int64_t i = 0; i < n_in; ++i) dst[c][i] *= mask_values[i] > 0 ? scalar_t(1) : scalar_t(0);
+      }
+      for (int c = 0; c < C; ++c) {
+        adj[c] = spare[c];
+        std::swap(spare[c], spare2[c]);
+      }
     }
   }
 }
@@ -378,6 +473,26 @@ void scatter_records(const CornerRecord<scalar_t, C>* records, int64_t R, const 
       }
     }
   });
+}
+
+// Points per block of the fields' MLP (points of one field evaluated together).
+constexpr int kPointBlock = 4;
+
+// How many points from n on go in one block: kPointBlock when they all use field t[n], else 1.
+inline int64_t block_of_one_field(const int64_t* t, int64_t n, int64_t end) {
+  if (n + kPointBlock > end) return 1;
+  for (int c = 1; c < kPointBlock; ++c) {
+    if (t[n + c] != t[n]) return 1;
+  }
+  return kPointBlock;
+}
+
+// Pointers to the C channels of a channel-major buffer with `stride` numbers per channel.
+template <typename scalar_t, int C>
+std::array<scalar_t*, C> channels(scalar_t* buffer, int64_t stride) {
+  std::array<scalar_t*, C> out;
+  for (int c = 0; c < C; ++c) out[c] = buffer + c * stride;
+  return out;
 }
 
 struct Common {
@@ -456,12 +571,21 @@ std::vector<at::Tensor> fields_forward(const at::Tensor& points, const at::Tenso
     scalar_t* acts_all = saved.data_ptr<scalar_t>();
     Record* records = save ? reinterpret_cast<Record*>(saved_corners.data_ptr<uint8_t>()) : nullptr;
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(save ? 0 : A);
-      for (int64_t n = begin; n < end; ++n) {
+      std::vector<scalar_t> scratch(save ? 0 : kPointBlock * A);
+      for (int64_t n = begin; n < end;) {
+        const int64_t count = block_of_one_field(t, n, end);
         scalar_t* acts = save ? acts_all + n * A : scratch.data();
-        encode_jet<scalar_t, D, 1>(Clamped<scalar_t, D>(x + n * D), t[n], levels, tab, lw, acts,
-                                   save ? records + n * L * K : nullptr);
-        mlp_forward<scalar_t, 1>(mlp, t[n], acts, o + n * D);
+        for (int64_t c = 0; c < count; ++c) {
+          encode_jet<scalar_t, D, 1>(Clamped<scalar_t, D>(x + (n + c) * D), t[n], levels, tab, lw, acts + c * A,
+                                     save ? records + (n + c) * L * K : nullptr);
+        }
+        if (count == kPointBlock) {
+          mlp_forward<scalar_t, kPointBlock, false>(mlp, t[n], point_vectors<scalar_t, kPointBlock>(mlp, acts, A,
+                                                                                                    o + n * D));
+        } else {
+          mlp_forward<scalar_t, 1, false>(mlp, t[n], point_vectors<scalar_t, 1>(mlp, acts, A, o + n * D));
+        }
+        n += count;
       }
     });
   });
@@ -504,13 +628,29 @@ std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Te
     std::vector<scalar_t> adj_encoding(N * LF);
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
-      scalar_t adj_out[D];
-      std::vector<scalar_t> work(2 * mlp.max_width());
-      for (int64_t n = begin; n < end; ++n) {
-        for (int k = 0; k < D; ++k) adj_out[k] = g[n * D + k];
-        mlp_backward<scalar_t, 1>(mlp, t[n], 0, acts_all + n * A, adj_out, work.data(),
-                                  gradients.weight[thread].data(), gradients.bias[thread].data(),
-                                  adj_encoding.data() + n * LF);
+      scalar_t adj_out[kPointBlock * D];
+      std::vector<scalar_t> work(2 * kPointBlock * mlp.max_width());
+      scalar_t* grad_w = gradients.weight[thread].data();
+      scalar_t* grad_b = gradients.bias[thread].data();
+      for (int64_t n = begin; n < end;) {
+        const int64_t count = block_of_one_field(t, n, end);
+        std::copy(g + n * D, g + (n + count) * D, adj_out);
+        scalar_t* acts = const_cast<scalar_t*>(acts_all) + n * A;
+        scalar_t* adj_in[kPointBlock];
+        scalar_t* adj_outs[kPointBlock];
+        for (int64_t c = 0; c < count; ++c) {
+          adj_in[c] = adj_encoding.data() + (n + c) * LF;
+          adj_outs[c] = adj_out + c * D;
+        }
+        if (count == kPointBlock) {
+          mlp_backward<scalar_t, kPointBlock, false>(mlp, t[n], 0,
+                                                     point_vectors<scalar_t, kPointBlock>(mlp, acts, A, nullptr),
+                                                     adj_outs, work.data(), grad_w, grad_b, adj_in);
+        } else {
+          mlp_backward<scalar_t, 1, false>(mlp, t[n], 0, point_vectors<scalar_t, 1>(mlp, acts, A, nullptr),
+                                           adj_outs, work.data(), grad_w, grad_b, adj_in);
+        }
+        n += count;
       }
     });
     scatter_records<scalar_t, D, 1>(reinterpret_cast<const Record*>(saved_corners.data_ptr<uint8_t>()), N,
@@ -584,7 +724,8 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         // Inner map g at x: J_g = M_g + dU, y = M_g x + o_g + u.
         encode_jet<scalar_t, D, C>(Clamped<scalar_t, D>(point), inner, levels, tab, lw, acts_inner.data(),
                                    need_grad ? records.data() + 2 * item * L * K : nullptr);
-        mlp_forward<scalar_t, C>(mlp, inner, acts_inner.data(), jet_inner);
+        const auto vectors_inner = jet_vectors<scalar_t, C>(mlp, acts_inner.data(), jet_inner);
+        mlp_forward<scalar_t, C, true>(mlp, inner, vectors_inner);
         scalar_t Jg[D][D], Jf[D][D], y[D];
         const scalar_t* Mg = M + inner * D * D;
         const scalar_t* Mf = M + outer * D * D;
@@ -599,7 +740,8 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         const Clamped<scalar_t, D> y_clamped(y);
         encode_jet<scalar_t, D, C>(y_clamped, outer, levels, tab, lw, acts_outer.data(),
                                    need_grad ? records.data() + (2 * item + 1) * L * K : nullptr);
-        mlp_forward<scalar_t, C>(mlp, outer, acts_outer.data(), jet_outer);
+        const auto vectors_outer = jet_vectors<scalar_t, C>(mlp, acts_outer.data(), jet_outer);
+        mlp_forward<scalar_t, C, true>(mlp, outer, vectors_outer);
         for (int k = 0; k < D; ++k) {
           for (int j = 0; j < D; ++j) Jf[k][j] = Mf[k * D + j] + jet_outer[(1 + j) * D + k];
         }
@@ -629,7 +771,8 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
           }
         }
         scalar_t* adj_outer = adj_encoding.data() + (2 * item + 1) * C * LF;
-        mlp_backward<scalar_t, C>(mlp, outer, 1, acts_outer.data(), adj, work.data(), grad_w, grad_b, adj_outer);
+        mlp_backward<scalar_t, C, true>(mlp, outer, 1, vectors_outer, channels<scalar_t, C>(adj, D).data(),
+                                        work.data(), grad_w, grad_b, channels<scalar_t, C>(adj_outer, LF).data());
         scalar_t y_grad[D] = {};
         encode_jet_point_grad<scalar_t, D>(y_clamped, outer, levels, tab, lw, C, adj_outer, y_grad);
         // Inner: dL/dJg = Jf^T G on the derivative channels, dL/dy on the value channel.
@@ -641,8 +784,9 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
             adj[(1 + j) * D + k] = sum;
           }
         }
-        mlp_backward<scalar_t, C>(mlp, inner, 0, acts_inner.data(), adj, work.data(), grad_w, grad_b,
-                               adj_encoding.data() + 2 * item * C * LF);
+        mlp_backward<scalar_t, C, true>(mlp, inner, 0, vectors_inner, channels<scalar_t, C>(adj, D).data(),
+                                        work.data(), grad_w, grad_b,
+                                        channels<scalar_t, C>(adj_encoding.data() + 2 * item * C * LF, LF).data());
       }
     });
     scalar_t* pen = penalty.data_ptr<scalar_t>();

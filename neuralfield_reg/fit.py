@@ -223,7 +223,7 @@ def _check_images(caller: str, movings: list, fixeds: list, device,
                               for p, t in enumerate(checked[kind])]) for kind in ("moving", "fixed"))
 
 
-def _adam(parameters: list[torch.Tensor], learning_rate: float) -> torch.optim.Adam:
+def make_adam(parameters: list[torch.Tensor], learning_rate: float) -> torch.optim.Adam:
     """Adam, with its fused implementation where this torch has one for the device (one kernel
     for all parameters: about 3x faster per step on the CPU than the per-tensor loop)."""
     try:
@@ -267,7 +267,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
                                  affine_AB=affine_AB, affine_BA=affine_BA).to(device))
     maps = MapPairs.stack(pairs)
     maps.fields.use_fused = config.fused_kernels
-    optimizer = _adam(list(maps.parameters()), config.learning_rate)
+    optimizer = make_adam(list(maps.parameters()), config.learning_rate)
     learning_rate_scale = 1.0          # lowered by each rollback
 
     def learning_rate(iteration: int) -> float:
