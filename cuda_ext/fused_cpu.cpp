@@ -164,15 +164,17 @@ struct Clamped {
 // coefficient of each of the C jet channels (w_l W_c, then w_l m_j dW_c/dx_j).
 template <typename scalar_t, int C>
 struct CornerRecord {
-  int64_t row;
+  int32_t row;                 // < 2^31 (checked by check_common)
   scalar_t coefficient[C];
 };
 
 // jet (C x L*F, channel-major, zeroed here): the encoding and, for C = 1 + D, its derivatives.
-// records (optional, L x 2^D): every corner's row and coefficients, for scatter_records.
+// records (optional): every corner's row and coefficients for scatter_records, level l's 2^D
+// corners at records + l * level_stride (records are kept level-major).
 template <typename scalar_t, int D, int C>
 void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, const scalar_t* table,
-                const scalar_t* level_weight, scalar_t* jet, CornerRecord<scalar_t, C>* records) {
+                const scalar_t* level_weight, scalar_t* jet, CornerRecord<scalar_t, C>* records,
+                int64_t level_stride) {
   constexpr int K = Cell<scalar_t, D>::kCorners;
   const int F = levels.n_features, LF = levels.n_levels * F;
   std::fill(jet, jet + C * LF, scalar_t(0));
@@ -180,22 +182,49 @@ void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, 
     const scalar_t lw = level_weight[l];
     if (lw == 0) continue;                     // scatter_records skips these levels too
     const Cell<scalar_t, D> cell(p.x, l, levels, t);
+    // coefficient[c][ch]: w_l W_c, then w_l m_j dW_c/dx_j, from the per-axis factors (1 - w, w)
+    // and their derivatives (-w', w').
+    scalar_t coefficient[K][C];
     for (int c = 0; c < K; ++c) {
-      const scalar_t* row = table + cell.row[c] * F;
-      scalar_t coefficient[C];
-      coefficient[0] = lw * cell.weight(c);
-      if (C > 1) {
-        scalar_t gradient[D];
-        cell.weight_gradient(c, gradient);
-        for (int j = 0; j < D && 1 + j < C; ++j) coefficient[1 + j] = lw * p.mask[j] * gradient[j];
-      }
       for (int ch = 0; ch < C; ++ch) {
-        for (int f = 0; f < F; ++f) jet[ch * LF + l * F + f] += coefficient[ch] * row[f];
+        scalar_t value = lw;
+        for (int k = 0; k < D; ++k) {
+          const bool upper = (c >> k) & 1;
+          if (ch == 1 + k) {
+            const scalar_t derivative = upper ? cell.dw[k] : -cell.dw[k];
+            value *= p.mask[k] * derivative;
+          } else {
+            value *= upper ? cell.w[k] : scalar_t(1) - cell.w[k];
+          }
+        }
+        coefficient[c][ch] = value;
       }
-      if (records != nullptr) {
-        CornerRecord<scalar_t, C>& record = records[l * K + c];
-        record.row = cell.row[c];
-        for (int ch = 0; ch < C; ++ch) record.coefficient[ch] = coefficient[ch];
+    }
+    scalar_t* out = jet + l * F;
+    if (F == 2) {                              // the common case, without the inner loop
+      for (int ch = 0; ch < C; ++ch) {
+        scalar_t sum0 = 0, sum1 = 0;
+        for (int c = 0; c < K; ++c) {
+          const scalar_t* row = table + cell.row[c] * 2;
+          sum0 += coefficient[c][ch] * row[0];
+          sum1 += coefficient[c][ch] * row[1];
+        }
+        out[ch * LF] = sum0;
+        out[ch * LF + 1] = sum1;
+      }
+    } else {
+      for (int c = 0; c < K; ++c) {
+        const scalar_t* row = table + cell.row[c] * F;
+        for (int ch = 0; ch < C; ++ch) {
+          for (int f = 0; f < F; ++f) out[ch * LF + f] += coefficient[c][ch] * row[f];
+        }
+      }
+    }
+    if (records != nullptr) {
+      for (int c = 0; c < K; ++c) {
+        CornerRecord<scalar_t, C>& record = records[l * level_stride + c];
+        record.row = static_cast<int32_t>(cell.row[c]);
+        for (int ch = 0; ch < C; ++ch) record.coefficient[ch] = coefficient[c][ch];
       }
     }
   }
@@ -448,31 +477,46 @@ void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const 
   }
 }
 
-// grad_table[row] += sum over channels of coefficient * adj, for the corner records of R
-// evaluations (R x L x 2^D) and their jet adjoints adj (R x C x L*F). Parallel over levels, whose
-// rows never overlap, so no atomics are needed.
+// grad_table[row] += sum over channels of coefficient * adj for R evaluations, all level-major:
+// records (L x R x 2^D) and adjoints adj (L x R x C x F, dL/d(jet) of each level's F features).
+// Parallel over levels, whose rows never overlap, so no atomics are needed; each level reads its
+// records and adjoints contiguously.
 template <typename scalar_t, int D, int C>
 void scatter_records(const CornerRecord<scalar_t, C>* records, int64_t R, const scalar_t* adj, const Levels& levels,
                      const scalar_t* level_weight, scalar_t* grad_table) {
   constexpr int K = Cell<scalar_t, D>::kCorners;
-  const int F = levels.n_features, L = levels.n_levels, LF = L * F;
+  const int F = levels.n_features, L = levels.n_levels;
   at::parallel_for(0, L, 1, [&](int64_t level_begin, int64_t level_end) {
     for (int64_t l = level_begin; l < level_end; ++l) {
       if (level_weight[l] == 0) continue;
+      const CornerRecord<scalar_t, C>* level_records = records + l * R * K;
+      const scalar_t* level_adj = adj + l * R * C * F;
       for (int64_t r = 0; r < R; ++r) {
-        const CornerRecord<scalar_t, C>* corners = records + (r * L + l) * K;
-        const scalar_t* a = adj + r * C * LF + l * F;
+        const CornerRecord<scalar_t, C>* corners = level_records + r * K;
+        const scalar_t* a = level_adj + r * C * F;
         for (int c = 0; c < K; ++c) {
-          scalar_t* row = grad_table + corners[c].row * F;
+          scalar_t* row = grad_table + static_cast<int64_t>(corners[c].row) * F;
           for (int f = 0; f < F; ++f) {
             scalar_t sum = 0;
-            for (int ch = 0; ch < C; ++ch) sum += corners[c].coefficient[ch] * a[ch * LF + f];
+            for (int ch = 0; ch < C; ++ch) sum += corners[c].coefficient[ch] * a[ch * F + f];
             row[f] += sum;
           }
         }
       }
     }
   });
+}
+
+// Copies one evaluation's jet adjoint (channel-major, C x L*F) into the level-major adjoints of
+// R evaluations (L x R x C x F) at evaluation r.
+template <typename scalar_t, int C>
+inline void to_level_major(const scalar_t* adj, int64_t r, int64_t R, int L, int F, scalar_t* out) {
+  for (int l = 0; l < L; ++l) {
+    scalar_t* dst = out + (l * R + r) * C * F;
+    for (int ch = 0; ch < C; ++ch) {
+      for (int f = 0; f < F; ++f) dst[ch * F + f] = adj[ch * L * F + l * F + f];
+    }
+  }
 }
 
 // Points per block of the fields' MLP (points of one field evaluated together).
@@ -510,6 +554,7 @@ Common check_common(const at::Tensor& table, const at::Tensor& geometry, int64_t
                   level_weight.scalar_type() == table.scalar_type() && level_weight.is_contiguous(),
               "level_weight: expected (n_levels,) in the table's dtype");
   common.n_fields = table.size(0) / rows_per_table;
+  TORCH_CHECK(table.size(0) < (int64_t(1) << 31), "table: the fused kernels index at most 2^31 rows");
   return common;
 }
 
@@ -577,7 +622,7 @@ std::vector<at::Tensor> fields_forward(const at::Tensor& points, const at::Tenso
         scalar_t* acts = save ? acts_all + n * A : scratch.data();
         for (int64_t c = 0; c < count; ++c) {
           encode_jet<scalar_t, D, 1>(Clamped<scalar_t, D>(x + (n + c) * D), t[n], levels, tab, lw, acts + c * A,
-                                     save ? records + (n + c) * L * K : nullptr);
+                                     save ? records + (n + c) * K : nullptr, N * K);
         }
         if (count == kPointBlock) {
           mlp_forward<scalar_t, kPointBlock, false>(mlp, t[n], point_vectors<scalar_t, kPointBlock>(mlp, acts, A,
@@ -625,11 +670,11 @@ std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Te
     const scalar_t* acts_all = saved.data_ptr<scalar_t>();
     const int threads = at::get_num_threads();
     MlpGradients<scalar_t> gradients(threads, common.n_fields, mlp);
-    std::vector<scalar_t> adj_encoding(N * LF);
+    std::vector<scalar_t> adj_encoding(N * LF);          // level-major, see scatter_records
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
       scalar_t adj_out[kPointBlock * D];
-      std::vector<scalar_t> work(2 * kPointBlock * mlp.max_width());
+      std::vector<scalar_t> work(2 * kPointBlock * mlp.max_width()), block_adj(kPointBlock * LF);
       scalar_t* grad_w = gradients.weight[thread].data();
       scalar_t* grad_b = gradients.bias[thread].data();
       for (int64_t n = begin; n < end;) {
@@ -639,7 +684,7 @@ std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Te
         scalar_t* adj_in[kPointBlock];
         scalar_t* adj_outs[kPointBlock];
         for (int64_t c = 0; c < count; ++c) {
-          adj_in[c] = adj_encoding.data() + (n + c) * LF;
+          adj_in[c] = block_adj.data() + c * LF;
           adj_outs[c] = adj_out + c * D;
         }
         if (count == kPointBlock) {
@@ -649,6 +694,9 @@ std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Te
         } else {
           mlp_backward<scalar_t, 1, false>(mlp, t[n], 0, point_vectors<scalar_t, 1>(mlp, acts, A, nullptr),
                                            adj_outs, work.data(), grad_w, grad_b, adj_in);
+        }
+        for (int64_t c = 0; c < count; ++c) {
+          to_level_major<scalar_t, 1>(adj_in[c], n + c, N, levels.n_levels, levels.n_features, adj_encoding.data());
         }
         n += count;
       }
@@ -714,7 +762,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
     at::parallel_for(0, items, kGrain, [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
       std::vector<scalar_t> acts_inner(C * mlp.activation_count()), acts_outer(C * mlp.activation_count());
-      std::vector<scalar_t> work(2 * C * mlp.max_width());
+      std::vector<scalar_t> work(2 * C * mlp.max_width()), adj_scratch(2 * C * LF);
       scalar_t jet_inner[C * D], jet_outer[C * D], adj[C * D];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t pair = item / (2 * N), direction = (item / N) % 2, n = item % N;
@@ -723,7 +771,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         const scalar_t* s = S + direction * D;
         // Inner map g at x: J_g = M_g + dU, y = M_g x + o_g + u.
         encode_jet<scalar_t, D, C>(Clamped<scalar_t, D>(point), inner, levels, tab, lw, acts_inner.data(),
-                                   need_grad ? records.data() + 2 * item * L * K : nullptr);
+                                   need_grad ? records.data() + 2 * item * K : nullptr, 2 * items * K);
         const auto vectors_inner = jet_vectors<scalar_t, C>(mlp, acts_inner.data(), jet_inner);
         mlp_forward<scalar_t, C, true>(mlp, inner, vectors_inner);
         scalar_t Jg[D][D], Jf[D][D], y[D];
@@ -739,7 +787,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         // Outer map f at y.
         const Clamped<scalar_t, D> y_clamped(y);
         encode_jet<scalar_t, D, C>(y_clamped, outer, levels, tab, lw, acts_outer.data(),
-                                   need_grad ? records.data() + (2 * item + 1) * L * K : nullptr);
+                                   need_grad ? records.data() + (2 * item + 1) * K : nullptr, 2 * items * K);
         const auto vectors_outer = jet_vectors<scalar_t, C>(mlp, acts_outer.data(), jet_outer);
         mlp_forward<scalar_t, C, true>(mlp, outer, vectors_outer);
         for (int k = 0; k < D; ++k) {
@@ -770,7 +818,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
             adj[(1 + j) * D + k] = sum;
           }
         }
-        scalar_t* adj_outer = adj_encoding.data() + (2 * item + 1) * C * LF;
+        scalar_t* adj_outer = adj_scratch.data();
         mlp_backward<scalar_t, C, true>(mlp, outer, 1, vectors_outer, channels<scalar_t, C>(adj, D).data(),
                                         work.data(), grad_w, grad_b, channels<scalar_t, C>(adj_outer, LF).data());
         scalar_t y_grad[D] = {};
@@ -786,7 +834,11 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         }
         mlp_backward<scalar_t, C, true>(mlp, inner, 0, vectors_inner, channels<scalar_t, C>(adj, D).data(),
                                         work.data(), grad_w, grad_b,
-                                        channels<scalar_t, C>(adj_encoding.data() + 2 * item * C * LF, LF).data());
+                                        channels<scalar_t, C>(adj_scratch.data() + C * LF, LF).data());
+        to_level_major<scalar_t, C>(adj_scratch.data() + C * LF, 2 * item, 2 * items, levels.n_levels,
+                                    levels.n_features, adj_encoding.data());
+        to_level_major<scalar_t, C>(adj_outer, 2 * item + 1, 2 * items, levels.n_levels, levels.n_features,
+                                    adj_encoding.data());
       }
     });
     scalar_t* pen = penalty.data_ptr<scalar_t>();
