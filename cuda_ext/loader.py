@@ -1,8 +1,9 @@
 """Build (just in time, with torch.utils.cpp_extension and ninja) and load the hash-grid kernels.
 
 The C++ kernels are always built; the CUDA kernels are added when PyTorch has CUDA and a CUDA
-toolkit (nvcc) is found. The build is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) and redone when a source changes. ``load()`` raises
+toolkit (nvcc) is found. The C++ is compiled for the building machine's CPU (``-march=native``). The
+build is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), per
+kind of CPU, and redone when a source changes. ``load()`` raises
 ``NativeBuildError`` with the reason when the extension cannot be built or imported.
 """
 
@@ -31,6 +32,26 @@ def _with_cuda() -> bool:
     return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model and instruction-set flags. The C++ kernels are built with
+    ``-march=native``, so the cached build is kept per CPU kind (e.g. a home directory shared by
+    machines with different CPUs never loads a build that uses instructions the CPU lacks)."""
+    import hashlib
+    import platform
+
+    description = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("model name", "flags", "Features")):
+                    description += line
+                if line.strip() == "":
+                    break                      # the first processor's block is enough
+    except OSError:
+        pass
+    return hashlib.sha1(description.encode()).hexdigest()[:8]
+
+
 def load(verbose: bool = False):
     """The compiled extension module (built on first use, then cached for the process)."""
     global _module, _error
@@ -43,7 +64,7 @@ def load(verbose: bool = False):
 
         sources = [str(SOURCE_DIR / "hashgrid_cpu.cpp"), str(SOURCE_DIR / "fused_cpu.cpp")]
         flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
-        name = NAME
+        name = f"{NAME}_{_cpu_tag()}"
         extra = {}
         if _with_cuda():
             sources.append(str(SOURCE_DIR / "hashgrid_cuda.cu"))
