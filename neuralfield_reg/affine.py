@@ -150,7 +150,11 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
     centroid_A, covariance_A = _moments(moving64, s_A)
     centroid_B, covariance_B = _moments(fixed64, s_B)
     scale = torch.sqrt(torch.trace(covariance_A).clamp_min(1e-12) / torch.trace(covariance_B).clamp_min(1e-12))
-    log_scale0 = float(torch.log(scale.clamp(0.5, 2.0)))
+    log_scale0 = float(torch.log(scale.clamp(0.25, 4.0)))
+    # The search keeps the scale within a factor of 1.5 of the moments' estimate: on thin or
+    # hollow structures the SSD also falls by shrinking a map until both warped images are
+    # background, a degenerate minimum that the moments rule out.
+    log_scale_bounds = (log_scale0 - math.log(1.5), log_scale0 + math.log(1.5))
 
     rotations = candidate_rotations(dim, config.rotation_steps_2d).to(device) if config.rotation_search \
         else torch.eye(dim, dtype=dtype, device=device)[None]
@@ -177,6 +181,8 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
                                   images.grid_moving, images.grid_fixed)
             costs.sum().backward()   # candidates are independent: one batched step for all
             optimizer.step()
+            with torch.no_grad():
+                log_scale.clamp_(*log_scale_bounds)
         with torch.no_grad():
             costs = symmetric_ssd(small_A, small_B, transform(*similarity(log_scale, angle, translation)),
                                   images.grid_moving, images.grid_fixed)

@@ -8,7 +8,7 @@ import torch
 from neuralfield_reg.affine import fit_affine
 from neuralfield_reg.config import AffineConfig
 from neuralfield_reg.coords import identity_grid, sample
-from neuralfield_reg.data import Shape
+from neuralfield_reg.data import Shape, shape_pairs
 
 
 def test_recovers_rotation_scale_and_translation_of_a_triangle():
@@ -55,3 +55,20 @@ def test_physical_coordinates_with_anisotropic_voxels():
                            (20 * 2.0, 40.0), (40.0, 40.0), start_only)
     np.testing.assert_allclose(transform.linear.numpy(), np.eye(2), atol=0.05)
     assert math.isclose(float(transform.translation.abs().max()), 0.0, abs_tol=0.5)
+
+
+def test_search_keeps_the_scale_near_the_moments_estimate_on_a_strongly_scaled_pair():
+    # A generated pair whose moving shape is about 2.2x smaller (moments scale 0.45). Without a
+    # bound on the search's scale, the SSD of the thin outlines also fell by shrinking phi_AB until
+    # both warped images were background: the scale collapsed to 0.13 and the labels missed.
+    pair = shape_pairs(3, 128, seed=7)[2]
+    extent = (127.0, 127.0)
+    transform = fit_affine(torch.from_numpy(pair.moving), torch.from_numpy(pair.fixed), extent, extent,
+                           AffineConfig())
+    assert 0.3 < math.sqrt(abs(np.linalg.det(transform.linear.numpy()))) < 0.6
+    matrix, offset = transform.unit_AB()
+    grid = identity_grid((128, 128), dtype=matrix.dtype).reshape(-1, 2)
+    warped = sample(torch.from_numpy(pair.moving_labels).long(), grid @ matrix.T + offset,
+                    mode="nearest").reshape(128, 128).numpy()
+    overlap = 2 * (warped & pair.fixed_labels).sum() / (warped.sum() + pair.fixed_labels.sum())
+    assert overlap > 0.8
