@@ -7,7 +7,8 @@ rotations in millimetres (or voxels) whatever the grid shapes. ``phi_BA`` is the
 1. Start: the images' intensity centroids and an isotropic scale from their second moments.
 2. Search: from that start under each candidate rotation, a short batched Adam run fits a
    similarity transform (scale, translation and, in 2D, the angle) on heavily blurred small
-   images; the candidate with the lowest symmetric SSD wins.
+   images; the candidate with the lowest symmetric SSD wins. The scale stays within a factor
+   1.5 of the moments' estimate (shrinking a map onto background is a degenerate SSD minimum).
 3. Refinement: Adam on the full affine with a blur schedule, on images resampled to at most
    ``working_size`` voxels per axis.
 """
