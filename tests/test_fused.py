@@ -37,17 +37,25 @@ def twin_maps(dim, encoding, widths, n_pairs, dtype):
     return native, reference
 
 
-def level_weights_of(encoding, dtype):
-    weights = torch.linspace(1.0, 0.0, encoding.n_levels, dtype=dtype)     # the last level switched off
-    return weights
+def parity_case(dim, encoding, widths, dtype):
+    """Twin maps of two pairs and level weights with the last level switched off."""
+    native, reference = twin_maps(dim, encoding, widths, 2, dtype)
+    return native, reference, torch.linspace(1.0, 0.0, encoding.n_levels, dtype=dtype)
+
+
+def assert_same_parameter_gradients(fused, expected, upstream, native, reference, tolerance):
+    """d<upstream, output>/d(parameters) of the fused output against the autograd one."""
+    got = torch.autograd.grad((fused * upstream).sum(), list(native.fields.parameters()))
+    want = torch.autograd.grad((expected * upstream).sum(), list(reference.fields.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("dim,encoding,widths", CASES)
 def test_fields_match_the_autograd_path(dim, encoding, widths, dtype, tolerance):
-    native, reference = twin_maps(dim, encoding, widths, 2, dtype)
+    native, reference, level_weights = parity_case(dim, encoding, widths, dtype)
     fields = native.fields
-    level_weights = level_weights_of(encoding, dtype)
     points = torch.rand(4, 70, dim, dtype=dtype) * 1.3 - 0.15            # some outside the unit cube
     field = torch.arange(4).repeat_interleave(70)
     fused = fields_displacement(fields.encoding, list(fields.weights), list(fields.biases), fields.output_scale,
@@ -55,19 +63,14 @@ def test_fields_match_the_autograd_path(dim, encoding, widths, dtype, tolerance)
     expected = reference.fields.forward_batched(points, level_weights).reshape(-1, dim)
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
 
-    upstream = torch.randn_like(expected)
-    got = torch.autograd.grad((fused * upstream).sum(), list(fields.parameters()))
-    want = torch.autograd.grad((expected * upstream).sum(), list(reference.fields.parameters()))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
+    assert_same_parameter_gradients(fused, expected, torch.randn_like(expected), native, reference, tolerance)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("dim,encoding,widths", CASES)
 def test_gradient_icon_matches_the_autograd_path(dim, encoding, widths, dtype, tolerance):
-    native, reference = twin_maps(dim, encoding, widths, 2, dtype)
+    native, reference, level_weights = parity_case(dim, encoding, widths, dtype)
     fields = native.fields
-    level_weights = level_weights_of(encoding, dtype)
     points = torch.rand(2, 40, dim, dtype=dtype)
     extent_A, extent_B = [1.0, 2.0, 1.5][:dim], [2.0, 1.0, 0.7][:dim]
     fused = gradient_icon_fused(fields.encoding, list(fields.weights), list(fields.biases), fields.output_scale,
@@ -77,12 +80,11 @@ def test_gradient_icon_matches_the_autograd_path(dim, encoding, widths, dtype, t
                                          extent_B=extent_B)["gradient_icon"]
     assert fused.shape == (2,)
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=0)
-    # The inner maps send some points out of the unit cube (clamped encoding) in these cases.
-    per_pair = torch.tensor([0.7, 1.3], dtype=dtype)
-    got = torch.autograd.grad((fused * per_pair).sum(), list(fields.parameters()))
-    want = torch.autograd.grad((expected * per_pair).sum(), list(reference.fields.parameters()))
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
+    inner_AB, inner_BA = reference(points, points, level_weights)
+    outside = ((inner_AB < 0) | (inner_AB > 1)) | ((inner_BA < 0) | (inner_BA > 1))
+    assert outside.any()             # the outer maps also see clamped points (the clamp's mask)
+    assert_same_parameter_gradients(fused, expected, torch.tensor([0.7, 1.3], dtype=dtype), native, reference,
+                                    tolerance)
 
 
 def test_gradient_icon_float64_gradcheck_on_a_tiny_config():
