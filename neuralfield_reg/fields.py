@@ -115,7 +115,6 @@ class DisplacementFields(nn.Module):
                 out[t] = self.output_scale * self._mlp(chunk, t)
         return out
 
-
     def fused_for(self, points: torch.Tensor) -> bool:
         """Whether the fused CPU kernels evaluate these points (native backend, CPU, points that
         need no gradient)."""

@@ -225,7 +225,7 @@ def _check_images(caller: str, movings: list, fixeds: list, device,
 
 def make_adam(parameters: list[torch.Tensor], learning_rate: float) -> torch.optim.Adam:
     """Adam, with its fused implementation where this torch has one for the device (one kernel
-    for all parameters: about 3x faster per step on the CPU than the per-tensor loop)."""
+    for all parameters: 2-3x faster per step on the CPU than the per-tensor loop)."""
     try:
         return torch.optim.Adam(parameters, lr=learning_rate, fused=True)
     except (RuntimeError, TypeError, ValueError):
