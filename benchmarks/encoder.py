@@ -75,9 +75,7 @@ def make_row(backend: str, fused: bool, device: torch.device, dim: int, points: 
         loss = sample_batch(image, mapped_B).square().mean() + sample_batch(image, mapped_A).square().mean()
         penalty_points = torch.rand(1, max(1, points // 8), dim, device=device)
         if fused:
-            fields = maps.fields
-            penalty = gradient_icon_fused(fields.encoding, list(fields.weights), list(fields.biases),
-                                          fields.output_scale, maps.matrices, maps.offsets, penalty_points)
+            penalty = gradient_icon_fused(maps, penalty_points)
         else:
             penalty = inverse_consistency_terms(maps, penalty_points)["gradient_icon"]
         (loss + 0.5 * penalty.sum()).backward()

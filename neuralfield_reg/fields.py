@@ -97,8 +97,7 @@ class DisplacementFields(nn.Module):
         if self.fused_for(flat):
             if isinstance(table_index, int):
                 table_index = torch.full((flat.shape[0],), table_index, dtype=torch.long, device=flat.device)
-            displacement = fields_displacement(self.encoding, list(self.weights), list(self.biases),
-                                               self.output_scale, flat, table_index, level_weights)
+            displacement = fields_displacement(self, flat, table_index, level_weights)
             for t, chunk in zip(used, displacement.split(sizes)):
                 out[t] = chunk
             return out
@@ -134,8 +133,7 @@ class DisplacementFields(nn.Module):
             return points.new_zeros(points.shape)
         table_index = torch.arange(n_fields, device=points.device).repeat_interleave(count)
         if self.fused_for(points):
-            return fields_displacement(self.encoding, list(self.weights), list(self.biases), self.output_scale,
-                                       points.reshape(-1, dim), table_index, level_weights).reshape(points.shape)
+            return fields_displacement(self, points.reshape(-1, dim), table_index, level_weights).reshape(points.shape)
         features = self.encoding(points.reshape(-1, dim).clamp(0.0, 1.0), table_index)
         if level_weights is not None:
             per_feature = self.encoding.config.n_features_per_level

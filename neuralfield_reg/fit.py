@@ -356,10 +356,9 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
                  + similarity_term(fixed_s, moving_s, mapped_A, index_A, masks["A"])}
         points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
         if config.icon_weight == 0 and maps.fields.fused_for(points):
-            fields = maps.fields        # the fused CPU kernel: the same penalty, in one native call
-            terms["gradient_icon"] = gradient_icon_fused(
-                fields.encoding, list(fields.weights), list(fields.biases), fields.output_scale, maps.matrices,
-                maps.offsets, points, extent_A=extent_A, extent_B=extent_B, level_weights=weights)
+            # the fused CPU kernel: the same penalty, in one native call
+            terms["gradient_icon"] = gradient_icon_fused(maps, points, extent_A=extent_A, extent_B=extent_B,
+                                                         level_weights=weights)
         else:
             consistency = inverse_consistency_terms(lambda a, b: maps(a, b, weights), points,
                                                     extent_A=extent_A, extent_B=extent_B)

@@ -70,15 +70,15 @@ class _FusedFields(torch.autograd.Function):
         return (None,) * 7 + (grad_table, *grad_weights, *grad_biases)
 
 
-def fields_displacement(encoding: NativeHashGridEncoding, weights: Sequence[torch.Tensor],
-                        biases: Sequence[torch.Tensor], output_scale: float, points: torch.Tensor,
-                        field: torch.Tensor, level_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``(P, d)`` displacements, point ``n`` by field ``field[n]``: the same function as
-    ``DisplacementFields`` (ReLU MLP on the clamped points' encoding), differentiable in the
-    parameters but not in the points."""
-    module, table, geometry, level_weights = _kernel_args(encoding, level_weights, points)
+def fields_displacement(fields, points: torch.Tensor, field: torch.Tensor,
+                        level_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``(P, d)`` displacements of a ``DisplacementFields`` (native encoding), point ``n`` by field
+    ``field[n]``: the same function as its autograd path (ReLU MLP on the clamped points'
+    encoding), differentiable in the parameters but not in the points."""
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points)
     return _FusedFields.apply(points.contiguous(), field.contiguous(), level_weights, module, geometry,
-                              float(output_scale), len(weights), table, *weights, *biases)
+                              float(fields.output_scale), len(fields.weights), table, *fields.weights,
+                              *fields.biases)
 
 
 class _FusedGradientIcon(torch.autograd.Function):
@@ -108,21 +108,22 @@ class _FusedGradientIcon(torch.autograd.Function):
         return (None,) * 9 + (grad_table, *grad_weights, *grad_biases)
 
 
-def gradient_icon_fused(encoding: NativeHashGridEncoding, weights: Sequence[torch.Tensor],
-                        biases: Sequence[torch.Tensor], output_scale: float, matrices: torch.Tensor,
-                        offsets: torch.Tensor, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
+def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
                         extent_B: Sequence[float] | None = None,
                         level_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The gradient-ICON penalty of ``B`` pairs of maps, ``(B,)``, at ``(B, N, d)`` points.
+    """The gradient-ICON penalty of the ``B`` pairs of a ``MapPairs`` (native encoding), ``(B,)``,
+    at ``(B, N, d)`` points.
 
     Field ``2 p`` is pair ``p``'s ``phi_AB`` and ``2 p + 1`` its ``phi_BA``, each
-    ``phi(x) = matrices[t] x + offsets[t] + u_t(x)``: the layout of ``MapPairs``. The value is
-    that of :func:`~neuralfield_reg.losses.inverse_consistency_terms` ``["gradient_icon"]``.
+    ``phi(x) = matrices[t] x + offsets[t] + u_t(x)``. The value is that of
+    :func:`~neuralfield_reg.losses.inverse_consistency_terms` ``["gradient_icon"]``.
     """
     dim = points.shape[-1]
-    module, table, geometry, level_weights = _kernel_args(encoding, level_weights, points)
+    fields = maps.fields
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points)
     scales = torch.tensor([list(extent_A) if extent_A is not None else [1.0] * dim,
                            list(extent_B) if extent_B is not None else [1.0] * dim], dtype=points.dtype)
-    return _FusedGradientIcon.apply(points.contiguous(), scales, matrices.to(points.dtype).contiguous(),
-                                    offsets.to(points.dtype).contiguous(), level_weights, module, geometry,
-                                    float(output_scale), len(weights), table, *weights, *biases)
+    return _FusedGradientIcon.apply(points.contiguous(), scales, maps.matrices.to(points.dtype).contiguous(),
+                                    maps.offsets.to(points.dtype).contiguous(), level_weights, module, geometry,
+                                    float(fields.output_scale), len(fields.weights), table, *fields.weights,
+                                    *fields.biases)

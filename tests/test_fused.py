@@ -55,11 +55,9 @@ def assert_same_parameter_gradients(fused, expected, upstream, native, reference
 @pytest.mark.parametrize("dim,encoding,widths", CASES)
 def test_fields_match_the_autograd_path(dim, encoding, widths, dtype, tolerance):
     native, reference, level_weights = parity_case(dim, encoding, widths, dtype)
-    fields = native.fields
     points = torch.rand(4, 70, dim, dtype=dtype) * 1.3 - 0.15            # some outside the unit cube
     field = torch.arange(4).repeat_interleave(70)
-    fused = fields_displacement(fields.encoding, list(fields.weights), list(fields.biases), fields.output_scale,
-                                points.reshape(-1, dim), field, level_weights)
+    fused = fields_displacement(native.fields, points.reshape(-1, dim), field, level_weights)
     expected = reference.fields.forward_batched(points, level_weights).reshape(-1, dim)
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
 
@@ -70,12 +68,9 @@ def test_fields_match_the_autograd_path(dim, encoding, widths, dtype, tolerance)
 @pytest.mark.parametrize("dim,encoding,widths", CASES)
 def test_gradient_icon_matches_the_autograd_path(dim, encoding, widths, dtype, tolerance):
     native, reference, level_weights = parity_case(dim, encoding, widths, dtype)
-    fields = native.fields
     points = torch.rand(2, 40, dim, dtype=dtype)
     extent_A, extent_B = [1.0, 2.0, 1.5][:dim], [2.0, 1.0, 0.7][:dim]
-    fused = gradient_icon_fused(fields.encoding, list(fields.weights), list(fields.biases), fields.output_scale,
-                                native.matrices, native.offsets, points, extent_A=extent_A, extent_B=extent_B,
-                                level_weights=level_weights)
+    fused = gradient_icon_fused(native, points, extent_A=extent_A, extent_B=extent_B, level_weights=level_weights)
     expected = inverse_consistency_terms(lambda a, b: reference(a, b, level_weights), points, extent_A=extent_A,
                                          extent_B=extent_B)["gradient_icon"]
     assert fused.shape == (2,)
@@ -110,8 +105,7 @@ def test_gradient_icon_float64_gradcheck_on_a_tiny_config():
 def test_fused_backward_is_first_order_only():
     native, _ = twin_maps(2, CASES[0][1], (8,), 1, torch.float32)
     fields = native.fields
-    displacement = fields_displacement(fields.encoding, list(fields.weights), list(fields.biases), 0.1,
-                                       torch.rand(10, 2), torch.zeros(10, dtype=torch.long))
+    displacement = fields_displacement(fields, torch.rand(10, 2), torch.zeros(10, dtype=torch.long))
     (gradient,) = torch.autograd.grad(displacement.sum(), fields.weights[0], create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(gradient.sum(), fields.weights[0])
