@@ -171,10 +171,11 @@ struct CornerRecord {
 // jet (C x L*F, channel-major, zeroed here): the encoding and, for C = 1 + D, its derivatives.
 // records (optional): every corner's row and coefficients for scatter_records, level l's 2^D
 // corners at records + l * level_stride (records are kept level-major).
+// cells (optional, L entries): each active level's cell, for encode_jet_point_grad.
 template <typename scalar_t, int D, int C>
 void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, const scalar_t* table,
                 const scalar_t* level_weight, scalar_t* jet, CornerRecord<scalar_t, C>* records,
-                int64_t level_stride) {
+                int64_t level_stride, Cell<scalar_t, D>* cells = nullptr) {
   constexpr int K = Cell<scalar_t, D>::kCorners;
   const int F = levels.n_features, LF = levels.n_levels * F;
   std::fill(jet, jet + C * LF, scalar_t(0));
@@ -182,22 +183,15 @@ void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, 
     const scalar_t lw = level_weight[l];
     if (lw == 0) continue;                     // scatter_records skips these levels too
     const Cell<scalar_t, D> cell(p.x, l, levels, t);
-    // coefficient[c][ch]: w_l W_c, then w_l m_j dW_c/dx_j, from the per-axis factors (1 - w, w)
-    // and their derivatives (-w', w').
+    if (cells != nullptr) cells[l] = cell;
+    // coefficient[c][ch]: w_l W_c, then w_l m_j dW_c/dx_j.
     scalar_t coefficient[K][C];
     for (int c = 0; c < K; ++c) {
-      for (int ch = 0; ch < C; ++ch) {
-        scalar_t value = lw;
-        for (int k = 0; k < D; ++k) {
-          const bool upper = (c >> k) & 1;
-          if (ch == 1 + k) {
-            const scalar_t derivative = upper ? cell.dw[k] : -cell.dw[k];
-            value *= p.mask[k] * derivative;
-          } else {
-            value *= upper ? cell.w[k] : scalar_t(1) - cell.w[k];
-          }
-        }
-        coefficient[c][ch] = value;
+      coefficient[c][0] = lw * cell.weight(c);
+      if (C > 1) {
+        scalar_t gradient[D];
+        cell.weight_gradient(c, gradient);
+        for (int j = 0; j < D && 1 + j < C; ++j) coefficient[c][1 + j] = lw * p.mask[j] * gradient[j];
       }
     }
     scalar_t* out = jet + l * F;
@@ -230,15 +224,17 @@ void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, 
   }
 }
 
-// point_grad[i] += d/dx_i of <adj, jet(x)> (through the encoding only; see the header comment).
+// point_grad[i] += d/dx_i of <adj, jet(x)> (through the encoding only; see the header comment),
+// with the cells that encode_jet kept for this point.
 template <typename scalar_t, int D>
-void encode_jet_point_grad(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, const scalar_t* table,
-                           const scalar_t* level_weight, int C, const scalar_t* adj, scalar_t* point_grad) {
+void encode_jet_point_grad(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D>* cells, const Levels& levels,
+                           const scalar_t* table, const scalar_t* level_weight, int C, const scalar_t* adj,
+                           scalar_t* point_grad) {
   const int F = levels.n_features, LF = levels.n_levels * F;
   for (int l = 0; l < levels.n_levels; ++l) {
     const scalar_t lw = level_weight[l];
     if (lw == 0) continue;
-    const Cell<scalar_t, D> cell(p.x, l, levels, t);
+    const Cell<scalar_t, D>& cell = cells[l];
     for (int c = 0; c < Cell<scalar_t, D>::kCorners; ++c) {
       const scalar_t* row = table + cell.row[c] * F;
       scalar_t dots[1 + D];
@@ -764,6 +760,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
       std::vector<scalar_t> acts_inner(C * mlp.activation_count()), acts_outer(C * mlp.activation_count());
       std::vector<scalar_t> work(2 * C * mlp.max_width()), adj_scratch(2 * C * LF);
       scalar_t jet_inner[C * D], jet_outer[C * D], adj[C * D];
+      Cell<scalar_t, D> cells_outer[kMaxLevels];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t pair = item / (2 * N), direction = (item / N) % 2, n = item % N;
         const int64_t inner = 2 * pair + (direction == 0 ? 1 : 0), outer = 2 * pair + direction;
@@ -787,7 +784,8 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         // Outer map f at y.
         const Clamped<scalar_t, D> y_clamped(y);
         encode_jet<scalar_t, D, C>(y_clamped, outer, levels, tab, lw, acts_outer.data(),
-                                   need_grad ? records.data() + (2 * item + 1) * K : nullptr, 2 * items * K);
+                                   need_grad ? records.data() + (2 * item + 1) * K : nullptr, 2 * items * K,
+                                   cells_outer);
         const auto vectors_outer = jet_vectors<scalar_t, C>(mlp, acts_outer.data(), jet_outer);
         mlp_forward<scalar_t, C, true>(mlp, outer, vectors_outer);
         for (int k = 0; k < D; ++k) {
@@ -822,7 +820,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         mlp_backward<scalar_t, C, true>(mlp, outer, 1, vectors_outer, channels<scalar_t, C>(adj, D).data(),
                                         work.data(), grad_w, grad_b, channels<scalar_t, C>(adj_outer, LF).data());
         scalar_t y_grad[D] = {};
-        encode_jet_point_grad<scalar_t, D>(y_clamped, outer, levels, tab, lw, C, adj_outer, y_grad);
+        encode_jet_point_grad<scalar_t, D>(y_clamped, cells_outer, levels, tab, lw, C, adj_outer, y_grad);
         // Inner: dL/dJg = Jf^T G on the derivative channels, dL/dy on the value channel.
         for (int k = 0; k < D; ++k) {
           adj[k] = y_grad[k];

@@ -66,6 +66,7 @@ struct Cell {
   scalar_t dw[D];            // d w_k / d x_k
   scalar_t ddw[D];           // d2 w_k / d x_k2
 
+  Cell() = default;
   HG_HD Cell(const scalar_t* x, int level, const Levels& levels, int64_t table) {
     constexpr uint32_t primes[3] = {1u, 2654435761u, 805459861u};
     const scalar_t scale = static_cast<scalar_t>(levels.scale[level]);
