@@ -50,7 +50,8 @@ struct Mlp {
   int64_t weight_count = 0, bias_count = 0;         // numbers per field
   scalar_t scale = 1;
 
-  std::vector<scalar_t> transposed;          // every field's layers as (out_k, in_k), for the reverse mode
+  std::vector<scalar_t> transposed;          // every field's layers as (out_k, in_k): the reverse mode and
+                                              // narrow layers (matvec_narrow) read these
   std::vector<int64_t> transposed_offset;     // of layer k of field 0; field t adds t * weight_count
 
   const scalar_t* W(int k, int64_t t) const { return weight[k] + t * width[k] * width[k + 1]; }
@@ -66,7 +67,7 @@ struct Mlp {
 
 template <typename scalar_t>
 Mlp<scalar_t> make_mlp(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
-                       int64_t n_fields, int64_t n_inputs, int64_t dim, double scale, bool transpose) {
+                       int64_t n_fields, int64_t n_inputs, int64_t dim, double scale) {
   TORCH_CHECK(!weights.empty() && weights.size() == biases.size() && weights.size() <= 64,
               "weights and biases: one of each per layer, at most 64 layers");
   Mlp<scalar_t> mlp;
@@ -93,17 +94,15 @@ Mlp<scalar_t> make_mlp(const std::vector<at::Tensor>& weights, const std::vector
     mlp.bias.push_back(b.data_ptr<scalar_t>());
   }
   TORCH_CHECK(mlp.width.back() == dim, "weights: the last layer must output one number per axis");
-  if (transpose) {
-    mlp.transposed.resize(n_fields * mlp.weight_count);
-    for (int k = 0; k < mlp.n_layers; ++k) {
-      mlp.transposed_offset.push_back(mlp.weight_offset[k]);
-      const int64_t n_in = mlp.width[k], n_out = mlp.width[k + 1];
-      for (int64_t t = 0; t < n_fields; ++t) {
-        const scalar_t* src = mlp.W(k, t);
-        scalar_t* dst = mlp.transposed.data() + t * mlp.weight_count + mlp.weight_offset[k];
-        for (int64_t i = 0; i < n_in; ++i) {
-          for (int64_t o = 0; o < n_out; ++o) dst[o * n_in + i] = src[i * n_out + o];
-        }
+  mlp.transposed.resize(n_fields * mlp.weight_count);
+  for (int k = 0; k < mlp.n_layers; ++k) {
+    mlp.transposed_offset.push_back(mlp.weight_offset[k]);
+    const int64_t n_in = mlp.width[k], n_out = mlp.width[k + 1];
+    for (int64_t t = 0; t < n_fields; ++t) {
+      const scalar_t* src = mlp.W(k, t);
+      scalar_t* dst = mlp.transposed.data() + t * mlp.weight_count + mlp.weight_offset[k];
+      for (int64_t i = 0; i < n_in; ++i) {
+        for (int64_t o = 0; o < n_out; ++o) dst[o * n_in + i] = src[i * n_out + o];
       }
     }
   }
@@ -320,6 +319,48 @@ inline void matvec_multi(scalar_t* const* in, int64_t n_in, const scalar_t* __re
   }
 }
 
+// values[i] = 0 where mask[i] <= 0, else unchanged (a ReLU's mask; values may be mask itself).
+template <typename scalar_t>
+inline void relu_mask(scalar_t* values, const scalar_t* mask, int64_t n) {
+  using S = Simd<scalar_t>;
+  using vec = typename S::type;
+  constexpr int V = S::kLanes;
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    const vec m = S::load(mask + i);
+    const vec v = S::load(values + i);
+    S::store(values + i, m > 0 ? v : vec{});
+  }
+  for (; i < n; ++i) values[i] = mask[i] > 0 ? values[i] : scalar_t(0);
+}
+
+// out[c][o] += <in[c], WT[o]> for C vectors at once, WT row-major (n_out, n_in): for layers
+// narrower than a vector (the last layer's D outputs), where matvec_multi would fall back to
+// scalar chains.
+template <typename scalar_t, int C>
+inline void matvec_narrow(scalar_t* const* in, int64_t n_in, const scalar_t* __restrict__ WT, int64_t n_out,
+                          scalar_t* const* out) {
+  using S = Simd<scalar_t>;
+  using vec = typename S::type;
+  constexpr int V = S::kLanes;
+  for (int64_t o = 0; o < n_out; ++o) {
+    const scalar_t* w = WT + o * n_in;
+    vec acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = vec{};
+    int64_t i = 0;
+    for (; i + V <= n_in; i += V) {
+      const vec wv = S::load(w + i);
+      for (int c = 0; c < C; ++c) acc[c] += S::load(in[c] + i) * wv;
+    }
+    for (int c = 0; c < C; ++c) {
+      scalar_t sum = 0;
+      for (int lane = 0; lane < V; ++lane) sum += acc[c][lane];
+      for (int64_t j = i; j < n_in; ++j) sum += in[c][j] * w[j];
+      out[c][o] += sum;
+    }
+  }
+}
+
 // g[o] += sum_c value[c] adj[c][o] (a row of a weight gradient, all C vectors at once).
 template <typename scalar_t, int C>
 inline void outer_add(const scalar_t* value, scalar_t* const* adj, int64_t n_out, scalar_t* __restrict__ g) {
@@ -392,20 +433,19 @@ void mlp_forward(const Mlp<scalar_t>& mlp, int64_t t, const Vectors<scalar_t, C>
         std::copy(b, b + n_out, next[c]);
       }
     }
-    matvec_multi<scalar_t, C>(v.at[k], mlp.width[k], mlp.W(k, t), n_out, next);
+    if (n_out < Simd<scalar_t>::kLanes) {
+      matvec_narrow<scalar_t, C>(v.at[k], mlp.width[k], mlp.WT(k, t), n_out, next);
+    } else {
+      matvec_multi<scalar_t, C>(v.at[k], mlp.width[k], mlp.W(k, t), n_out, next);
+    }
     if (last) {
       for (int c = 0; c < C; ++c) {
         for (int64_t o = 0; o < n_out; ++o) next[c][o] *= mlp.scale;
       }
     } else if (kJet) {
-      for (int64_t o = 0; o < n_out; ++o) {
-        const scalar_t keep = next[0][o] > 0 ? scalar_t(1) : scalar_t(0);
-        for (int c = 0; c < C; ++c) next[c][o] *= keep;
-      }
+      for (int c = C - 1; c >= 0; --c) relu_mask(next[c], next[0], n_out);   // channel 0 (the mask) last
     } else {
-      for (int c = 0; c < C; ++c) {
-        for (int64_t o = 0; o < n_out; ++o) next[c][o] = next[c][o] > 0 ? next[c][o] : scalar_t(0);
-      }
+      for (int c = 0; c < C; ++c) relu_mask(next[c], next[c], n_out);
     }
   }
 }
@@ -443,14 +483,11 @@ void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const 
       for (int64_t o = 0; o < n_out; ++o) gb[o] += adj[c][o];
     }
     // dW[i, o] += sum_c in[c][i] adj[c][o]: each row of dW once for all vectors.
+    // A jet's ReLU zeroes all channels of an input together: those rows are skipped.
     for (int64_t i = 0; i < n_in; ++i) {
+      if (kJet && k > 0 && in[0][i] == 0) continue;
       scalar_t value[C];
-      bool any = false;
-      for (int c = 0; c < C; ++c) {
-        value[c] = c < first_channel ? scalar_t(0) : in[c][i];
-        any = any || value[c] != 0;
-      }
-      if (!any) continue;
+      for (int c = 0; c < C; ++c) value[c] = c < first_channel ? scalar_t(0) : in[c][i];
       outer_add<scalar_t, C>(value, adj, n_out, gW + i * n_out);
     }
     // dL/d(input of layer k) = W adj, masked by the ReLU that produced that input.
@@ -461,10 +498,7 @@ void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const 
     }
     matvec_multi<scalar_t, C>(adj, n_out, mlp.WT(k, t), n_in, dst);
     if (k > 0) {
-      for (int c = 0; c < C; ++c) {
-        const scalar_t* mask_values = in[kJet ? 0 : c];
-        for (int64_t i = 0; i < n_in; ++i) dst[c][i] *= mask_values[i] > 0 ? scalar_t(1) : scalar_t(0);
-      }
+      for (int c = 0; c < C; ++c) relu_mask(dst[c], in[kJet ? 0 : c], n_in);
       for (int c = 0; c < C; ++c) {
         adj[c] = spare[c];
         std::swap(spare[c], spare2[c]);
@@ -516,7 +550,7 @@ inline void to_level_major(const scalar_t* adj, int64_t r, int64_t R, int L, int
 }
 
 // Points per block of the fields' MLP (points of one field evaluated together).
-constexpr int kPointBlock = 4;
+constexpr int kPointBlock = 8;
 
 // How many points from n on go in one block: kPointBlock when they all use field t[n], else 1.
 inline int64_t block_of_one_field(const int64_t* t, int64_t n, int64_t end) {
@@ -599,7 +633,7 @@ std::vector<at::Tensor> fields_forward(const at::Tensor& points, const at::Tenso
     using Record = CornerRecord<scalar_t, 1>;
     const Levels& levels = common.levels;
     const int64_t L = levels.n_levels, K = int64_t(1) << D;
-    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, L * levels.n_features, D, scale, false);
+    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, L * levels.n_features, D, scale);
     const int64_t A = mlp.activation_count();
     saved = at::empty({save ? N : 0, A}, points.options());
     saved_corners = at::empty({save ? N * L * K * static_cast<int64_t>(sizeof(Record)) : 0},
@@ -655,7 +689,7 @@ std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Te
     using Record = CornerRecord<scalar_t, 1>;
     const Levels& levels = common.levels;
     const int64_t L = levels.n_levels, K = int64_t(1) << D, LF = L * levels.n_features;
-    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, LF, D, scale, true);
+    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, LF, D, scale);
     const int64_t A = mlp.activation_count();
     TORCH_CHECK(saved.dim() == 2 && saved.size(0) == N && saved.size(1) == A && saved.is_contiguous() &&
                     saved_corners.numel() == N * L * K * static_cast<int64_t>(sizeof(Record)),
@@ -738,7 +772,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
     constexpr int C = 1 + D;
     const Levels& levels = common.levels;
     const int64_t LF = levels.n_levels * levels.n_features;
-    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, LF, D, scale, need_grad);
+    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, LF, D, scale);
     const scalar_t* x = points.data_ptr<scalar_t>();
     const scalar_t* tab = table.data_ptr<scalar_t>();
     const scalar_t* lw = level_weight.data_ptr<scalar_t>();
