@@ -260,7 +260,7 @@ std::vector<at::Tensor> double_backward(const at::Tensor& gg_points, const at::T
   return {d_grad_out, d_points, d_table};
 }
 
-// Fused encoding + MLP kernels of fused_cpu.cpp.
+// Fused kernels of fused_cpu.cpp.
 std::vector<at::Tensor> fields_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        int64_t, bool, int64_t, const at::Tensor&, const std::vector<at::Tensor>&,
                                        const std::vector<at::Tensor>&, double, bool);
@@ -271,6 +271,11 @@ std::vector<at::Tensor> fields_backward(const at::Tensor&, const at::Tensor&, co
 std::vector<at::Tensor> gradient_icon(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
                                       const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool);
+// similarity_cpu.cpp
+std::vector<at::Tensor> similarity_ssd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
+                                       const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool);
 
 }  // namespace hashgrid
 
@@ -281,6 +286,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fields_forward", &hashgrid::fields_forward, "fused encoding + MLP displacement (CPU)");
   m.def("fields_backward", &hashgrid::fields_backward, "fused encoding + MLP: parameter gradients (CPU)");
   m.def("gradient_icon", &hashgrid::gradient_icon, "fused gradient-ICON penalty and its gradient (CPU)");
+  m.def("similarity_ssd", &hashgrid::similarity_ssd, "fused SSD similarity of both maps and its gradient (CPU)");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

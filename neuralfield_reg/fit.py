@@ -24,7 +24,7 @@ from .coords import identity_grid, physical_extent, sample_batch
 from .encoders import resolve_backend
 from .fields import MapPair, MapPairs
 from .filters import gaussian_blur_batch
-from .fused import gradient_icon_fused
+from .fused import gradient_icon_fused, similarity_ssd_fused
 from .losses import SIMILARITIES, inverse_consistency_terms
 from .result import RegistrationResult
 from .validation import as_tensor, check_image, check_spacing, describe
@@ -313,12 +313,16 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
                               device=device)
         return grid[index], index
 
+    def at_points(values, index):
+        """``(B, N)``: ``(B, ...)`` per-voxel values at the flat voxel indices (all when None)."""
+        flat = values.reshape(n_pairs, -1)
+        return flat if index is None else torch.gather(flat, 1, index)
+
     def similarity_term(sources, targets, mapped, index, mask):
         """Per pair ``(B,)``: ``sources`` sampled at ``mapped`` against ``targets`` (only where
         ``mask``, the target image's mask, is set, when there is one)."""
         warped = sample_batch(sources, mapped)[:, 0]                              # (B, N)
-        flat = targets.reshape(n_pairs, -1)
-        target_values = flat if index is None else torch.gather(flat, 1, index)
+        target_values = at_points(targets, index)
         if config.similarity == "lncc":
             if index is None:
                 return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
@@ -333,12 +337,30 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         # to compare (padding would invent structure, e.g. streaks from a shape cut by the border).
         # A pair with fewer than 16 such points compares all of them.
         inside = ((mapped >= 0) & (mapped <= 1)).all(-1)
+        # (similarity_ssd_fused computes the same SSD in one native call.)
         inside = inside | (inside.sum(1, keepdim=True) < 16)
         if mask is not None:
-            flat_mask = mask.reshape(n_pairs, -1)
-            inside = inside & (flat_mask if index is None else torch.gather(flat_mask, 1, index))
+            inside = inside & at_points(mask, index)
             inside = inside | ~inside.any(1, keepdim=True)        # no point left: compare all
         return similarity(warped, target_values, batched=True, weights=inside)
+
+    # With the native backend on the CPU, SSD runs as one fused kernel (maps, sampling, SSD and
+    # its gradient) when both directions have as many points.
+    fused_similarity = config.similarity == "ssd" and maps.fields.fused_for(grid_B)
+
+    def similarity_of_both(moving_s, fixed_s, weights):
+        points_B, index_B = similarity_points(grid_B, fixed_shape, "B")
+        points_A, index_A = similarity_points(grid_A, moving_shape, "A")
+        if fused_similarity and points_B.shape == points_A.shape:
+            def mask_at(key, index):
+                return None if masks[key] is None else at_points(masks[key], index).to(points_B.dtype)
+
+            return similarity_ssd_fused(maps, moving_s[:, 0], fixed_s[:, 0], points_B, at_points(fixed_s, index_B),
+                                        points_A, at_points(moving_s, index_A), masks_B=mask_at("B", index_B),
+                                        masks_A=mask_at("A", index_A), level_weights=weights)
+        mapped_B, mapped_A = maps(points_B, points_A, weights)      # phi_AB on B's grid, phi_BA on A's
+        return (similarity_term(moving_s, fixed_s, mapped_B, index_B, masks["B"])
+                + similarity_term(fixed_s, moving_s, mapped_A, index_A, masks["A"]))
 
     good_state, rollbacks = None, []
     bar = tqdm(total=config.iterations, disable=not progress, desc=caller, leave=False)
@@ -349,11 +371,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         weights = level_weights(iteration, config, n_levels, device)
 
         optimizer.zero_grad(set_to_none=True)
-        points_B, index_B = similarity_points(grid_B, fixed_shape, "B")
-        points_A, index_A = similarity_points(grid_A, moving_shape, "A")
-        mapped_B, mapped_A = maps(points_B, points_A, weights)      # phi_AB on B's grid, phi_BA on A's
-        terms = {"similarity": similarity_term(moving_s, fixed_s, mapped_B, index_B, masks["B"])
-                 + similarity_term(fixed_s, moving_s, mapped_A, index_A, masks["A"])}
+        terms = {"similarity": similarity_of_both(moving_s, fixed_s, weights)}
         points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
         if config.icon_weight == 0 and maps.fields.fused_for(points):
             # the fused CPU kernel: the same penalty, in one native call

@@ -10,10 +10,13 @@ of small autograd operations (``cuda_ext/fused_cpu.cpp``):
                                                                             dL/db (not dL/dx)
     gradient_icon_fused     the gradient-ICON penalty of every pair and,    scales the stored
                             in the same pass, its parameter gradient        gradient
+    similarity_ssd_fused    the SSD of both maps of every pair at random    scales the stored
+                            voxels (sampling the other image included) and  gradient
+                            its parameter gradient
     ======================  ==============================================  =====================
 
 The penalty's Jacobians are carried forward (value and d derivatives per evaluation) and the
-reverse mode is written out in the kernel, so no double backward is needed. Both are first-order
+reverse mode is written out in the kernel, so no double backward is needed. All are first-order
 only (their backward is not differentiable again); the general autograd path
 (``losses.inverse_consistency_terms`` on the native or torch encodings) is the reference the tests
 compare them with.
@@ -81,6 +84,21 @@ def fields_displacement(fields, points: torch.Tensor, field: torch.Tensor,
                               *fields.biases)
 
 
+def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.Tensor) -> tuple:
+    """The kernels' parameter gradients of a per-pair loss ``(B,)`` (dtable, then dW and db per
+    layer, each with the 2B fields first), scaled by the incoming gradient of each pair: fields
+    2p and 2p + 1 belong to pair p."""
+    grad_table, *layer_grads = gradients
+    per_field = grad_per_pair.repeat_interleave(2)
+
+    def scaled(gradient):
+        return gradient * per_field.reshape(-1, *[1] * (gradient.dim() - 1))
+
+    n_fields = per_field.shape[0]
+    grad_table = scaled(grad_table.reshape(n_fields, -1, grad_table.shape[-1])).reshape(grad_table.shape)
+    return (grad_table, *[scaled(g) for g in layer_grads[0::2]], *[scaled(g) for g in layer_grads[1::2]])
+
+
 class _FusedGradientIcon(torch.autograd.Function):
     @staticmethod
     def forward(ctx, points, scales, matrices, offsets, level_weights, module, geometry, scale, n_layers, table,
@@ -89,23 +107,28 @@ class _FusedGradientIcon(torch.autograd.Function):
         out = module.gradient_icon(points, scales, matrices, offsets, table, *geometry, level_weights,
                                    list(params[:n_layers]), list(params[n_layers:]), scale, need_grad)
         ctx.gradients = out[1:]
-        ctx.n_layers = n_layers
         return out[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_penalty):
-        grad_table, *layer_grads = ctx.gradients
-        per_field = grad_penalty.repeat_interleave(2)           # fields 2p and 2p + 1 belong to pair p
+        return (None,) * 9 + _per_pair_gradients(ctx.gradients, grad_penalty)
 
-        def scaled(gradient):
-            return gradient * per_field.reshape(-1, *[1] * (gradient.dim() - 1))
 
-        n_fields = per_field.shape[0]
-        grad_table = scaled(grad_table.reshape(n_fields, -1, grad_table.shape[-1])).reshape(grad_table.shape)
-        grad_weights = [scaled(g) for g in layer_grads[0::2]]
-        grad_biases = [scaled(g) for g in layer_grads[1::2]]
-        return (None,) * 9 + (grad_table, *grad_weights, *grad_biases)
+class _FusedSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, points, targets, masks, moving, fixed, matrices, offsets, level_weights, module, geometry, scale,
+                n_layers, table, *params):
+        need_grad = any(ctx.needs_input_grad[12:])
+        out = module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets, table, *geometry,
+                                    level_weights, list(params[:n_layers]), list(params[n_layers:]), scale, need_grad)
+        ctx.gradients = out[1:]
+        return out[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_similarity):
+        return (None,) * 12 + _per_pair_gradients(ctx.gradients, grad_similarity)
 
 
 def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
@@ -127,3 +150,37 @@ def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float]
                                     maps.offsets.to(points.dtype).contiguous(), level_weights, module, geometry,
                                     float(fields.output_scale), len(fields.weights), table, *fields.weights,
                                     *fields.biases)
+
+
+def similarity_ssd_fused(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.Tensor,
+                         targets_B: torch.Tensor, points_A: torch.Tensor, targets_A: torch.Tensor, *,
+                         masks_B: torch.Tensor | None = None, masks_A: torch.Tensor | None = None,
+                         level_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The fit's SSD similarity of the ``B`` pairs of a ``MapPairs`` (native encoding), ``(B,)``:
+    ``SSD(moving o phi_AB, fixed)`` at ``points_B`` plus ``SSD(fixed o phi_BA, moving)`` at ``points_A``.
+
+    Args:
+        moving, fixed: ``(B, *shape_A)`` and ``(B, *shape_B)`` images.
+        points_B, points_A: ``(B, N, d)`` voxels of B's and A's grids (equal counts ``N``).
+        targets_B, targets_A: ``(B, N)`` the fixed image's values at ``points_B`` and the moving
+            image's at ``points_A``.
+        masks_B, masks_A: optional ``(B, N)`` 0/1 weights (the fixed and moving masks there).
+    Points mapped outside the other image's domain do not count (all count when fewer than 16
+    land inside, or when the mask leaves none), as in ``fit_pair``'s similarity term.
+    """
+    fields = maps.fields
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
+    dim = points_B.shape[-1]
+
+    def interleave(b, a):                       # field 2p: direction AB (B's points), 2p + 1: BA
+        return torch.stack([b, a], dim=1).reshape(-1, *b.shape[1:]).to(points_B.dtype).contiguous()
+
+    masks = (interleave(masks_B if masks_B is not None else torch.ones_like(targets_B),
+                        masks_A if masks_A is not None else torch.ones_like(targets_A))
+             if masks_B is not None or masks_A is not None else points_B.new_zeros(0))
+    return _FusedSimilarity.apply(interleave(points_B, points_A).reshape(-1, points_B.shape[1], dim),
+                                  interleave(targets_B, targets_A), masks, moving.contiguous(), fixed.contiguous(),
+                                  maps.matrices.to(points_B.dtype).contiguous(),
+                                  maps.offsets.to(points_B.dtype).contiguous(), level_weights, module, geometry,
+                                  float(fields.output_scale), len(fields.weights), table, *fields.weights,
+                                  *fields.biases)
