@@ -7,10 +7,11 @@ rotations in millimetres (or voxels) whatever the grid shapes. ``phi_BA`` is the
 1. Start: the images' intensity centroids and an isotropic scale from their second moments.
 2. Search: from that start under each candidate rotation, a short batched Adam run fits a
    similarity transform (scale, translation and, in 2D, the angle) on heavily blurred small
-   images; the candidate with the lowest symmetric SSD wins. The scale stays within a factor
-   1.5 of the moments' estimate (shrinking a map onto background is a degenerate SSD minimum).
+   images; the candidate with the lowest symmetric cost (1 - NCC, both directions: see
+   :func:`symmetric_cost`) wins. The scale stays within a factor 1.5 of the moments' estimate.
 3. Refinement: Adam on the full affine with a blur schedule, on images resampled to at most
-   ``working_size`` voxels per axis.
+   ``working_size`` voxels per axis; its singular values stay within a factor 2 of the search's
+   scale.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from .config import AffineConfig
 from .coords import identity_grid, sample
 from .filters import gaussian_blur, resample
+from .losses.similarity import ncc
 
 
 @dataclass(frozen=True)
@@ -101,19 +103,34 @@ def candidate_rotations(dim: int, steps_2d: int = 36) -> torch.Tensor:
     return torch.stack([_rotation_3d(combo) for combo in itertools.product(angles, repeat=3)])
 
 
+# The refinement's singular values stay within this factor of the search's scale.
+_REFINE_SCALE_FACTOR = 2.0
+
+
 def _working_shape(shape: Sequence[int], size: int) -> tuple[int, ...]:
     factor = min(1.0, size / max(shape))
     return tuple(max(4, int(round(n * factor))) for n in shape)
 
 
-def symmetric_ssd(moving: torch.Tensor, fixed: torch.Tensor, transform: AffineTransform,
-                  grid_moving: torch.Tensor, grid_fixed: torch.Tensor) -> torch.Tensor:
-    """SSD of ``moving o phi_AB`` against ``fixed`` plus ``fixed o phi_BA`` against ``moving``,
-    one value per transform of a batch."""
+def _dissimilarity(warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 - NCC`` of each row of ``warped`` ``(..., P)`` against ``target`` ``(P,)`` -> ``(...)``."""
+    rows = warped.reshape(-1, warped.shape[-1])
+    return ncc(rows, target.expand_as(rows), batched=True).reshape(warped.shape[:-1])
+
+
+def symmetric_cost(moving: torch.Tensor, fixed: torch.Tensor, transform: AffineTransform,
+                   grid_moving: torch.Tensor, grid_fixed: torch.Tensor) -> torch.Tensor:
+    """``1 - NCC`` of ``moving o phi_AB`` against ``fixed`` plus that of ``fixed o phi_BA`` against
+    ``moving``, one value per transform of a batch.
+
+    NCC, not SSD: between thin outlines of different shapes (a triangle and a circle) the SSD is
+    lowest when the outlines do not overlap at all, and a map that collapses onto background
+    lowers it too; the correlation rewards overlap and is undefined (not small) for a constant
+    warped image."""
     dim = moving.ndim
     warped_moving = sample(moving, _apply(*transform.unit_AB(), grid_fixed.reshape(-1, dim)))
     warped_fixed = sample(fixed, _apply(*transform.unit_BA(), grid_moving.reshape(-1, dim)))
-    return ((warped_moving - fixed.reshape(-1)) ** 2).mean(-1) + ((warped_fixed - moving.reshape(-1)) ** 2).mean(-1)
+    return _dissimilarity(warped_moving, fixed.reshape(-1)) + _dissimilarity(warped_fixed, moving.reshape(-1))
 
 
 class _Images:
@@ -153,8 +170,8 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
     scale = torch.sqrt(torch.trace(covariance_A).clamp_min(1e-12) / torch.trace(covariance_B).clamp_min(1e-12))
     log_scale0 = float(torch.log(scale.clamp(0.25, 4.0)))
     # The search keeps the scale within a factor of 1.5 of the moments' estimate: on thin or
-    # hollow structures the SSD also falls by shrinking a map until both warped images are
-    # background, a degenerate minimum that the moments rule out.
+    # hollow structures a similarity can also improve by shrinking a map onto a part of the
+    # image, a degenerate minimum that the moments rule out.
     log_scale_bounds = (log_scale0 - math.log(1.5), log_scale0 + math.log(1.5))
 
     rotations = candidate_rotations(dim, config.rotation_steps_2d).to(device) if config.rotation_search \
@@ -178,14 +195,14 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
         optimizer = torch.optim.Adam([log_scale, angle, translation], lr=config.search_learning_rate)
         for _ in range(config.search_iterations):
             optimizer.zero_grad()
-            costs = symmetric_ssd(small_A, small_B, transform(*similarity(log_scale, angle, translation)),
+            costs = symmetric_cost(small_A, small_B, transform(*similarity(log_scale, angle, translation)),
                                   images.grid_moving, images.grid_fixed)
             costs.sum().backward()   # candidates are independent: one batched step for all
             optimizer.step()
             with torch.no_grad():
                 log_scale.clamp_(*log_scale_bounds)
         with torch.no_grad():
-            costs = symmetric_ssd(small_A, small_B, transform(*similarity(log_scale, angle, translation)),
+            costs = symmetric_cost(small_A, small_B, transform(*similarity(log_scale, angle, translation)),
                                   images.grid_moving, images.grid_fixed)
         best = int(torch.argmin(costs))
     else:
@@ -193,6 +210,10 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
     with torch.no_grad():
         linear, translation = similarity(log_scale, angle, translation)
     linear, translation = linear[best].detach().clone(), translation[best].detach().clone()
+    # The refinement keeps each singular value of the linear part within a factor of 2 of the
+    # search's scale: like the search's bound, this rules out collapsing a map (rank ~1).
+    search_scale = float(torch.linalg.svdvals(linear).mean())
+    singular_bounds = (search_scale / _REFINE_SCALE_FACTOR, search_scale * _REFINE_SCALE_FACTOR)
 
     if config.iterations > 0:
         images = _Images(moving64, fixed64, config.working_size)
@@ -206,8 +227,12 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
             steps = config.iterations - per_stage * stage if last else per_stage
             for _ in range(max(0, steps)):
                 optimizer.zero_grad()
-                loss = symmetric_ssd(blurred_A, blurred_B, transform(linear, translation),
+                loss = symmetric_cost(blurred_A, blurred_B, transform(linear, translation),
                                      images.grid_moving, images.grid_fixed)
                 loss.backward()
                 optimizer.step()
+                with torch.no_grad():
+                    u, singular, vh = torch.linalg.svd(linear)
+                    if singular.min() < singular_bounds[0] or singular.max() > singular_bounds[1]:
+                        linear.copy_(u @ torch.diag(singular.clamp(*singular_bounds)) @ vh)
     return transform(linear.detach(), translation.detach())
