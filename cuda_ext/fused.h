@@ -365,24 +365,39 @@ inline void matvec_narrow(scalar_t* const* in, int64_t n_in, const scalar_t* __r
   }
 }
 
-// g[o] += sum_c value[c] adj[c][o] (a row of a weight gradient, all C vectors at once).
+// gW[i, o] += sum_{c >= first_channel} in[c][i] adj[c][o]: one layer's weight gradient (n_in x
+// n_out, row-major) for C vectors. Each block of V outputs keeps the C adjoint vectors in registers
+// while it runs down the rows (two partial sums per row shorten the FMA chain). With
+// skip_zero_rows, rows with in[0][i] == 0 are skipped (a jet's ReLU zeroes every channel there).
 template <typename scalar_t, int C>
-inline void outer_add(const scalar_t* value, scalar_t* const* adj, int64_t n_out, scalar_t* __restrict__ g) {
+inline void weight_gradient(scalar_t* const* in, int first_channel, scalar_t* const* adj, int64_t n_in,
+                            int64_t n_out, bool skip_zero_rows, scalar_t* __restrict__ gW) {
   using S = Simd<scalar_t>;
   using vec = typename S::type;
   constexpr int V = S::kLanes;
-  vec splats[C];
-  for (int c = 0; c < C; ++c) splats[c] = S::splat(value[c]);
   int64_t o = 0;
   for (; o + V <= n_out; o += V) {
-    vec sum = S::load(g + o);
-    for (int c = 0; c < C; ++c) sum += splats[c] * S::load(adj[c] + o);
-    S::store(g + o, sum);
+    vec a[C];
+    for (int c = first_channel; c < C; ++c) a[c] = S::load(adj[c] + o);
+    for (int64_t i = 0; i < n_in; ++i) {
+      if (skip_zero_rows && in[0][i] == 0) continue;
+      vec sum0 = S::load(gW + i * n_out + o), sum1 = vec{};
+      for (int c = first_channel; c < C; ++c) {
+        if ((c - first_channel) % 2 == 0) {
+          sum0 += S::splat(in[c][i]) * a[c];
+        } else {
+          sum1 += S::splat(in[c][i]) * a[c];
+        }
+      }
+      S::store(gW + i * n_out + o, sum0 + sum1);
+    }
   }
   for (; o < n_out; ++o) {
-    scalar_t sum = g[o];
-    for (int c = 0; c < C; ++c) sum += value[c] * adj[c][o];
-    g[o] = sum;
+    for (int64_t i = 0; i < n_in; ++i) {
+      scalar_t sum = 0;
+      for (int c = first_channel; c < C; ++c) sum += in[c][i] * adj[c][o];
+      gW[i * n_out + o] += sum;
+    }
   }
 }
 
@@ -486,14 +501,9 @@ void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const 
     for (int c = 0; c < bias_channels; ++c) {
       for (int64_t o = 0; o < n_out; ++o) gb[o] += adj[c][o];
     }
-    // dW[i, o] += sum_c in[c][i] adj[c][o]: each row of dW once for all vectors.
-    // A jet's ReLU zeroes all channels of an input together: those rows are skipped.
-    for (int64_t i = 0; i < n_in; ++i) {
-      if (kJet && k > 0 && in[0][i] == 0) continue;
-      scalar_t value[C];
-      for (int c = 0; c < C; ++c) value[c] = c < first_channel ? scalar_t(0) : in[c][i];
-      outer_add<scalar_t, C>(value, adj, n_out, gW + i * n_out);
-    }
+    // dW[i, o] += sum_c in[c][i] adj[c][o]; a jet's ReLU zeroes all channels of an input
+    // together, so those rows are skipped.
+    weight_gradient<scalar_t, C>(in, first_channel, adj, n_in, n_out, kJet && k > 0, gW);
     // dL/d(input of layer k) = W adj, masked by the ReLU that produced that input.
     scalar_t* dst[C];
     for (int c = 0; c < C; ++c) {

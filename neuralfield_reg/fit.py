@@ -293,6 +293,9 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
     def similarity_points(grid, shape, key):
         """All voxels, random voxels or random LNCC patches: ``(points (B, N, d), flat voxel
         indices (B, N) or None)`` (patches: see :func:`patch_indices`)."""
+        def at_voxels(index):                      # grid[index], without advanced indexing's cost
+            return grid.index_select(0, index.reshape(-1)).reshape(*index.shape, grid.shape[1])
+
         def in_mask(count):
             voxels, counts = mask_voxels[key]
             draw = torch.rand(n_pairs, count, generator=generator, device=device)
@@ -303,15 +306,18 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
                 return grid.expand(n_pairs, *grid.shape), None     # whole images (neighbourhoods)
             centres = None if mask_voxels[key] is None else in_mask(config.lncc_patches)
             index = patch_indices(shape, n_pairs, config.lncc_patches, config.lncc_patch_size, generator, centres)
-            return grid[index], index
+            return at_voxels(index), index
         if config.similarity_points is None or config.similarity_points >= grid.shape[0]:
             return grid.expand(n_pairs, *grid.shape), None
         if mask_voxels[key] is not None:
             index = in_mask(config.similarity_points)
-            return grid[index], index
-        index = torch.randint(grid.shape[0], (n_pairs, config.similarity_points), generator=generator,
-                              device=device)
-        return grid[index], index
+        else:
+            index = torch.randint(grid.shape[0], (n_pairs, config.similarity_points), generator=generator,
+                                  device=device)
+        # In voxel order, consecutive points read nearby hash-table rows (the fused kernels run
+        # about 10 % faster than on scattered points); the order does not change the mean.
+        index = index.sort(dim=1).values
+        return at_voxels(index), index
 
     def at_points(values, index):
         """``(B, N)``: ``(B, ...)`` per-voxel values at the flat voxel indices (all when None)."""
