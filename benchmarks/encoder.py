@@ -6,13 +6,14 @@
 
 Rows: ``torch`` (the reference), ``native`` (the compiled encoder inside the per-operation autograd
 graph, with the double backward for the penalty), ``native-fused`` (the fused CPU kernels of
-``neuralfield_reg/fused.py``: encoding + MLP in one kernel and the gradient-ICON penalty with its
-gradient in one kernel; the fit's default with the native backend on the CPU) and ``tcnn``.
+``neuralfield_reg/fused.py``: the SSD similarity of both maps, and the gradient-ICON penalty, each
+with its gradient in one kernel; the fit's default with the native backend on the CPU) and ``tcnn``.
 The encoder columns time the encoding alone, which native-fused does not have (``-``).
 
 The training step is the one fit_pair runs: both maps of a pair on ``points`` random voxels per
-direction with SSD against an image, the gradient-ICON penalty on ``points / 8`` random points,
-backward, Adam. The rows' steps are timed in turn, round-robin, and each row's median is
+direction with SSD against an image (native-fused: in the fused similarity kernel, which also
+leaves out points mapped outside the image), the gradient-ICON penalty on ``points / 8`` random
+points, backward, Adam. The rows' steps are timed in turn, round-robin, and each row's median is
 compared with the torch row's (these machines are noisy: only compare within a run).
 """
 
@@ -26,11 +27,11 @@ import torch
 
 from _timing import step_times  # benchmarks/_timing.py, next to this script
 from neuralfield_reg.config import default_encoding
-from neuralfield_reg.coords import sample_batch
+from neuralfield_reg.coords import identity_grid, sample_batch
 from neuralfield_reg.encoders import BackendUnavailableError, resolve_backend
 from neuralfield_reg.fields import MapPairs
 from neuralfield_reg.fit import make_adam
-from neuralfield_reg.fused import gradient_icon_fused
+from neuralfield_reg.fused import gradient_icon_fused, similarity_ssd_fused
 from neuralfield_reg.losses import inverse_consistency_terms
 
 ROWS = {"torch": ("torch", False), "native": ("native", False), "native-fused": ("native", True),
@@ -69,14 +70,23 @@ def make_row(backend: str, fused: bool, device: torch.device, dim: int, points: 
         xg = x.clone().requires_grad_(True)
         return torch.autograd.grad(encoding(xg, 0).square().sum(), [xg, encoding.params])
 
+    grid = identity_grid(shape, device=device).reshape(-1, dim)
+    zeros = torch.zeros(1, points, device=device)
+
+    def voxels():              # random voxels in voxel order, as fit_pair draws them
+        index = torch.randint(grid.shape[0], (1, points), device=device).sort(dim=1).values
+        return grid[index]
+
     def training_step():
         optimizer.zero_grad(set_to_none=True)
-        mapped_B, mapped_A = maps(torch.rand(1, points, dim, device=device), torch.rand(1, points, dim, device=device))
-        loss = sample_batch(image, mapped_B).square().mean() + sample_batch(image, mapped_A).square().mean()
+        points_B, points_A = voxels(), voxels()
         penalty_points = torch.rand(1, max(1, points // 8), dim, device=device)
         if fused:
+            loss = similarity_ssd_fused(maps, image[:, 0], image[:, 0], points_B, zeros, points_A, zeros).sum()
             penalty = gradient_icon_fused(maps, penalty_points)
         else:
+            mapped_B, mapped_A = maps(points_B, points_A)
+            loss = sample_batch(image, mapped_B).square().mean() + sample_batch(image, mapped_A).square().mean()
             penalty = inverse_consistency_terms(maps, penalty_points)["gradient_icon"]
         (loss + 0.5 * penalty.sum()).backward()
         optimizer.step()
