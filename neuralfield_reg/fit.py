@@ -314,9 +314,11 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         else:
             index = torch.randint(grid.shape[0], (n_pairs, config.similarity_points), generator=generator,
                                   device=device)
-        # In voxel order, consecutive points read nearby hash-table rows (the fused kernels run
-        # about 10 % faster than on scattered points); the order does not change the mean.
-        index = index.sort(dim=1).values
+        # In voxel order, consecutive points read nearby hash-table rows (the fused CPU kernels
+        # run about 10 % faster than on scattered points); the order does not change the mean.
+        # (numpy's sort of a few thousand indices is ~2x faster than torch's on the CPU.)
+        if index.device.type == "cpu":
+            index = torch.from_numpy(np.sort(index.numpy(), axis=1))
         return at_voxels(index), index
 
     def at_points(values, index):

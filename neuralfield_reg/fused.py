@@ -89,14 +89,17 @@ def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.
     layer, each with the 2B fields first), scaled by the incoming gradient of each pair: fields
     2p and 2p + 1 belong to pair p."""
     grad_table, *layer_grads = gradients
+    ordered = [grad_table, *layer_grads[0::2], *layer_grads[1::2]]
+    if grad_per_pair.numel() == 1:                 # one pair: one scale (often 1, nothing to do)
+        scale = float(grad_per_pair)
+        return tuple(ordered) if scale == 1.0 else tuple(g * scale for g in ordered)
     per_field = grad_per_pair.repeat_interleave(2)
 
     def scaled(gradient):
         return gradient * per_field.reshape(-1, *[1] * (gradient.dim() - 1))
 
-    n_fields = per_field.shape[0]
-    grad_table = scaled(grad_table.reshape(n_fields, -1, grad_table.shape[-1])).reshape(grad_table.shape)
-    return (grad_table, *[scaled(g) for g in layer_grads[0::2]], *[scaled(g) for g in layer_grads[1::2]])
+    per_table = grad_table.reshape(per_field.shape[0], -1, grad_table.shape[-1])
+    return (scaled(per_table).reshape(grad_table.shape), *[scaled(g) for g in ordered[1:]])
 
 
 class _FusedGradientIcon(torch.autograd.Function):
