@@ -123,9 +123,9 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
     // Evaluation 2i is item i's inner map at x, 2i + 1 its outer map at y = inner(x).
     using Record = CornerRecord<scalar_t, C>;
     const int64_t L = levels.n_levels, K = int64_t(1) << D;
-    auto records = uninitialized<Record>(need_grad ? 2 * items * L * K : 0);
-    auto adj_encoding = uninitialized<scalar_t>(need_grad ? 2 * items * C * LF : 0);
-    auto item_loss = uninitialized<scalar_t>(items);
+    Record* records = scratch<Record>(0, need_grad ? 2 * items * L * K : 0);
+    scalar_t* adj_encoding = scratch<scalar_t>(6, need_grad ? 2 * items * C * LF : 0);
+    scalar_t* item_loss = scratch<scalar_t>(7, items);
     const scalar_t weight = scalar_t(0.5) / static_cast<scalar_t>(N);
     at::parallel_for(0, items, kGrain, [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
@@ -140,7 +140,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         const scalar_t* s = S + direction * D;
         // Inner map g at x: J_g = M_g + dU, y = M_g x + o_g + u.
         encode_jet<scalar_t, D, C>(Clamped<scalar_t, D>(point), inner, levels, tab, lw, acts_inner.data(),
-                                   need_grad ? records.get() + 2 * item * K : nullptr, 2 * items * K);
+                                   need_grad ? records + 2 * item * K : nullptr, 2 * items * K);
         const auto vectors_inner = jet_vectors<scalar_t, C>(mlp, acts_inner.data(), jet_inner);
         mlp_forward<scalar_t, C, true>(mlp, inner, vectors_inner);
         scalar_t Jg[D][D], Jf[D][D], y[D];
@@ -156,7 +156,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         // Outer map f at y.
         const Clamped<scalar_t, D> y_clamped(y);
         encode_jet<scalar_t, D, C>(y_clamped, outer, levels, tab, lw, acts_outer.data(),
-                                   need_grad ? records.get() + (2 * item + 1) * K : nullptr, 2 * items * K,
+                                   need_grad ? records + (2 * item + 1) * K : nullptr, 2 * items * K,
                                    cells_outer);
         const auto vectors_outer = jet_vectors<scalar_t, C>(mlp, acts_outer.data(), jet_outer);
         mlp_forward<scalar_t, C, true>(mlp, outer, vectors_outer);
@@ -206,16 +206,16 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
                                         work.data(), grad_w, grad_b,
                                         channels<scalar_t, C>(adj_scratch.data() + C * LF, LF).data());
         to_level_major<scalar_t, C>(adj_scratch.data() + C * LF, 2 * item, 2 * items, levels.n_levels,
-                                    levels.n_features, adj_encoding.get());
+                                    levels.n_features, adj_encoding);
         to_level_major<scalar_t, C>(adj_outer, 2 * item + 1, 2 * items, levels.n_levels, levels.n_features,
-                                    adj_encoding.get());
+                                    adj_encoding);
       }
     });
     scalar_t* pen = penalty.data_ptr<scalar_t>();
     for (int64_t item = 0; item < items; ++item) pen[item / (2 * N)] += weight * item_loss[item];
     if (need_grad) {
       auto grad_table = at::zeros_like(table);
-      scatter_records<scalar_t, D, C>(records.get(), 2 * items, adj_encoding.get(), levels, lw,
+      scatter_records<scalar_t, D, C>(records, 2 * items, adj_encoding, levels, lw,
                                       grad_table.data_ptr<scalar_t>());
       out.push_back(grad_table);
       gradients.reduce(mlp, common.n_fields, table.options(), out);

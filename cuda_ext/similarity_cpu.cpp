@@ -124,17 +124,17 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
     const Levels& levels = common.levels;
     const int64_t P = T * N;
     const auto mlp = make_mlp<scalar_t>(weights, biases, T, levels.n_levels * n_features, D, scale);
-    auto field = uninitialized<int64_t>(P);
+    int64_t* field = scratch<int64_t>(0, P);
     for (int64_t i = 0; i < P; ++i) field[i] = i / N;
-    auto u = uninitialized<scalar_t>(P * D);
-    auto acts = uninitialized<scalar_t>(need_grad ? P * mlp.activation_count() : 0);
-    at::Tensor records = at::empty({need_grad ? record_bytes<scalar_t, D>(P, levels) : 0},
-                                   points.options().dtype(at::kByte));
+    scalar_t* u = scratch<scalar_t>(1, P * D);     // slot 0 is points_backward's
+    scalar_t* acts = scratch<scalar_t>(2, need_grad ? P * mlp.activation_count() : 0);
+    const int64_t n_records = need_grad ? P * levels.n_levels * (int64_t(1) << D) : 0;
+    CornerRecord<scalar_t, 1>* records = scratch<CornerRecord<scalar_t, 1>>(0, n_records);
     const scalar_t* x = points.data_ptr<scalar_t>();
     const scalar_t* tab = table.data_ptr<scalar_t>();
     const scalar_t* lw = level_weight.data_ptr<scalar_t>();
-    points_forward<scalar_t, D>(mlp, levels, x, field.get(), P, tab, lw, u.get(),
-                                need_grad ? acts.get() : nullptr, need_grad ? records_of<scalar_t, D>(records) : nullptr);
+    points_forward<scalar_t, D>(mlp, levels, x, field, P, tab, lw, u,
+                                need_grad ? acts : nullptr, need_grad ? records : nullptr);
 
     // Sample the other image at every mapped point: residual, d image / d y, inside the cube.
     int64_t size_A[D], size_B[D];
@@ -146,9 +146,9 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
     const scalar_t* M = matrices.data_ptr<scalar_t>();
     const scalar_t* off = offsets.data_ptr<scalar_t>();
     const scalar_t* target = targets.data_ptr<scalar_t>();
-    auto residual = uninitialized<scalar_t>(P);
-    auto image_gradient = uninitialized<scalar_t>(P * D);
-    auto inside = uninitialized<uint8_t>(P);
+    scalar_t* residual = scratch<scalar_t>(3, P);
+    scalar_t* image_gradient = scratch<scalar_t>(4, P * D);
+    uint8_t* inside = scratch<uint8_t>(0, P);
     at::parallel_for(0, P, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t t = i / N, pair = t / 2;
@@ -163,7 +163,7 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
         const bool to_A = t % 2 == 0;
         const scalar_t* image = to_A ? moving.data_ptr<scalar_t>() + pair * voxels_A
                                      : fixed.data_ptr<scalar_t>() + pair * voxels_B;
-        residual[i] = sample_border<scalar_t, D>(image, to_A ? size_A : size_B, y, image_gradient.get() + i * D) -
+        residual[i] = sample_border<scalar_t, D>(image, to_A ? size_A : size_B, y, image_gradient + i * D) -
                       target[i];
         inside[i] = in_cube ? 1 : 0;
       }
@@ -171,7 +171,7 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
 
     // Weights and the SSD of each field; dL/du for the reverse mode.
     const scalar_t* mask = has_masks ? masks.data_ptr<scalar_t>() : nullptr;
-    auto grad_u = uninitialized<scalar_t>(need_grad ? P * D : 0);
+    scalar_t* grad_u = scratch<scalar_t>(5, need_grad ? P * D : 0);
     scalar_t* sim = similarity.data_ptr<scalar_t>();
     for (int64_t t = 0; t < T; ++t) {
       const int64_t first = t * N;
@@ -201,8 +201,8 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
     if (!need_grad) return;
     auto grad_table = at::zeros_like(table);
     MlpGradients<scalar_t> gradients(at::get_num_threads(), T, mlp);
-    points_backward<scalar_t, D>(mlp, levels, grad_u.get(), acts.get(), records_of<scalar_t, D>(records),
-                                 field.get(), P, lw, grad_table.data_ptr<scalar_t>(), gradients);
+    points_backward<scalar_t, D>(mlp, levels, grad_u, acts, records,
+                                 field, P, lw, grad_table.data_ptr<scalar_t>(), gradients);
     out.push_back(grad_table);
     gradients.reduce(mlp, T, table.options(), out);
   });
