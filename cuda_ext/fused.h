@@ -533,10 +533,16 @@ template <typename scalar_t, int D, int C>
 void scatter_records(const CornerRecord<scalar_t, C>* records, int64_t R, const scalar_t* adj, const Levels& levels,
                      const scalar_t* level_weight, scalar_t* grad_table) {
   constexpr int K = Cell<scalar_t, D>::kCorners;
-  const int F = levels.n_features, L = levels.n_levels;
-  at::parallel_for(0, L, 1, [&](int64_t level_begin, int64_t level_end) {
-    for (int64_t l = level_begin; l < level_end; ++l) {
-      if (level_weight[l] == 0) continue;
+  const int F = levels.n_features;
+  // Only the active levels are shared out, so that early in the coarse-to-fine ramp (two levels
+  // on) both threads still get one.
+  std::vector<int64_t> active;
+  for (int64_t l = 0; l < levels.n_levels; ++l) {
+    if (level_weight[l] != 0) active.push_back(l);
+  }
+  at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t l = active[i];
       const CornerRecord<scalar_t, C>* level_records = records + l * R * K;
       const scalar_t* level_adj = adj + l * R * C * F;
       for (int64_t r = 0; r < R; ++r) {
