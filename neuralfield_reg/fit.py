@@ -343,9 +343,9 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
             return per_patch.reshape(n_pairs, -1).mean(1)
         # Only where the map lands inside the other image's domain: outside it there is nothing
         # to compare (padding would invent structure, e.g. streaks from a shape cut by the border).
-        # A pair with fewer than 16 such points compares all of them.
+        # A pair with fewer than 16 such points compares all of them. (similarity_ssd_fused
+        # computes the same SSD in one native call.)
         inside = ((mapped >= 0) & (mapped <= 1)).all(-1)
-        # (similarity_ssd_fused computes the same SSD in one native call.)
         inside = inside | (inside.sum(1, keepdim=True) < 16)
         if mask is not None:
             inside = inside & at_points(mask, index)
