@@ -623,6 +623,16 @@ void dispatch_dim(const at::Tensor& table, int64_t dim, Function&& function) {
   });
 }
 
+// matrices (T, D, D) and offsets (T, D): the fixed affine parts of T fields, in the table's dtype.
+inline void check_affine_parts(const at::Tensor& matrices, const at::Tensor& offsets, int64_t T, int64_t dim,
+                               at::ScalarType dtype) {
+  TORCH_CHECK(matrices.sizes() == at::IntArrayRef({T, dim, dim}) && matrices.is_contiguous() &&
+                  matrices.scalar_type() == dtype,
+              "matrices: expected (2B, D, D) in the table's dtype");
+  TORCH_CHECK(offsets.sizes() == at::IntArrayRef({T, dim}) && offsets.is_contiguous() && offsets.scalar_type() == dtype,
+              "offsets: expected (2B, D) in the table's dtype");
+}
+
 inline void check_points(const at::Tensor& points, const at::Tensor& field, const at::Tensor& table, int64_t n_fields) {
   TORCH_CHECK(points.dim() == 2 && (points.size(1) == 2 || points.size(1) == 3) && points.is_contiguous() &&
                   points.device().is_cpu() && points.scalar_type() == table.scalar_type(),

@@ -95,12 +95,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
   TORCH_CHECK(scales.sizes() == at::IntArrayRef({2, dim}) && scales.scalar_type() == table.scalar_type() &&
                   scales.is_contiguous(),
               "scales: expected (2, D) extents in the table's dtype");
-  TORCH_CHECK(matrices.sizes() == at::IntArrayRef({2 * B, dim, dim}) && matrices.is_contiguous() &&
-                  matrices.scalar_type() == table.scalar_type(),
-              "matrices: expected (2B, D, D) in the table's dtype");
-  TORCH_CHECK(offsets.sizes() == at::IntArrayRef({2 * B, dim}) && offsets.is_contiguous() &&
-                  offsets.scalar_type() == table.scalar_type(),
-              "offsets: expected (2B, D) in the table's dtype");
+  check_affine_parts(matrices, offsets, 2 * B, dim, table.scalar_type());
   std::vector<at::Tensor> out;
   auto penalty = at::zeros({B}, points.options());
   out.push_back(penalty);

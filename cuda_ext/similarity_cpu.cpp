@@ -110,11 +110,7 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
                     image->scalar_type() == dtype && image->device().is_cpu(),
                 "moving and fixed: expected contiguous CPU images (B, *spatial) in the table's dtype");
   }
-  TORCH_CHECK(matrices.sizes() == at::IntArrayRef({T, dim, dim}) && matrices.is_contiguous() &&
-                  matrices.scalar_type() == dtype,
-              "matrices: expected (2B, D, D) in the table's dtype");
-  TORCH_CHECK(offsets.sizes() == at::IntArrayRef({T, dim}) && offsets.is_contiguous() && offsets.scalar_type() == dtype,
-              "offsets: expected (2B, D) in the table's dtype");
+  check_affine_parts(matrices, offsets, T, dim, dtype);
   std::vector<at::Tensor> out;
   auto similarity = at::zeros({B}, points.options());
   out.push_back(similarity);
