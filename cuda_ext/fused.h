@@ -58,12 +58,12 @@ struct Mlp {
   int64_t weight_count = 0, bias_count = 0;         // numbers per field
   scalar_t scale = 1;
 
-  std::vector<scalar_t> transposed;          // every field's layers as (out_k, in_k): the reverse mode and
-                                              // narrow layers (matvec_narrow) read these
-  std::vector<int64_t> transposed_offset;     // of layer k of field 0; field t adds t * weight_count
+  // Every field's layers as (out_k, in_k), at the same offsets as the weights' gradient: the
+  // reverse mode and narrow layers (matvec_narrow) read these.
+  std::vector<scalar_t> transposed;
 
   const scalar_t* W(int k, int64_t t) const { return weight[k] + t * width[k] * width[k + 1]; }
-  const scalar_t* WT(int k, int64_t t) const { return transposed.data() + t * weight_count + transposed_offset[k]; }
+  const scalar_t* WT(int k, int64_t t) const { return transposed.data() + t * weight_count + weight_offset[k]; }
   const scalar_t* b(int k, int64_t t) const { return bias[k] + t * width[k + 1]; }
   int64_t max_width() const { return *std::max_element(width.begin(), width.end()); }
   int64_t activation_count() const {          // sum of the widths of every layer's input
@@ -104,7 +104,6 @@ Mlp<scalar_t> make_mlp(const std::vector<at::Tensor>& weights, const std::vector
   TORCH_CHECK(mlp.width.back() == dim, "weights: the last layer must output one number per axis");
   mlp.transposed.resize(n_fields * mlp.weight_count);
   for (int k = 0; k < mlp.n_layers; ++k) {
-    mlp.transposed_offset.push_back(mlp.weight_offset[k]);
     const int64_t n_in = mlp.width[k], n_out = mlp.width[k + 1];
     for (int64_t t = 0; t < n_fields; ++t) {
       const scalar_t* src = mlp.W(k, t);
@@ -599,7 +598,7 @@ struct Common {
 };
 
 inline Common check_common(const at::Tensor& table, const at::Tensor& geometry, int64_t n_features, bool smoothstep,
-                    int64_t rows_per_table, const at::Tensor& level_weight) {
+                           int64_t rows_per_table, const at::Tensor& level_weight) {
   Common common{make_levels(geometry, n_features, smoothstep, rows_per_table), 0};
   TORCH_CHECK(table.device().is_cpu() && table.is_contiguous() && table.dim() == 2 && table.size(1) == n_features,
               "table: expected a contiguous CPU tensor (rows, n_features)");
@@ -671,10 +670,10 @@ void points_forward(const Mlp<scalar_t>& mlp, const Levels& levels, const scalar
   const int64_t A = mlp.activation_count();
   const bool save = acts_all != nullptr;
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> scratch(save ? 0 : kPointBlock * A);
+    std::vector<scalar_t> block_acts(save ? 0 : kPointBlock * A);
     for (int64_t n = begin; n < end;) {
       const int64_t count = block_of_one_field(t, n, end);
-      scalar_t* acts = save ? acts_all + n * A : scratch.data();
+      scalar_t* acts = save ? acts_all + n * A : block_acts.data();
       for (int64_t c = 0; c < count; ++c) {
         encode_jet<scalar_t, D, 1>(Clamped<scalar_t, D>(x + (n + c) * D), t[n], levels, table, level_weight,
                                    acts + c * A, save ? records + (n + c) * K : nullptr, N * K);

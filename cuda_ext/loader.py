@@ -62,7 +62,7 @@ def load(verbose: bool = False):
     try:
         from torch.utils import cpp_extension
 
-        sources = [str(SOURCE_DIR / name) for name in ("hashgrid_cpu.cpp", "fused_cpu.cpp", "similarity_cpu.cpp")]
+        sources = [str(SOURCE_DIR / source) for source in ("hashgrid_cpu.cpp", "fused_cpu.cpp", "similarity_cpu.cpp")]
         flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
         name = f"{NAME}_{_cpu_tag()}"
         extra = {}

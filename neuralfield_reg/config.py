@@ -79,10 +79,10 @@ class FitConfig:
         hidden_widths, output_scale: the MLP and the scale of its output (unit coordinates).
         affine: settings of the global affine stage, or None to start from the identity.
         backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
-        fused_kernels: with the native backend on the CPU, run the fields and the gradient-ICON
-            penalty in the fused kernels (``neuralfield_reg/fused.py``; not used with
-            ``icon_weight > 0``); False uses the per-operation autograd path (same function,
-            slower; for comparison).
+        fused_kernels: with the native backend on the CPU, run the fields, the SSD similarity
+            and the gradient-ICON penalty in the fused kernels (``neuralfield_reg/fused.py``; the
+            penalty's is not used with ``icon_weight > 0``); False uses the per-operation
+            autograd path (same function, slower; for comparison).
         clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
             rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
         on_divergence: what a NaN/Inf loss term does: ``"raise"`` stops with
