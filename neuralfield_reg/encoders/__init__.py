@@ -1,9 +1,11 @@
 """Multiresolution hash-grid encodings behind one interface, with selectable backends.
 
 ``backend="torch"`` is the pure-PyTorch reference and is always available. ``"native"`` (the
-compiled kernels of ``cuda_ext/``, built on first use) and ``"tcnn"`` (tiny-cuda-nn) raise
-:class:`BackendUnavailableError` with the reason when they cannot be used; ``"auto"`` picks the
-fastest backend that is available and never fails (it warns once if it had to fall back).
+compiled kernels of ``cuda_ext/``, built on first use) and ``"tcnn"`` (tiny-cuda-nn's grid
+encoding, CUDA only) raise :class:`BackendUnavailableError` with the reason when they cannot be used; ``"auto"`` picks
+``"native"`` when it builds, else ``"torch"``, and never fails (it warns once if it had to fall
+back). ``"auto"`` does not pick ``"tcnn"``: it has not been measured against the native CUDA
+kernels yet, so it is used only when named.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ class BackendUnavailableError(RuntimeError):
 
 
 def backend_unavailable_reason(backend: str, device=None) -> str | None:
-    """None when ``backend`` can be used on ``device`` (default CPU), else a sentence saying why not."""
+    """None when ``backend`` can be used on ``device`` (default CPU; for ``"tcnn"``, any device
+    when None), else a sentence saying why not."""
+    named_device = device
     device = torch_device(device if device is not None else "cpu")
     if backend == "torch":
         return None
@@ -38,9 +42,11 @@ def backend_unavailable_reason(backend: str, device=None) -> str | None:
     if backend == "tcnn":
         try:
             import tinycudann  # noqa: F401
-        except ImportError as error:
-            return f"tinycudann is not installed ({error}); it is optional and not on PyPI"
-        return "the tinycudann backend is not wired in this version yet; use backend='native' or 'torch'"
+        except Exception as error:  # noqa: BLE001 - ImportError, or tinycudann's OSError without a GPU
+            return f"tinycudann cannot be imported ({type(error).__name__}: {error}); it is optional and not on PyPI"
+        if named_device is not None and device.type != "cuda":
+            return f"tiny-cuda-nn runs on CUDA devices only, not {device}; use backend='native' or 'torch'"
+        return None
     raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
@@ -78,6 +84,9 @@ def make_encoding(dim: int, config: HashGridConfig = HashGridConfig(), backend: 
     if name == "native":
         from .native import NativeHashGridEncoding
         return NativeHashGridEncoding(dim, config, n_tables)
+    if name == "tcnn":
+        from .tcnn import TcnnHashGridEncoding
+        return TcnnHashGridEncoding(dim, config, n_tables)
     return TorchHashGridEncoding(dim, config, n_tables)
 
 
