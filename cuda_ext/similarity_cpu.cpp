@@ -12,6 +12,9 @@
 // optional mask (all points when the mask leaves none). Sampling is linear with border padding and
 // voxel centres at i / (n - 1), as torch's grid_sample with align_corners=True: outside the image,
 // and exactly on its last voxel, the clamped coordinate has zero derivative.
+//
+// affine_ncc: the affine stage's correlation (neuralfield_reg/affine.py) of K affine maps at once,
+// with its gradient with respect to each map's matrix and offset.
 #include "fused.h"
 
 namespace hashgrid {
@@ -23,17 +26,16 @@ namespace {
 // Points that must land inside the other image before the outside ones are left out (fit.py).
 constexpr int64_t kMinInside = 16;
 
-// The image (sizes per axis) at unit coordinates y, and d value / d y.
+// The image (sizes per axis) at unit coordinates y, and d value / d y: nested linear
+// interpolations, last axis first. Where a coordinate is clamped to the last voxel, its upper
+// neighbour (weight 0) is read as the voxel itself, which changes no value or derivative.
 template <typename scalar_t, int D>
 scalar_t sample_border(const scalar_t* image, const int64_t* size, const scalar_t* y, scalar_t* gradient) {
-  int64_t lower[D], stride[D];
-  scalar_t frac[D], chain[D];
-  int64_t step = 1;
+  static_assert(D == 2 || D == 3, "2D or 3D images");
+  int64_t base = 0, up[D];
+  scalar_t f[D], chain[D];
+  int64_t stride = 1;
   for (int k = D - 1; k >= 0; --k) {
-    stride[k] = step;
-    step *= size[k];
-  }
-  for (int k = 0; k < D; ++k) {
     const scalar_t last = static_cast<scalar_t>(size[k] - 1);
     scalar_t v = y[k] * last;
     chain[k] = last;
@@ -45,38 +47,34 @@ scalar_t sample_border(const scalar_t* image, const int64_t* size, const scalar_
       chain[k] = 0;
     }
     const scalar_t floor_v = std::floor(v);
-    lower[k] = static_cast<int64_t>(floor_v);
-    frac[k] = v - floor_v;
+    const int64_t lower = static_cast<int64_t>(floor_v);
+    f[k] = v - floor_v;
+    base += lower * stride;
+    up[k] = lower + 1 < size[k] ? stride : 0;
+    stride *= size[k];
   }
-  scalar_t value = 0;
-  for (int j = 0; j < D; ++j) gradient[j] = 0;
-  for (int c = 0; c < (1 << D); ++c) {
-    int64_t index = 0;
-    bool inside = true;
-    scalar_t factor[D], dfactor[D];
-    for (int k = 0; k < D; ++k) {
-      const bool upper = (c >> k) & 1;
-      const int64_t i = lower[k] + (upper ? 1 : 0);
-      inside = inside && i < size[k];         // the upper neighbour of the last voxel (weight 0)
-      index += i * stride[k];
-      factor[k] = upper ? frac[k] : scalar_t(1) - frac[k];
-      dfactor[k] = upper ? scalar_t(1) : scalar_t(-1);
+  const scalar_t* p = image + base;
+  if constexpr (D == 2) {
+    const scalar_t i00 = p[0], i01 = p[up[1]], i10 = p[up[0]], i11 = p[up[0] + up[1]];
+    const scalar_t low = i00 + f[1] * (i01 - i00), high = i10 + f[1] * (i11 - i10);
+    gradient[0] = chain[0] * (high - low);
+    gradient[1] = chain[1] * ((i01 - i00) + f[0] * ((i11 - i10) - (i01 - i00)));
+    return low + f[0] * (high - low);
+  } else {
+    scalar_t plane[2], d2[2], d1[2];          // per value of axis 0: lerp over axes 1 and 2
+    for (int a = 0; a < 2; ++a) {
+      const scalar_t* q = p + (a ? up[0] : 0);
+      const scalar_t i00 = q[0], i01 = q[up[2]], i10 = q[up[1]], i11 = q[up[1] + up[2]];
+      const scalar_t low = i00 + f[2] * (i01 - i00), high = i10 + f[2] * (i11 - i10);
+      plane[a] = low + f[1] * (high - low);
+      d1[a] = high - low;
+      d2[a] = (i01 - i00) + f[1] * ((i11 - i10) - (i01 - i00));
     }
-    if (!inside) continue;
-    const scalar_t intensity = image[index];
-    scalar_t weight = 1;
-    for (int k = 0; k < D; ++k) weight *= factor[k];
-    value += weight * intensity;
-    for (int j = 0; j < D; ++j) {
-      scalar_t partial = dfactor[j];
-      for (int k = 0; k < D; ++k) {
-        if (k != j) partial *= factor[k];
-      }
-      gradient[j] += partial * intensity;
-    }
+    gradient[0] = chain[0] * (plane[1] - plane[0]);
+    gradient[1] = chain[1] * (d1[0] + f[0] * (d1[1] - d1[0]));
+    gradient[2] = chain[2] * (d2[0] + f[0] * (d2[1] - d2[0]));
+    return plane[0] + f[0] * (plane[1] - plane[0]);
   }
-  for (int j = 0; j < D; ++j) gradient[j] *= chain[j];
-  return value;
 }
 
 }  // namespace
@@ -203,6 +201,118 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
     gradients.reduce(mlp, T, table.options(), out);
   });
   return out;
+}
+
+// The affine stage's correlation of K affine maps y = M_k x + o_k (matrices (K, D, D), offsets
+// (K, D), unit coordinates) between image (*spatial, float64) sampled at y of the points x (P, D)
+// and target (P,), a centred unit-norm vector (sum 0, norm 1):
+//   corr_k = <w - mean(w), target> / max(||w - mean(w)||, 1e-12),   w_p = image(M_k x_p + o_k),
+// and d corr_k / d M_k, d corr_k / d o_k. Returns [corr (K,), grad_matrices, grad_offsets].
+// Sums are over each map's P points in double, in a fixed order per thread count.
+std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& points, const at::Tensor& target,
+                                   const at::Tensor& matrices, const at::Tensor& offsets) {
+  TORCH_CHECK(points.dim() == 2 && (points.size(1) == 2 || points.size(1) == 3) && points.is_contiguous() &&
+                  points.scalar_type() == at::kDouble && points.device().is_cpu() && points.size(0) > 0,
+              "points: expected a contiguous float64 CPU tensor (P > 0, 2 or 3)");
+  const int64_t P = points.size(0), dim = points.size(1);
+  TORCH_CHECK(image.dim() == dim && image.is_contiguous() && image.scalar_type() == at::kDouble &&
+                  image.device().is_cpu() && image.numel() > 0,
+              "image: expected a contiguous float64 CPU image with one axis per point coordinate");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == P && target.is_contiguous() &&
+                  target.scalar_type() == at::kDouble,
+              "target: expected (P,) float64 values, one per point");
+  TORCH_CHECK(matrices.dim() == 3 && matrices.size(0) > 0, "matrices: expected (K, D, D)");
+  const int64_t K = matrices.size(0);
+  check_affine_parts(matrices, offsets, K, dim, at::kDouble);
+  auto corr = at::empty({K}, matrices.options());
+  auto grad_matrices = at::zeros_like(matrices);
+  auto grad_offsets = at::zeros_like(offsets);
+  dispatch_dim(image, dim, [&](auto, auto dimension) {
+    constexpr int D = decltype(dimension)::value;
+    int64_t size[D];
+    for (int k = 0; k < D; ++k) size[k] = image.size(k);
+    const double* img = image.data_ptr<double>();
+    const double* x = points.data_ptr<double>();
+    const double* t = target.data_ptr<double>();
+    const double* M = matrices.data_ptr<double>();
+    const double* off = offsets.data_ptr<double>();
+    const int64_t items = K * P;
+    double* warped = scratch<double>(0, items);
+    double* gradient = scratch<double>(1, items * D);
+    const int threads = at::get_num_threads();
+    // Two passes of per-thread sums (each thread's part of the items, in order): sum w, then
+    // sum (w - mean)^2 and sum (w - mean) t (centred: a one-pass formula would cancel).
+    std::vector<double> sums(static_cast<size_t>(threads) * K * 2, 0.0);
+    at::parallel_for(0, items, 256, [&](int64_t begin, int64_t end) {
+      double* mine = sums.data() + static_cast<int64_t>(at::get_thread_num()) * K * 2;
+      int64_t k = begin / P, p = begin % P;                  // item i is point p of map k
+      for (int64_t i = begin; i < end; ++i, p = p + 1 < P ? p + 1 : 0, k += p == 0) {
+        double y[D];
+        for (int a = 0; a < D; ++a) {
+          y[a] = off[k * D + a];
+          for (int b = 0; b < D; ++b) y[a] += M[(k * D + a) * D + b] * x[p * D + b];
+        }
+        const double w = sample_border<double, D>(img, size, y, gradient + i * D);
+        warped[i] = w;
+        mine[k * 2] += w;
+      }
+    });
+    std::vector<double> mean(K, 0.0), a(K), b(K);
+    for (int thread = 0; thread < threads; ++thread) {
+      for (int64_t k = 0; k < K; ++k) mean[k] += sums[(thread * K + k) * 2] / P;
+    }
+    std::fill(sums.begin(), sums.end(), 0.0);
+    at::parallel_for(0, items, 256, [&](int64_t begin, int64_t end) {
+      double* mine = sums.data() + static_cast<int64_t>(at::get_thread_num()) * K * 2;
+      int64_t k = begin / P, p = begin % P;
+      for (int64_t i = begin; i < end; ++i, p = p + 1 < P ? p + 1 : 0, k += p == 0) {
+        const double centred = warped[i] - mean[k];
+        mine[k * 2] += centred * centred;
+        mine[k * 2 + 1] += centred * t[p];
+      }
+    });
+    // corr = S / n with S = <w - mean, t> and n = ||w - mean||; d corr / d w_p =
+    // t_p / n - S (w_p - mean) / n^3 (t sums to 0; no second term where n is clamped to 1e-12).
+    double* c = corr.data_ptr<double>();
+    for (int64_t k = 0; k < K; ++k) {
+      double square = 0, dot = 0;
+      for (int thread = 0; thread < threads; ++thread) {
+        square += sums[(thread * K + k) * 2];
+        dot += sums[(thread * K + k) * 2 + 1];
+      }
+      const double norm = std::sqrt(square);
+      const bool clamped = !(norm > 1e-12);
+      const double n = clamped ? 1e-12 : norm;
+      c[k] = dot / n;
+      a[k] = 1.0 / n;
+      b[k] = clamped ? 0.0 : dot / (n * n * n);
+    }
+    constexpr int G = D * D + D;
+    std::vector<double> partial(static_cast<size_t>(threads) * K * G, 0.0);
+    at::parallel_for(0, items, 256, [&](int64_t begin, int64_t end) {
+      double* mine = partial.data() + static_cast<int64_t>(at::get_thread_num()) * K * G;
+      int64_t k = begin / P, p = begin % P;                  // item i is point p of map k
+      for (int64_t i = begin; i < end; ++i, p = p + 1 < P ? p + 1 : 0, k += p == 0) {
+        const double dw = a[k] * t[p] - b[k] * (warped[i] - mean[k]);
+        double* g = mine + k * G;
+        for (int r = 0; r < D; ++r) {
+          const double dy = dw * gradient[i * D + r];
+          for (int col = 0; col < D; ++col) g[r * D + col] += dy * x[p * D + col];
+          g[D * D + r] += dy;
+        }
+      }
+    });
+    double* gM = grad_matrices.data_ptr<double>();
+    double* go = grad_offsets.data_ptr<double>();
+    for (int thread = 0; thread < threads; ++thread) {
+      for (int64_t k = 0; k < K; ++k) {
+        const double* g = partial.data() + (static_cast<int64_t>(thread) * K + k) * G;
+        for (int e = 0; e < D * D; ++e) gM[k * D * D + e] += g[e];
+        for (int r = 0; r < D; ++r) go[k * D + r] += g[D * D + r];
+      }
+    }
+  });
+  return {corr, grad_matrices, grad_offsets};
 }
 
 }  // namespace hashgrid

@@ -3,9 +3,11 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from neuralfield_reg.affine import fit_affine
+from neuralfield_reg._cuda_ext import load
+from neuralfield_reg.affine import _Cost, fit_affine
 from neuralfield_reg.config import AffineConfig
 from neuralfield_reg.coords import identity_grid, sample
 from neuralfield_reg.data import Shape, shape_pairs
@@ -90,3 +92,45 @@ def test_affine_aligns_a_small_triangle_with_a_large_circle():
     scale, overlap = affine_label_overlap(shape_pairs(1, 128, hollow=True, seed=11)[0])
     assert 0.2 < scale < 0.5
     assert overlap > 0.75
+
+
+@pytest.mark.parametrize("shape_A,shape_B", [((20, 24), (18, 22)), ((9, 10, 11), (8, 12, 10))])
+def test_native_cost_matches_the_torch_cost(shape_A, shape_B):
+    """The compiled affine_ncc kernel (sampling, 1 - NCC and the gradient in one call) against the
+    same cost in torch operations with autograd: values and gradients of a batch of transforms,
+    including maps that leave the image (clamped coordinates, zero derivative) and one that sends
+    every point outside past a corner (a constant warped image: correlation 0)."""
+    dim = len(shape_A)
+    generator = torch.Generator().manual_seed(5)
+    A = torch.rand(shape_A, dtype=torch.float64, generator=generator)
+    B = torch.rand(shape_B, dtype=torch.float64, generator=generator)
+    extent_A = torch.tensor([n - 1.0 for n in shape_A], dtype=torch.float64)
+    extent_B = torch.tensor([n - 1.0 for n in shape_B], dtype=torch.float64)
+    grid_A, grid_B = identity_grid(shape_A, dtype=torch.float64), identity_grid(shape_B, dtype=torch.float64)
+    eye = torch.eye(dim, dtype=torch.float64)
+    linear = torch.cat([eye + 0.3 * torch.randn(4, dim, dim, dtype=torch.float64, generator=generator),
+                        1.8 * eye[None], 0.5 * eye[None]])
+    translation = torch.cat([2.0 * torch.randn(4, dim, dtype=torch.float64, generator=generator),
+                             torch.zeros(1, dim, dtype=torch.float64), torch.full((1, dim), 60.0, dtype=torch.float64)])
+    weights = torch.arange(1.0, 7.0, dtype=torch.float64)
+    results = []
+    for kernels in (None, load()):
+        cost = _Cost(A, B, grid_A, grid_B, extent_A, extent_B, kernels)
+        parameters = [linear.clone().requires_grad_(True), translation.clone().requires_grad_(True)]
+        values = cost(*parameters)
+        results.append([values.detach(), *torch.autograd.grad((weights * values).sum(), parameters)])
+    for name, native, reference in zip(["cost", "d/dlinear", "d/dtranslation"], results[1], results[0]):
+        torch.testing.assert_close(native, reference, rtol=1e-10, atol=1e-12, msg=name)
+    assert results[0][1].abs().max() > 0.1          # the gradients are not trivially zero
+    # The last map sends every point of both images past a corner: nothing left to correlate.
+    assert abs(float(results[0][0][-1]) - 2.0) < 1e-9
+
+
+def test_native_affine_stage_gives_the_torch_stage_result():
+    pair = shape_pairs(1, 64, seed=3)[0]
+    extent = (63.0, 63.0)
+    config = AffineConfig(iterations=60, search_iterations=15)
+    transforms = [fit_affine(torch.from_numpy(pair.moving), torch.from_numpy(pair.fixed), extent, extent, config,
+                             native=native) for native in (False, True)]
+    torch.testing.assert_close(transforms[1].linear, transforms[0].linear, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(transforms[1].translation, transforms[0].translation, rtol=1e-8, atol=1e-7)
