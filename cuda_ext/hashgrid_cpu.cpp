@@ -277,7 +277,7 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor&, const at::Tensor&, con
                                        const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
                                        const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool);
 std::vector<at::Tensor> affine_ncc(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&);
+                                   const at::Tensor&, double);
 
 }  // namespace hashgrid
 

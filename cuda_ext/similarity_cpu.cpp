@@ -205,12 +205,12 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
 
 // The affine stage's correlation of K affine maps y = M_k x + o_k (matrices (K, D, D), offsets
 // (K, D), unit coordinates) between image (*spatial, float64) sampled at y of the points x (P, D)
-// and target (P,), a centred unit-norm vector (sum 0, norm 1):
-//   corr_k = <w - mean(w), target> / max(||w - mean(w)||, 1e-12),   w_p = image(M_k x_p + o_k),
-// and d corr_k / d M_k, d corr_k / d o_k. Returns [corr (K,), grad_matrices, grad_offsets].
-// Sums are over each map's P points in double, in a fixed order per thread count.
+// and target (P,), a centred vector (sum 0), as losses/similarity.py's ncc computes it:
+//   corr_k = cov / sqrt(var_w var_t + eps),   cov = mean((w - mean w) t),  var = mean of squares,
+// with w_p = image(M_k x_p + o_k), and d corr_k / d M_k, d corr_k / d o_k. Returns [corr (K,),
+// grad_matrices, grad_offsets]. Sums are in double, per thread in a fixed order.
 std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& points, const at::Tensor& target,
-                                   const at::Tensor& matrices, const at::Tensor& offsets) {
+                                   const at::Tensor& matrices, const at::Tensor& offsets, double eps) {
   TORCH_CHECK(points.dim() == 2 && (points.size(1) == 2 || points.size(1) == 3) && points.is_contiguous() &&
                   points.scalar_type() == at::kDouble && points.device().is_cpu() && points.size(0) > 0,
               "points: expected a contiguous float64 CPU tensor (P > 0, 2 or 3)");
@@ -271,8 +271,11 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
         mine[k * 2 + 1] += centred * t[p];
       }
     });
-    // corr = S / n with S = <w - mean, t> and n = ||w - mean||; d corr / d w_p =
-    // t_p / n - S (w_p - mean) / n^3 (t sums to 0; no second term where n is clamped to 1e-12).
+    // d corr / d w_p = t_p / (P s) - cov var_t (w_p - mean) / (P s^3), s = sqrt(var_w var_t + eps)
+    // (t sums to 0, so the mean's own derivative drops out).
+    double var_t = 0;
+    for (int64_t p = 0; p < P; ++p) var_t += t[p] * t[p];
+    var_t /= P;
     double* c = corr.data_ptr<double>();
     for (int64_t k = 0; k < K; ++k) {
       double square = 0, dot = 0;
@@ -280,12 +283,11 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
         square += sums[(thread * K + k) * 2];
         dot += sums[(thread * K + k) * 2 + 1];
       }
-      const double norm = std::sqrt(square);
-      const bool clamped = !(norm > 1e-12);
-      const double n = clamped ? 1e-12 : norm;
-      c[k] = dot / n;
-      a[k] = 1.0 / n;
-      b[k] = clamped ? 0.0 : dot / (n * n * n);
+      const double cov = dot / P, var_w = square / P;
+      const double root = std::sqrt(var_w * var_t + eps);
+      c[k] = cov / root;
+      a[k] = 1.0 / (P * root);
+      b[k] = cov * var_t / (P * root * root * root);
     }
     constexpr int G = D * D + D;
     std::vector<double> partial(static_cast<size_t>(threads) * K * G, 0.0);

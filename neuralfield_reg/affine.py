@@ -134,6 +134,9 @@ def symmetric_cost(moving: torch.Tensor, fixed: torch.Tensor, transform: AffineT
     return _dissimilarity(warped_moving, fixed.reshape(-1)) + _dissimilarity(warped_fixed, moving.reshape(-1))
 
 
+_NCC_EPS = 1e-8          # losses.similarity.ncc's default
+
+
 class _NativeCorrelation(torch.autograd.Function):
     """The correlation of ``K`` affine maps (``(K, d, d)``, ``(K, d)``) in one call of the compiled
     ``affine_ncc`` kernel, which also returns its gradient with respect to the maps."""
@@ -141,7 +144,7 @@ class _NativeCorrelation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrices, offsets, kernels, image, points, target):
         correlation, grad_matrices, grad_offsets = kernels.affine_ncc(image, points, target, matrices.contiguous(),
-                                                                      offsets.contiguous())
+                                                                      offsets.contiguous(), _NCC_EPS)
         ctx.save_for_backward(grad_matrices, grad_offsets)
         return correlation
 
@@ -155,8 +158,9 @@ class _Cost:
     """:func:`symmetric_cost` for one pair of images, evaluated many times (the search's and the
     refinement's steps), with the fixed parts computed once.
 
-    Each target image is centred and scaled to unit norm once; the correlation of a warped row
-    ``w`` is then ``<w - mean(w), target> / ||w - mean(w)||``. With ``kernels`` (the compiled
+    Each target image is centred once; the correlation of a warped row ``w`` is then
+    ``cov(w, t) / sqrt(var(w) var(t) + 1e-8)``, as :func:`~neuralfield_reg.losses.similarity.ncc`
+    computes it (the 1e-8 matters at heavy blur, where the variances are small). With ``kernels`` (the compiled
     module, CPU images), sampling, correlation and their gradient are one ``affine_ncc`` call per
     direction: a 2D step is otherwise bound by the overhead of ~250 small tensor operations, and
     a 3D search by the autograd of ``grid_sample``.
@@ -172,13 +176,8 @@ class _Cost:
         else:
             self.images = (moving.contiguous(), fixed.contiguous())
         self.grids = (grid_fixed.reshape(-1, dim).contiguous(), grid_moving.reshape(-1, dim).contiguous())
-        self.targets = (self._unit(fixed.reshape(-1)), self._unit(moving.reshape(-1)))
+        self.targets = tuple(values - values.mean() for values in (fixed.reshape(-1), moving.reshape(-1)))
         self.s_A, self.s_B = extent_moving, extent_fixed
-
-    @staticmethod
-    def _unit(values: torch.Tensor) -> torch.Tensor:
-        centred = values - values.mean()
-        return centred / centred.norm().clamp_min(1e-12)
 
     def __call__(self, linear: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
         """``(K,)`` costs of ``K`` transforms ``p_A = linear p_B + translation`` (``(K, d, d)``,
@@ -194,8 +193,9 @@ class _Cost:
             points = _apply(matrix, offset, grid)                                       # (K, P, d)
             warped = sample_batch(image, points.reshape(1, -1, grid.shape[1]))[0, 0].reshape(points.shape[:-1])
             centred = warped - warped.mean(-1, keepdim=True)
-            correlation = (centred @ target) / centred.norm(dim=-1).clamp_min(1e-12)
-            cost = cost + (1.0 - correlation)
+            covariance = (centred @ target) / target.shape[0]
+            variance = centred.square().mean(-1) * target.square().mean()
+            cost = cost + (1.0 - covariance / torch.sqrt(variance + _NCC_EPS))
         return cost
 
 

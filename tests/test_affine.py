@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuralfield_reg._cuda_ext import load
-from neuralfield_reg.affine import _Cost, fit_affine
+from neuralfield_reg.affine import AffineTransform, _Cost, fit_affine, symmetric_cost
 from neuralfield_reg.config import AffineConfig
 from neuralfield_reg.coords import identity_grid, sample
 from neuralfield_reg.data import Shape, shape_pairs
@@ -121,6 +121,9 @@ def test_native_cost_matches_the_torch_cost(shape_A, shape_B):
         results.append([values.detach(), *torch.autograd.grad((weights * values).sum(), parameters)])
     for name, native, reference in zip(["cost", "d/dlinear", "d/dtranslation"], results[1], results[0]):
         torch.testing.assert_close(native, reference, rtol=1e-10, atol=1e-12, msg=name)
+    # Both are symmetric_cost (grid_sample + losses.similarity.ncc), computed with fewer operations.
+    transform = AffineTransform(linear, translation, tuple(extent_A.tolist()), tuple(extent_B.tolist()))
+    torch.testing.assert_close(results[0][0], symmetric_cost(A, B, transform, grid_A, grid_B), rtol=1e-12, atol=1e-12)
     assert results[0][1].abs().max() > 0.1          # the gradients are not trivially zero
     # The last map sends every point of both images past a corner: nothing left to correlate.
     assert abs(float(results[0][0][-1]) - 2.0) < 1e-9
