@@ -12,6 +12,10 @@ rotations in millimetres (or voxels) whatever the grid shapes. ``phi_BA`` is the
 3. Refinement: Adam on the full affine with a blur schedule, on images resampled to at most
    ``working_size`` voxels per axis; its singular values stay within a factor 2 of the search's
    scale.
+
+With ``native=True`` on the CPU, each step's cost and gradient come from the compiled
+``affine_ncc`` kernel (the same function as the torch operations; ``fit_pair`` uses it with the
+native backend).
 """
 
 from __future__ import annotations
@@ -160,10 +164,10 @@ class _Cost:
 
     Each target image is centred once; the correlation of a warped row ``w`` is then
     ``cov(w, t) / sqrt(var(w) var(t) + 1e-8)``, as :func:`~neuralfield_reg.losses.similarity.ncc`
-    computes it (the 1e-8 matters at heavy blur, where the variances are small). With ``kernels`` (the compiled
-    module, CPU images), sampling, correlation and their gradient are one ``affine_ncc`` call per
-    direction: a 2D step is otherwise bound by the overhead of ~250 small tensor operations, and
-    a 3D search by the autograd of ``grid_sample``.
+    computes it (the 1e-8 matters at heavy blur, where the variances are small). With
+    ``kernels`` (the compiled module, CPU images), sampling, correlation and their gradient are
+    one ``affine_ncc`` call per direction: a 2D step is otherwise bound by the overhead of ~250
+    small tensor operations, and a 3D search by the autograd of ``grid_sample``.
     """
 
     def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, grid_moving: torch.Tensor,

@@ -81,8 +81,9 @@ class FitConfig:
         backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
         fused_kernels: with the native backend on the CPU, run the fields, the SSD similarity
             and the gradient-ICON penalty in the fused kernels (``neuralfield_reg/fused.py``; the
-            penalty's is not used with ``icon_weight > 0``); False uses the per-operation
-            autograd path (same function, slower; for comparison).
+            penalty's is not used with ``icon_weight > 0``) and the affine stage's cost in the
+            compiled ``affine_ncc`` kernel; False uses the per-operation autograd path (same
+            function, slower; for comparison).
         clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
             rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
         on_divergence: what a NaN/Inf loss term does: ``"raise"`` stops with

@@ -2,10 +2,10 @@
 
 ``backend="torch"`` is the pure-PyTorch reference and is always available. ``"native"`` (the
 compiled kernels of ``cuda_ext/``, built on first use) and ``"tcnn"`` (tiny-cuda-nn's grid
-encoding, CUDA only) raise :class:`BackendUnavailableError` with the reason when they cannot be used; ``"auto"`` picks
-``"native"`` when it builds, else ``"torch"``, and never fails (it warns once if it had to fall
-back). ``"auto"`` does not pick ``"tcnn"``: it has not been measured against the native CUDA
-kernels yet, so it is used only when named.
+encoding, CUDA only) raise :class:`BackendUnavailableError` with the reason when they cannot be
+used. ``"auto"`` picks ``"native"`` when it builds, else ``"torch"``, and never fails (it warns
+once if it had to fall back). It does not pick ``"tcnn"``, which has not been timed against the
+native CUDA kernels yet: tcnn runs only when named.
 """
 
 from __future__ import annotations
