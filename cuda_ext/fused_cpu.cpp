@@ -5,6 +5,7 @@
 //   fields_forward       u = scale * MLP_t(lw * enc_t(clamp(x)))   for every point (field t each)
 //   fields_backward      dL/dtable, dL/dW, dL/db from dL/du and the forward's saved activations
 //                        (no dL/dx: the points are data)
+//   fields_jacobian      du/dx of every point's field (forward-mode jets; no gradient)
 //   gradient_icon        the penalty 0.5 * sum_dir mean_n ||S (J_f(g(x)) J_g(x) - I) S^-1||_F^2 of
 //                        every pair and, in the same pass, its gradient with respect to all
 //                        parameters (see neuralfield_reg/losses/inverse_consistency.py)
@@ -72,6 +73,43 @@ std::vector<at::Tensor> fields_backward(const at::Tensor& grad_out, const at::Te
                                  records_of<scalar_t, D>(saved_corners), field.data_ptr<int64_t>(), N,
                                  level_weight.data_ptr<scalar_t>(), grad_table.data_ptr<scalar_t>(), gradients);
     gradients.reduce(mlp, common.n_fields, table.options(), out);
+  });
+  return out;
+}
+
+// J (N, D, D): J[n][k][j] = d u_k / d x_j of field t[n] at point n, through the clamp (zero along
+// an axis where the point lies outside [0, 1]), as autograd differentiates the fields.
+at::Tensor fields_jacobian(const at::Tensor& points, const at::Tensor& field, const at::Tensor& table,
+                           const at::Tensor& geometry, int64_t n_features, bool smoothstep, int64_t rows_per_table,
+                           const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
+                           const std::vector<at::Tensor>& biases, double scale) {
+  const Common common = check_common(table, geometry, n_features, smoothstep, rows_per_table, level_weight);
+  check_points(points, field, table, common.n_fields);
+  const int64_t N = points.size(0), dim = points.size(1);
+  auto out = at::empty({N, dim, dim}, points.options());
+  dispatch_dim(table, dim, [&](auto scalar, auto dimension) {
+    using scalar_t = decltype(scalar);
+    constexpr int D = decltype(dimension)::value;
+    constexpr int C = 1 + D;
+    const auto mlp = make_mlp<scalar_t>(weights, biases, common.n_fields, common.levels.n_levels * n_features, D,
+                                        scale);
+    const scalar_t* x = points.data_ptr<scalar_t>();
+    const int64_t* t = field.data_ptr<int64_t>();
+    const scalar_t* tab = table.data_ptr<scalar_t>();
+    const scalar_t* lw = level_weight.data_ptr<scalar_t>();
+    scalar_t* J = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> acts(C * mlp.activation_count());
+      scalar_t jet[C * D];
+      for (int64_t n = begin; n < end; ++n) {
+        encode_jet<scalar_t, D, C>(Clamped<scalar_t, D>(x + n * D), t[n], common.levels, tab, lw, acts.data(),
+                                   nullptr, 0);
+        mlp_forward<scalar_t, C, true>(mlp, t[n], jet_vectors<scalar_t, C>(mlp, acts.data(), jet));
+        for (int k = 0; k < D; ++k) {
+          for (int j = 0; j < D; ++j) J[(n * D + k) * D + j] = jet[(1 + j) * D + k];
+        }
+      }
+    });
   });
   return out;
 }

@@ -268,6 +268,9 @@ std::vector<at::Tensor> fields_backward(const at::Tensor&, const at::Tensor&, co
                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t,
                                         const at::Tensor&, const std::vector<at::Tensor>&,
                                         const std::vector<at::Tensor>&, double);
+at::Tensor fields_jacobian(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
+                           int64_t, const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                           double);
 std::vector<at::Tensor> gradient_icon(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
                                       const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool);
@@ -287,6 +290,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("double_backward", &hashgrid::double_backward, "hash-grid encoding: derivatives of the backward");
   m.def("fields_forward", &hashgrid::fields_forward, "fused encoding + MLP displacement (CPU)");
   m.def("fields_backward", &hashgrid::fields_backward, "fused encoding + MLP: parameter gradients (CPU)");
+  m.def("fields_jacobian", &hashgrid::fields_jacobian, "fused encoding + MLP: du/dx of each point's field (CPU)");
   m.def("gradient_icon", &hashgrid::gradient_icon, "fused gradient-ICON penalty and its gradient (CPU)");
   m.def("similarity_ssd", &hashgrid::similarity_ssd, "fused SSD similarity of both maps and its gradient (CPU)");
   m.def("affine_ncc", &hashgrid::affine_ncc, "affine stage: correlation of K affine maps and its gradient (CPU)");

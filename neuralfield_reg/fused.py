@@ -84,6 +84,19 @@ def fields_displacement(fields, points: torch.Tensor, field: torch.Tensor,
                               *fields.biases)
 
 
+def fields_jacobian(fields, points: torch.Tensor, field: int) -> torch.Tensor:
+    """``(P, d, d)`` Jacobians ``du_k/dx_j`` of field ``field`` of a ``DisplacementFields`` (native
+    encoding, CPU) at ``(P, d)`` points, in one native call (forward-mode jets, no autograd
+    graph); the same numbers as differentiating :meth:`DisplacementFields.forward` with autograd.
+    Not differentiable."""
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, None, points)
+    index = torch.full((points.shape[0],), field, dtype=torch.long)
+    with torch.no_grad():
+        return module.fields_jacobian(points.contiguous(), index, table.detach(), *geometry, level_weights,
+                                      [w.detach() for w in fields.weights], [b.detach() for b in fields.biases],
+                                      float(fields.output_scale))
+
+
 def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.Tensor) -> tuple:
     """The kernels' parameter gradients of a per-pair loss ``(B,)`` (dtable, then dW and db per
     layer, each with the 2B fields first), scaled by the incoming gradient of each pair: fields

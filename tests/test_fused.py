@@ -13,7 +13,8 @@ from neuralfield_reg.data import shape_pairs
 from neuralfield_reg.encoders import HashGridConfig
 from neuralfield_reg.fields import MapPairs
 from neuralfield_reg.coords import sample_batch
-from neuralfield_reg.fused import (_FusedGradientIcon, _kernel_args, fields_displacement, gradient_icon_fused,
+from neuralfield_reg.fused import (_FusedGradientIcon, _kernel_args, fields_displacement, fields_jacobian,
+                                   gradient_icon_fused,
                                    similarity_ssd_fused)
 from neuralfield_reg.losses import inverse_consistency_terms, ssd
 
@@ -65,6 +66,22 @@ def test_fields_match_the_autograd_path(dim, encoding, widths, dtype, tolerance)
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
 
     assert_same_parameter_gradients(fused, expected, torch.randn_like(expected), native, reference, tolerance)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dim,encoding,widths", CASES)
+def test_fields_jacobian_matches_autograd(dim, encoding, widths, dtype, tolerance):
+    native, reference, _ = parity_case(dim, encoding, widths, dtype)
+    points = torch.rand(150, dim, dtype=dtype) * 1.3 - 0.15            # some outside the unit cube
+    for field in (0, 3):
+        got = fields_jacobian(native.fields, points, field)
+        x = points.clone().requires_grad_(True)
+        args = [None] * 4
+        args[field] = x
+        u = reference.fields(args)[field]
+        want = torch.stack([torch.autograd.grad(u[:, k].sum(), x, retain_graph=True)[0] for k in range(dim)], dim=1)
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+        assert want.abs().max() > 0.1
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
@@ -177,3 +194,17 @@ def test_fit_with_fused_kernels_follows_the_autograd_path():
     np.testing.assert_allclose(fused.displacement("AB"), plain.displacement("AB"), atol=0.02)
     np.testing.assert_allclose(fused.displacement("BA"), plain.displacement("BA"), atol=0.02)
     assert np.abs(fused.displacement("AB")).max() > 0.5          # and they did move
+
+
+def test_jacobian_determinant_with_the_fused_kernel_matches_autograd():
+    pair = shape_pairs(1, 32, seed=3)[0]
+    config = nfr.FitConfig(iterations=40, affine=nfr.AffineConfig(iterations=10, search_iterations=5))
+    result = nfr.fit_pair(pair.moving, pair.fixed, config, spacing=(1.0, 2.0), progress=False)
+    assert result.backend == "native"
+    for direction in ("AB", "BA"):
+        fused = result.jacobian_determinant(direction)
+        result.maps.fields.use_fused = False
+        autograd = result.jacobian_determinant(direction)
+        result.maps.fields.use_fused = True
+        np.testing.assert_allclose(fused, autograd, rtol=1e-5, atol=1e-6)
+        assert np.abs(autograd - autograd.mean()).max() > 1e-3          # the fields are not flat
