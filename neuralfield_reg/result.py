@@ -156,8 +156,8 @@ class RegistrationResult:
         dets = []
         for chunk in grid.split(CHUNK_POINTS):
             if isinstance(map_, DirectionalMap) and map_.pair.fields.fused_for(chunk):
-                pair, direction = map_.pair, map_.direction
-                jacobian = pair.matrices[direction] + fields_jacobian(pair.fields, chunk, direction)
+                pair, field = map_.pair, map_.direction          # field 0 is phi_AB, 1 phi_BA
+                jacobian = pair.matrices[field] + fields_jacobian(pair.fields, chunk, field)
             else:
                 x = chunk.clone().requires_grad_(True)
                 with torch.enable_grad():
