@@ -280,7 +280,7 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor&, const at::Tensor&, con
                                        const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
                                        const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool);
 std::vector<at::Tensor> affine_ncc(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, double);
+                                   const at::Tensor&, double, bool);
 
 }  // namespace hashgrid
 
@@ -293,7 +293,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fields_jacobian", &hashgrid::fields_jacobian, "fused encoding + MLP: du/dx of each point's field (CPU)");
   m.def("gradient_icon", &hashgrid::gradient_icon, "fused gradient-ICON penalty and its gradient (CPU)");
   m.def("similarity_ssd", &hashgrid::similarity_ssd, "fused SSD similarity of both maps and its gradient (CPU)");
-  m.def("affine_ncc", &hashgrid::affine_ncc, "affine stage: correlation of K affine maps and its gradient (CPU)");
+  m.def("affine_ncc", &hashgrid::affine_ncc, "affine stage: correlation or SSD of K affine maps and its gradient (CPU)");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

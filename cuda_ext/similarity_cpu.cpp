@@ -203,14 +203,16 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
   return out;
 }
 
-// The affine stage's correlation of K affine maps y = M_k x + o_k (matrices (K, D, D), offsets
-// (K, D), unit coordinates) between image (*spatial, float64) sampled at y of the points x (P, D)
-// and target (P,), a centred vector (sum 0), as losses/similarity.py's ncc computes it:
-//   corr_k = cov / sqrt(var_w var_t + eps),   cov = mean((w - mean w) t),  var = mean of squares,
-// with w_p = image(M_k x_p + o_k), and d corr_k / d M_k, d corr_k / d o_k. Returns [corr (K,),
-// grad_matrices, grad_offsets]. Sums are in double, per thread in a fixed order.
+// The affine stage's cost terms for K affine maps y = M_k x + o_k (matrices (K, D, D), offsets
+// (K, D), unit coordinates): image (*spatial, float64) sampled at y of the points x (P, D),
+// w_p = image(M_k x_p + o_k), against target (P,), as losses/similarity.py computes them:
+//   ssd = false: the correlation cov / sqrt(var_w var_t + eps), cov = mean((w - mean w) t),
+//                var = mean of squares; target must be centred (sum 0);
+//   ssd = true:  mean((w - t)^2).
+// Returns [value (K,), d value / d M_k, d value / d o_k]. Sums are in double, per thread in a
+// fixed order.
 std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& points, const at::Tensor& target,
-                                   const at::Tensor& matrices, const at::Tensor& offsets, double eps) {
+                                   const at::Tensor& matrices, const at::Tensor& offsets, double eps, bool ssd) {
   TORCH_CHECK(points.dim() == 2 && (points.size(1) == 2 || points.size(1) == 3) && points.is_contiguous() &&
                   points.scalar_type() == at::kDouble && points.device().is_cpu() && points.size(0) > 0,
               "points: expected a contiguous float64 CPU tensor (P > 0, 2 or 3)");
@@ -268,7 +270,7 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
       for (int64_t i = begin; i < end; ++i, p = p + 1 < P ? p + 1 : 0, k += p == 0) {
         const double centred = warped[i] - mean[k];
         mine[k * 2] += centred * centred;
-        mine[k * 2 + 1] += centred * t[p];
+        mine[k * 2 + 1] += ssd ? (warped[i] - t[p]) * (warped[i] - t[p]) : centred * t[p];
       }
     });
     // d corr / d w_p = t_p / (P s) - cov var_t (w_p - mean) / (P s^3), s = sqrt(var_w var_t + eps)
@@ -283,6 +285,10 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
         square += sums[(thread * K + k) * 2];
         dot += sums[(thread * K + k) * 2 + 1];
       }
+      if (ssd) {                   // d ssd / d w_p = 2 (w_p - t_p) / P
+        c[k] = dot / P;
+        continue;
+      }
       const double cov = dot / P, var_w = square / P;
       const double root = std::sqrt(var_w * var_t + eps);
       c[k] = cov / root;
@@ -295,7 +301,7 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
       double* mine = partial.data() + static_cast<int64_t>(at::get_thread_num()) * K * G;
       int64_t k = begin / P, p = begin % P;                  // item i is point p of map k
       for (int64_t i = begin; i < end; ++i, p = p + 1 < P ? p + 1 : 0, k += p == 0) {
-        const double dw = a[k] * t[p] - b[k] * (warped[i] - mean[k]);
+        const double dw = ssd ? 2.0 * (warped[i] - t[p]) / P : a[k] * t[p] - b[k] * (warped[i] - mean[k]);
         double* g = mine + k * G;
         for (int r = 0; r < D; ++r) {
           const double dy = dw * gradient[i * D + r];

@@ -10,8 +10,9 @@ rotations in millimetres (or voxels) whatever the grid shapes. ``phi_BA`` is the
    images; the candidate with the lowest symmetric cost (1 - NCC, both directions: see
    :func:`symmetric_cost`) wins. The scale stays within a factor 1.5 of the moments' estimate.
 3. Refinement: Adam on the full affine with a blur schedule, on images resampled to at most
-   ``working_size`` voxels per axis; its singular values stay within a factor 2 of the search's
-   scale.
+   ``working_size`` voxels per axis, minimising ``AffineConfig.refinement_cost`` (default
+   1 - NCC; ``"ssd"`` for the symmetric SSD); its singular values stay within a factor 2 of the
+   search's scale, which rules out collapsed maps.
 
 With ``native=True`` on the CPU, each step's cost and gradient come from the compiled
 ``affine_ncc`` kernel (the same function as the torch operations; ``fit_pair`` uses it with the
@@ -141,25 +142,27 @@ def symmetric_cost(moving: torch.Tensor, fixed: torch.Tensor, transform: AffineT
 _NCC_EPS = 1e-8          # losses.similarity.ncc's default
 
 
-class _NativeCorrelation(torch.autograd.Function):
-    """The correlation of ``K`` affine maps (``(K, d, d)``, ``(K, d)``) in one call of the compiled
-    ``affine_ncc`` kernel, which also returns its gradient with respect to the maps."""
+class _NativeTerm(torch.autograd.Function):
+    """The correlation (or, with ``ssd``, the mean squared difference) of ``K`` affine maps
+    (``(K, d, d)``, ``(K, d)``) in one call of the compiled ``affine_ncc`` kernel, which also
+    returns its gradient with respect to the maps."""
 
     @staticmethod
-    def forward(ctx, matrices, offsets, kernels, image, points, target):
-        correlation, grad_matrices, grad_offsets = kernels.affine_ncc(image, points, target, matrices.contiguous(),
-                                                                      offsets.contiguous(), _NCC_EPS)
+    def forward(ctx, matrices, offsets, kernels, image, points, target, ssd):
+        value, grad_matrices, grad_offsets = kernels.affine_ncc(image, points, target, matrices.contiguous(),
+                                                                offsets.contiguous(), _NCC_EPS, ssd)
         ctx.save_for_backward(grad_matrices, grad_offsets)
-        return correlation
+        return value
 
     @staticmethod
     def backward(ctx, grad):
         grad_matrices, grad_offsets = ctx.saved_tensors
-        return grad[:, None, None] * grad_matrices, grad[:, None] * grad_offsets, None, None, None, None
+        return grad[:, None, None] * grad_matrices, grad[:, None] * grad_offsets, None, None, None, None, None
 
 
 class _Cost:
-    """:func:`symmetric_cost` for one pair of images, evaluated many times (the search's and the
+    """:func:`symmetric_cost` (``kind="ncc"``) or the symmetric mean squared difference
+    (``kind="ssd"``) for one pair of images, evaluated many times (the search's and the
     refinement's steps), with the fixed parts computed once.
 
     Each target image is centred once; the correlation of a warped row ``w`` is then
@@ -172,15 +175,17 @@ class _Cost:
 
     def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, grid_moving: torch.Tensor,
                  grid_fixed: torch.Tensor, extent_moving: torch.Tensor, extent_fixed: torch.Tensor,
-                 kernels=None):
+                 kernels=None, kind: str = "ncc"):
         dim = moving.ndim
         self.kernels = kernels
+        self.ssd = kind == "ssd"
         if kernels is None:
             self.images = (moving[None, None], fixed[None, None])            # sampled by AB, by BA
         else:
             self.images = (moving.contiguous(), fixed.contiguous())
         self.grids = (grid_fixed.reshape(-1, dim).contiguous(), grid_moving.reshape(-1, dim).contiguous())
-        self.targets = tuple(values - values.mean() for values in (fixed.reshape(-1), moving.reshape(-1)))
+        targets = (fixed.reshape(-1), moving.reshape(-1))
+        self.targets = targets if self.ssd else tuple(values - values.mean() for values in targets)
         self.s_A, self.s_B = extent_moving, extent_fixed
 
     def __call__(self, linear: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
@@ -192,10 +197,14 @@ class _Cost:
         cost = 0.0
         for (matrix, offset), image, grid, target in zip(maps, self.images, self.grids, self.targets):
             if self.kernels is not None:
-                cost = cost + (1.0 - _NativeCorrelation.apply(matrix, offset, self.kernels, image, grid, target))
+                value = _NativeTerm.apply(matrix, offset, self.kernels, image, grid, target, self.ssd)
+                cost = cost + (value if self.ssd else 1.0 - value)
                 continue
             points = _apply(matrix, offset, grid)                                       # (K, P, d)
             warped = sample_batch(image, points.reshape(1, -1, grid.shape[1]))[0, 0].reshape(points.shape[:-1])
+            if self.ssd:
+                cost = cost + (warped - target).square().mean(-1)
+                continue
             centred = warped - warped.mean(-1, keepdim=True)
             covariance = (centred @ target) / target.shape[0]
             variance = centred.square().mean(-1) * target.square().mean()
@@ -299,7 +308,8 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
         optimizer = make_adam([linear, translation], config.learning_rate)
         per_stage = max(1, config.iterations // len(config.blur_sigmas))
         for stage, sigma in enumerate(config.blur_sigmas):
-            cost = _Cost(*images.blurred(sigma), images.grid_moving, images.grid_fixed, s_A, s_B, kernels)
+            cost = _Cost(*images.blurred(sigma), images.grid_moving, images.grid_fixed, s_A, s_B, kernels,
+                         config.refinement_cost)
             last = stage == len(config.blur_sigmas) - 1
             steps = config.iterations - per_stage * stage if last else per_stage
             for _ in range(max(0, steps)):

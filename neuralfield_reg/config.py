@@ -24,7 +24,10 @@ def _require(condition: bool, name: str, expected: str, value) -> None:
 @dataclass(frozen=True)
 class AffineConfig:
     """Settings of the affine stage (see ``affine.py``). Blur sigmas are in voxels of the grid
-    they apply to: ``search_size`` for the search, ``working_size`` for the refinement."""
+    they apply to: ``search_size`` for the search, ``working_size`` for the refinement. The
+    search ranks its candidates by 1 - NCC; ``refinement_cost`` is ``"ncc"`` (1 - NCC) or
+    ``"ssd"``. Measured trade-off of ``"ssd"`` (README): 3D bodies Dice 0.774 against 0.756, but
+    one 2D hollow-shape pair of 20 (seed 2024) failed (Dice 0.80, ICE 65 px)."""
 
     iterations: int = 200
     learning_rate: float = 0.01
@@ -36,6 +39,7 @@ class AffineConfig:
     search_size: int = 32
     search_sigma: float = 2.0
     rotation_steps_2d: int = 36
+    refinement_cost: str = "ncc"
 
     def __post_init__(self):
         _require(self.iterations >= 0, "AffineConfig.iterations", "an integer >= 0", self.iterations)
@@ -50,6 +54,8 @@ class AffineConfig:
                  self.search_learning_rate)
         _require(self.rotation_steps_2d >= 1, "AffineConfig.rotation_steps_2d", "an integer >= 1",
                  self.rotation_steps_2d)
+        _require(self.refinement_cost in ("ssd", "ncc"), "AffineConfig.refinement_cost", "'ssd' or 'ncc'",
+                 self.refinement_cost)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuralfield_reg._cuda_ext import load
-from neuralfield_reg.affine import AffineTransform, _Cost, fit_affine, symmetric_cost
+from neuralfield_reg.affine import AffineTransform, _apply, _Cost, fit_affine, symmetric_cost
 from neuralfield_reg.config import AffineConfig
 from neuralfield_reg.coords import identity_grid, sample
 from neuralfield_reg.data import Shape, shape_pairs
@@ -94,8 +94,9 @@ def test_affine_aligns_a_small_triangle_with_a_large_circle():
     assert overlap > 0.75
 
 
+@pytest.mark.parametrize("kind", ["ncc", "ssd"])
 @pytest.mark.parametrize("shape_A,shape_B", [((20, 24), (18, 22)), ((9, 10, 11), (8, 12, 10))])
-def test_native_cost_matches_the_torch_cost(shape_A, shape_B):
+def test_native_cost_matches_the_torch_cost(shape_A, shape_B, kind):
     """The compiled affine_ncc kernel (sampling, 1 - NCC and the gradient in one call) against the
     same cost in torch operations with autograd: values and gradients of a batch of transforms,
     including maps that leave the image (clamped coordinates, zero derivative) and one that sends
@@ -115,25 +116,37 @@ def test_native_cost_matches_the_torch_cost(shape_A, shape_B):
     weights = torch.arange(1.0, 7.0, dtype=torch.float64)
     results = []
     for kernels in (None, load()):
-        cost = _Cost(A, B, grid_A, grid_B, extent_A, extent_B, kernels)
+        cost = _Cost(A, B, grid_A, grid_B, extent_A, extent_B, kernels, kind)
         parameters = [linear.clone().requires_grad_(True), translation.clone().requires_grad_(True)]
         values = cost(*parameters)
         results.append([values.detach(), *torch.autograd.grad((weights * values).sum(), parameters)])
     for name, native, reference in zip(["cost", "d/dlinear", "d/dtranslation"], results[1], results[0]):
         torch.testing.assert_close(native, reference, rtol=1e-10, atol=1e-12, msg=name)
-    # Both are symmetric_cost (grid_sample + losses.similarity.ncc), computed with fewer operations.
-    transform = AffineTransform(linear, translation, tuple(extent_A.tolist()), tuple(extent_B.tolist()))
-    torch.testing.assert_close(results[0][0], symmetric_cost(A, B, transform, grid_A, grid_B), rtol=1e-12, atol=1e-12)
     assert results[0][1].abs().max() > 0.1          # the gradients are not trivially zero
-    # The last map sends every point of both images past a corner: nothing left to correlate.
-    assert abs(float(results[0][0][-1]) - 2.0) < 1e-9
+    transform = AffineTransform(linear, translation, tuple(extent_A.tolist()), tuple(extent_B.tolist()))
+    if kind == "ncc":
+        # symmetric_cost (grid_sample + losses.similarity.ncc), computed with fewer operations.
+        expected = symmetric_cost(A, B, transform, grid_A, grid_B)
+        # The last map sends every point of both images past a corner: nothing left to correlate.
+        assert abs(float(results[0][0][-1]) - 2.0) < 1e-9
+    else:
+        dim = len(shape_A)
+        expected = ((sample(A, _apply(*transform.unit_AB(), grid_B.reshape(-1, dim))) - B.reshape(-1)) ** 2).mean(-1) \
+            + ((sample(B, _apply(*transform.unit_BA(), grid_A.reshape(-1, dim))) - A.reshape(-1)) ** 2).mean(-1)
+    torch.testing.assert_close(results[0][0], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_native_affine_stage_gives_the_torch_stage_result():
+@pytest.mark.parametrize("refinement_cost", ["ncc", "ssd"])
+def test_native_affine_stage_gives_the_torch_stage_result(refinement_cost):
     pair = shape_pairs(1, 64, seed=3)[0]
     extent = (63.0, 63.0)
-    config = AffineConfig(iterations=60, search_iterations=15)
+    config = AffineConfig(iterations=60, search_iterations=15, refinement_cost=refinement_cost)
     transforms = [fit_affine(torch.from_numpy(pair.moving), torch.from_numpy(pair.fixed), extent, extent, config,
                              native=native) for native in (False, True)]
     torch.testing.assert_close(transforms[1].linear, transforms[0].linear, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(transforms[1].translation, transforms[0].translation, rtol=1e-8, atol=1e-7)
+
+
+def test_refinement_cost_is_checked():
+    with pytest.raises(ValueError, match="AffineConfig.refinement_cost"):
+        AffineConfig(refinement_cost="mse")
