@@ -13,8 +13,8 @@
 // voxel centres at i / (n - 1), as torch's grid_sample with align_corners=True: outside the image,
 // and exactly on its last voxel, the clamped coordinate has zero derivative.
 //
-// affine_ncc: the affine stage's correlation (neuralfield_reg/affine.py) of K affine maps at once,
-// with its gradient with respect to each map's matrix and offset.
+// affine_ncc: the affine stage's correlation or SSD (neuralfield_reg/affine.py) of K affine maps
+// at once, with its gradient with respect to each map's matrix and offset.
 #include "fused.h"
 
 namespace hashgrid {
@@ -75,6 +75,31 @@ scalar_t sample_border(const scalar_t* image, const int64_t* size, const scalar_
     gradient[2] = chain[2] * (d2[0] + f[0] * (d2[1] - d2[0]));
     return plane[0] + f[0] * (plane[1] - plane[0]);
   }
+}
+
+// Sums of width numbers per map over the K * P items i = k * P + p (point p of map k), in parallel:
+// body(sums of map k, i, k, p) adds item i's part. Each thread sums its items in order and the
+// threads' parts are added in thread order (the same result for the same thread count).
+template <typename Body>
+std::vector<double> per_map_sums(int64_t K, int64_t P, int64_t width, const Body& body) {
+  const int threads = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(threads) * K * width, 0.0);
+  at::parallel_for(0, K * P, 256, [&](int64_t begin, int64_t end) {
+    double* mine = partial.data() + static_cast<int64_t>(at::get_thread_num()) * K * width;
+    int64_t k = begin / P, p = begin % P;
+    for (int64_t i = begin; i < end; ++i) {
+      body(mine + k * width, i, k, p);
+      if (++p == P) {
+        p = 0;
+        ++k;
+      }
+    }
+  });
+  std::vector<double> total(K * width, 0.0);
+  for (int thread = 0; thread < threads; ++thread) {
+    for (int64_t e = 0; e < K * width; ++e) total[e] += partial[thread * K * width + e];
+  }
+  return total;
 }
 
 }  // namespace
@@ -227,8 +252,8 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
   const int64_t K = matrices.size(0);
   check_affine_parts(matrices, offsets, K, dim, at::kDouble);
   auto corr = at::empty({K}, matrices.options());
-  auto grad_matrices = at::zeros_like(matrices);
-  auto grad_offsets = at::zeros_like(offsets);
+  auto grad_matrices = at::empty_like(matrices);
+  auto grad_offsets = at::empty_like(offsets);
   dispatch_dim(image, dim, [&](auto, auto dimension) {
     constexpr int D = decltype(dimension)::value;
     int64_t size[D];
@@ -238,86 +263,61 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
     const double* t = target.data_ptr<double>();
     const double* M = matrices.data_ptr<double>();
     const double* off = offsets.data_ptr<double>();
-    const int64_t items = K * P;
-    double* warped = scratch<double>(0, items);
-    double* gradient = scratch<double>(1, items * D);
-    const int threads = at::get_num_threads();
-    // Two passes of per-thread sums (each thread's part of the items, in order): sum w, then
-    // sum (w - mean)^2 and sum (w - mean) t (centred: a one-pass formula would cancel).
-    std::vector<double> sums(static_cast<size_t>(threads) * K * 2, 0.0);
-    at::parallel_for(0, items, 256, [&](int64_t begin, int64_t end) {
-      double* mine = sums.data() + static_cast<int64_t>(at::get_thread_num()) * K * 2;
-      int64_t k = begin / P, p = begin % P;                  // item i is point p of map k
-      for (int64_t i = begin; i < end; ++i, p = p + 1 < P ? p + 1 : 0, k += p == 0) {
-        double y[D];
-        for (int a = 0; a < D; ++a) {
-          y[a] = off[k * D + a];
-          for (int b = 0; b < D; ++b) y[a] += M[(k * D + a) * D + b] * x[p * D + b];
-        }
-        const double w = sample_border<double, D>(img, size, y, gradient + i * D);
-        warped[i] = w;
-        mine[k * 2] += w;
+    double* warped = scratch<double>(0, K * P);
+    double* gradient = scratch<double>(1, K * P * D);
+    // Sample every map's points (and sum w for NCC's means).
+    const std::vector<double> sums = per_map_sums(K, P, 1, [&](double* sum, int64_t i, int64_t k, int64_t p) {
+      double y[D];
+      for (int a = 0; a < D; ++a) {
+        y[a] = off[k * D + a];
+        for (int b = 0; b < D; ++b) y[a] += M[(k * D + a) * D + b] * x[p * D + b];
       }
+      warped[i] = sample_border<double, D>(img, size, y, gradient + i * D);
+      sum[0] += warped[i];
     });
-    std::vector<double> mean(K, 0.0), a(K), b(K);
-    for (int thread = 0; thread < threads; ++thread) {
-      for (int64_t k = 0; k < K; ++k) mean[k] += sums[(thread * K + k) * 2] / P;
-    }
-    std::fill(sums.begin(), sums.end(), 0.0);
-    at::parallel_for(0, items, 256, [&](int64_t begin, int64_t end) {
-      double* mine = sums.data() + static_cast<int64_t>(at::get_thread_num()) * K * 2;
-      int64_t k = begin / P, p = begin % P;
-      for (int64_t i = begin; i < end; ++i, p = p + 1 < P ? p + 1 : 0, k += p == 0) {
-        const double centred = warped[i] - mean[k];
-        mine[k * 2] += centred * centred;
-        mine[k * 2 + 1] += ssd ? (warped[i] - t[p]) * (warped[i] - t[p]) : centred * t[p];
-      }
-    });
-    // d corr / d w_p = t_p / (P s) - cov var_t (w_p - mean) / (P s^3), s = sqrt(var_w var_t + eps)
-    // (t sums to 0, so the mean's own derivative drops out).
-    double var_t = 0;
-    for (int64_t p = 0; p < P; ++p) var_t += t[p] * t[p];
-    var_t /= P;
+    std::vector<double> mean(K), a(K), b(K);
+    for (int64_t k = 0; k < K; ++k) mean[k] = sums[k] / P;
     double* c = corr.data_ptr<double>();
-    for (int64_t k = 0; k < K; ++k) {
-      double square = 0, dot = 0;
-      for (int thread = 0; thread < threads; ++thread) {
-        square += sums[(thread * K + k) * 2];
-        dot += sums[(thread * K + k) * 2 + 1];
+    if (ssd) {                     // d ssd / d w_p = 2 (w_p - t_p) / P
+      const std::vector<double> squares = per_map_sums(K, P, 1, [&](double* sum, int64_t i, int64_t, int64_t p) {
+        sum[0] += (warped[i] - t[p]) * (warped[i] - t[p]);
+      });
+      for (int64_t k = 0; k < K; ++k) c[k] = squares[k] / P;
+    } else {
+      // Centred sums (a one-pass formula would cancel): sum (w - mean)^2 and sum (w - mean) t.
+      // d corr / d w_p = t_p / (P s) - cov var_t (w_p - mean) / (P s^3), s = sqrt(var_w var_t + eps)
+      // (t sums to 0, so the mean's own derivative drops out).
+      const std::vector<double> moments = per_map_sums(K, P, 2, [&](double* sum, int64_t i, int64_t k, int64_t p) {
+        const double centred = warped[i] - mean[k];
+        sum[0] += centred * centred;
+        sum[1] += centred * t[p];
+      });
+      double var_t = 0;
+      for (int64_t p = 0; p < P; ++p) var_t += t[p] * t[p];
+      var_t /= P;
+      for (int64_t k = 0; k < K; ++k) {
+        const double cov = moments[2 * k + 1] / P, var_w = moments[2 * k] / P;
+        const double root = std::sqrt(var_w * var_t + eps);
+        c[k] = cov / root;
+        a[k] = 1.0 / (P * root);
+        b[k] = cov * var_t / (P * root * root * root);
       }
-      if (ssd) {                   // d ssd / d w_p = 2 (w_p - t_p) / P
-        c[k] = dot / P;
-        continue;
-      }
-      const double cov = dot / P, var_w = square / P;
-      const double root = std::sqrt(var_w * var_t + eps);
-      c[k] = cov / root;
-      a[k] = 1.0 / (P * root);
-      b[k] = cov * var_t / (P * root * root * root);
     }
+    // The gradient: sum_p d value / d w_p * d w_p / d (M_k, o_k).
     constexpr int G = D * D + D;
-    std::vector<double> partial(static_cast<size_t>(threads) * K * G, 0.0);
-    at::parallel_for(0, items, 256, [&](int64_t begin, int64_t end) {
-      double* mine = partial.data() + static_cast<int64_t>(at::get_thread_num()) * K * G;
-      int64_t k = begin / P, p = begin % P;                  // item i is point p of map k
-      for (int64_t i = begin; i < end; ++i, p = p + 1 < P ? p + 1 : 0, k += p == 0) {
-        const double dw = ssd ? 2.0 * (warped[i] - t[p]) / P : a[k] * t[p] - b[k] * (warped[i] - mean[k]);
-        double* g = mine + k * G;
-        for (int r = 0; r < D; ++r) {
-          const double dy = dw * gradient[i * D + r];
-          for (int col = 0; col < D; ++col) g[r * D + col] += dy * x[p * D + col];
-          g[D * D + r] += dy;
-        }
+    const std::vector<double> gradients = per_map_sums(K, P, G, [&](double* g, int64_t i, int64_t k, int64_t p) {
+      const double dw = ssd ? 2.0 * (warped[i] - t[p]) / P : a[k] * t[p] - b[k] * (warped[i] - mean[k]);
+      for (int r = 0; r < D; ++r) {
+        const double dy = dw * gradient[i * D + r];
+        for (int col = 0; col < D; ++col) g[r * D + col] += dy * x[p * D + col];
+        g[D * D + r] += dy;
       }
     });
     double* gM = grad_matrices.data_ptr<double>();
     double* go = grad_offsets.data_ptr<double>();
-    for (int thread = 0; thread < threads; ++thread) {
-      for (int64_t k = 0; k < K; ++k) {
-        const double* g = partial.data() + (static_cast<int64_t>(thread) * K + k) * G;
-        for (int e = 0; e < D * D; ++e) gM[k * D * D + e] += g[e];
-        for (int r = 0; r < D; ++r) go[k * D + r] += g[D * D + r];
-      }
+    for (int64_t k = 0; k < K; ++k) {
+      for (int e = 0; e < D * D; ++e) gM[k * D * D + e] = gradients[k * G + e];
+      for (int r = 0; r < D; ++r) go[k * D + r] = gradients[k * G + D * D + r];
     }
   });
   return {corr, grad_matrices, grad_offsets};

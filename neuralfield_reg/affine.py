@@ -8,7 +8,7 @@ rotations in millimetres (or voxels) whatever the grid shapes. ``phi_BA`` is the
 2. Search: from that start under each candidate rotation, a short batched Adam run fits a
    similarity transform (scale, translation and, in 2D, the angle) on heavily blurred small
    images; the candidate with the lowest symmetric cost (1 - NCC, both directions: see
-   :func:`symmetric_cost`) wins. The scale stays within a factor 1.5 of the moments' estimate.
+   :class:`_Cost`) wins. The scale stays within a factor 1.5 of the moments' estimate.
 3. Refinement: Adam on the full affine with a blur schedule, on images resampled to at most
    ``working_size`` voxels per axis, minimising ``AffineConfig.refinement_cost`` (default
    1 - NCC; ``"ssd"`` for the symmetric SSD); its singular values stay within a factor 2 of the
@@ -30,9 +30,8 @@ import torch
 
 from ._optim import make_adam
 from .config import AffineConfig
-from .coords import identity_grid, sample, sample_batch
+from .coords import identity_grid, sample_batch
 from .filters import gaussian_blur, resample
-from .losses.similarity import ncc
 
 
 @dataclass(frozen=True)
@@ -118,27 +117,6 @@ def _working_shape(shape: Sequence[int], size: int) -> tuple[int, ...]:
     return tuple(max(4, int(round(n * factor))) for n in shape)
 
 
-def _dissimilarity(warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``1 - NCC`` of each row of ``warped`` ``(..., P)`` against ``target`` ``(P,)`` -> ``(...)``."""
-    rows = warped.reshape(-1, warped.shape[-1])
-    return ncc(rows, target.expand_as(rows), batched=True).reshape(warped.shape[:-1])
-
-
-def symmetric_cost(moving: torch.Tensor, fixed: torch.Tensor, transform: AffineTransform,
-                   grid_moving: torch.Tensor, grid_fixed: torch.Tensor) -> torch.Tensor:
-    """``1 - NCC`` of ``moving o phi_AB`` against ``fixed`` plus that of ``fixed o phi_BA`` against
-    ``moving``, one value per transform of a batch.
-
-    NCC, not SSD: between thin outlines of different shapes (a triangle and a circle) the SSD is
-    lowest when the outlines do not overlap at all, and a map that collapses onto background
-    lowers it too; the correlation rewards overlap and is undefined (not small) for a constant
-    warped image."""
-    dim = moving.ndim
-    warped_moving = sample(moving, _apply(*transform.unit_AB(), grid_fixed.reshape(-1, dim)))
-    warped_fixed = sample(fixed, _apply(*transform.unit_BA(), grid_moving.reshape(-1, dim)))
-    return _dissimilarity(warped_moving, fixed.reshape(-1)) + _dissimilarity(warped_fixed, moving.reshape(-1))
-
-
 _NCC_EPS = 1e-8          # losses.similarity.ncc's default
 
 
@@ -161,9 +139,15 @@ class _NativeTerm(torch.autograd.Function):
 
 
 class _Cost:
-    """:func:`symmetric_cost` (``kind="ncc"``) or the symmetric mean squared difference
-    (``kind="ssd"``) for one pair of images, evaluated many times (the search's and the
-    refinement's steps), with the fixed parts computed once.
+    """The symmetric cost of a batch of affine maps: ``1 - NCC`` (``kind="ncc"``) or the mean
+    squared difference (``kind="ssd"``) of ``moving o phi_AB`` against ``fixed`` plus that of
+    ``fixed o phi_BA`` against ``moving``, for one pair of images evaluated many times (the
+    search's and the refinement's steps), with the fixed parts computed once.
+
+    NCC for the search: between thin outlines of different shapes (a triangle and a circle) the
+    SSD is lowest when the outlines do not overlap at all, and a map that collapses onto
+    background lowers it too; the correlation rewards overlap and is undefined (not small) for a
+    constant warped image.
 
     Each target image is centred once; the correlation of a warped row ``w`` is then
     ``cov(w, t) / sqrt(var(w) var(t) + 1e-8)``, as :func:`~neuralfield_reg.losses.similarity.ncc`

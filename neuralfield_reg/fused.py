@@ -13,6 +13,8 @@ of small autograd operations (``cuda_ext/fused_cpu.cpp``):
     similarity_ssd_fused    the SSD of both maps of every pair at random    scales the stored
                             voxels (sampling the other image included) and  gradient
                             its parameter gradient
+    fields_jacobian         du_t/dx by forward-mode jets (for dense         none (no graph)
+                            Jacobian determinants)
     ======================  ==============================================  =====================
 
 The penalty's Jacobians are carried forward (value and d derivatives per evaluation) and the
@@ -186,7 +188,6 @@ def similarity_ssd_fused(maps, moving: torch.Tensor, fixed: torch.Tensor, points
     """
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
-    dim = points_B.shape[-1]
 
     def interleave(b, a):                       # field 2p: direction AB (B's points), 2p + 1: BA
         return torch.stack([b, a], dim=1).reshape(-1, *b.shape[1:]).to(points_B.dtype).contiguous()
@@ -194,7 +195,7 @@ def similarity_ssd_fused(maps, moving: torch.Tensor, fixed: torch.Tensor, points
     masks = (interleave(masks_B if masks_B is not None else torch.ones_like(targets_B),
                         masks_A if masks_A is not None else torch.ones_like(targets_A))
              if masks_B is not None or masks_A is not None else points_B.new_zeros(0))
-    return _FusedSimilarity.apply(interleave(points_B, points_A).reshape(-1, points_B.shape[1], dim),
+    return _FusedSimilarity.apply(interleave(points_B, points_A),
                                   interleave(targets_B, targets_A), masks, moving.contiguous(), fixed.contiguous(),
                                   maps.matrices.to(points_B.dtype).contiguous(),
                                   maps.offsets.to(points_B.dtype).contiguous(), level_weights, module, geometry,
