@@ -13,8 +13,10 @@ The encoder columns time the encoding alone, which native-fused does not have (`
 The training step is the one fit_pair runs: both maps of a pair on ``points`` random voxels per
 direction with SSD against an image (native-fused: in the fused similarity kernel, which also
 leaves out points mapped outside the image), the gradient-ICON penalty on ``points / 8`` random
-points, backward, Adam. The rows' steps are timed in turn, round-robin, and each row's median is
-compared with the torch row's (these machines are noisy: only compare within a run).
+points, backward, Adam. The rows' steps are timed in turn, round-robin in bursts of 5 consecutive
+steps (as a fit runs them; each burst's untimed first step warms the caches after the other rows),
+and each row's median is compared with the torch row's (these machines are noisy: only compare
+within a run).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import dataclasses
 import time
 
+import numpy as np
 import torch
 
 from _timing import step_times  # benchmarks/_timing.py, next to this script
@@ -73,9 +76,11 @@ def make_row(backend: str, fused: bool, device: torch.device, dim: int, points: 
     grid = identity_grid(shape, device=device).reshape(-1, dim)
     zeros = torch.zeros(1, points, device=device)
 
-    def voxels():              # random voxels in voxel order, as fit_pair draws them
-        index = torch.randint(grid.shape[0], (1, points), device=device).sort(dim=1).values
-        return grid[index]
+    def voxels():              # random voxels in voxel order, drawn as fit_pair draws them
+        index = torch.randint(grid.shape[0], (1, points), device=device)
+        index = (torch.from_numpy(np.sort(index.numpy(), axis=1)) if device.type == "cpu"
+                 else index.sort(dim=1).values)
+        return grid.index_select(0, index.reshape(-1)).reshape(1, points, dim)
 
     def training_step():
         optimizer.zero_grad(set_to_none=True)
@@ -143,9 +148,12 @@ def main() -> None:
     steps: dict[str, list[float]] = {label: [] for label in rows}
     for row in rows.values():                   # warm-up
         step_times(row.training_step, device, 0, warmup=2)
-    for _ in range(args.repeats):               # round-robin: every row sees the same machine state
+    # Round-robin, so that every row sees the same machine state, in bursts of steps run back to
+    # back as a fit runs them: the first step of a burst (after another row's steps, with caches and
+    # the allocator in that row's state) is not timed.
+    for _ in range(args.repeats):
         for label, row in rows.items():
-            steps[label] += step_times(row.training_step, device, 1, warmup=0)
+            steps[label] += step_times(row.training_step, device, 5, warmup=1)
     for label in rows:
         results[label]["step_ms"] = 1000 * median(steps[label])
         if args.fit:

@@ -275,7 +275,9 @@ struct Simd {
     return v;
   }
   static void store(scalar_t* p, type v) { std::memcpy(p, &v, sizeof v); }
-  static type splat(scalar_t a) { return type{} + a; }
+  // a in every lane (a - 0 is a for every a, -0 included, so this is one broadcast; `type{} + a`
+  // is not: +0 + -0 is +0, and the compiler kept an extra scalar add per splat).
+  static type splat(scalar_t a) { return a - type{}; }
 };
 
 // out[c][o] += sum_i in[c][i] W[i, o] for C vectors at once, W row-major (n_in, n_out): each row
@@ -289,7 +291,10 @@ inline void matvec_multi(scalar_t* const* in, int64_t n_in, const scalar_t* __re
   const scalar_t* source[C];
   for (int c = 0; c < C; ++c) source[c] = in[c];
   int64_t o0 = 0;
-  for (; o0 + 2 * V <= n_out; o0 += 2 * V) {
+  // Two output vectors per pass when their 2 C accumulators, two weight vectors and a broadcast
+  // fit in the 16 vector registers of AVX2 (more spilled them to the stack: C = 8 ran 2x slower).
+  constexpr bool kTwoBlocks = 2 * C + 3 <= 16;
+  for (; kTwoBlocks && o0 + 2 * V <= n_out; o0 += 2 * V) {
     vec acc0[C], acc1[C];
     for (int c = 0; c < C; ++c) {
       acc0[c] = S::load(out[c] + o0);
