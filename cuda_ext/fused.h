@@ -549,6 +549,26 @@ void scatter_records(const CornerRecord<scalar_t, C>* records, int64_t R, const 
       const int64_t l = active[i];
       const CornerRecord<scalar_t, C>* level_records = records + l * R * K;
       const scalar_t* level_adj = adj + l * R * C * F;
+      if (F == 2) {
+        // The common case, unrolled: both sums are formed before the row is written, so the
+        // compiler need not reload the record and adjoint after each store (the general loop below
+        // ran 3x slower with F = 2).
+        for (int64_t r = 0; r < R; ++r) {
+          const CornerRecord<scalar_t, C>* corners = level_records + r * K;
+          const scalar_t* a = level_adj + r * C * 2;
+          for (int c = 0; c < K; ++c) {
+            scalar_t* row = grad_table + static_cast<int64_t>(corners[c].row) * 2;
+            scalar_t sum0 = 0, sum1 = 0;
+            for (int ch = 0; ch < C; ++ch) {
+              sum0 += corners[c].coefficient[ch] * a[ch * 2];
+              sum1 += corners[c].coefficient[ch] * a[ch * 2 + 1];
+            }
+            row[0] += sum0;
+            row[1] += sum1;
+          }
+        }
+        continue;
+      }
       for (int64_t r = 0; r < R; ++r) {
         const CornerRecord<scalar_t, C>* corners = level_records + r * K;
         const scalar_t* a = level_adj + r * C * F;
