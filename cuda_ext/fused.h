@@ -237,6 +237,7 @@ void encode_jet_point_grad(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D
                            const scalar_t* table, const scalar_t* level_weight, int C, const scalar_t* adj,
                            scalar_t* point_grad) {
   const int F = levels.n_features, LF = levels.n_levels * F;
+  scalar_t sums[D] = {};                     // in registers (point_grad might alias the inputs)
   for (int l = 0; l < levels.n_levels; ++l) {
     const scalar_t lw = level_weight[l];
     if (lw == 0) continue;
@@ -245,8 +246,13 @@ void encode_jet_point_grad(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D
       const scalar_t* row = table + cell.row[c] * F;
       scalar_t dots[1 + D];
       for (int ch = 0; ch < C; ++ch) {
+        const scalar_t* a = adj + ch * LF + l * F;
         scalar_t dot = 0;
-        for (int f = 0; f < F; ++f) dot += row[f] * adj[ch * LF + l * F + f];
+        if (F == 2) {
+          dot = row[0] * a[0] + row[1] * a[1];
+        } else {
+          for (int f = 0; f < F; ++f) dot += row[f] * a[f];
+        }
         dots[ch] = dot;
       }
       scalar_t gradient[D];
@@ -258,10 +264,11 @@ void encode_jet_point_grad(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D
         if (C > 1) {
           for (int j = 0; j < D; ++j) sum += p.mask[j] * hessian[i][j] * dots[1 + j];
         }
-        point_grad[i] += lw * p.mask[i] * sum;
+        sums[i] += lw * p.mask[i] * sum;
       }
     }
   }
+  for (int i = 0; i < D; ++i) point_grad[i] += sums[i];
 }
 
 // 32-byte vectors of GCC/Clang's vector extension (AVX on x86, two NEON registers on ARM).

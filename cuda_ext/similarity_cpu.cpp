@@ -168,23 +168,30 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
     scalar_t* residual = scratch<scalar_t>(3, P);
     scalar_t* image_gradient = scratch<scalar_t>(4, P * D);
     uint8_t* inside = scratch<uint8_t>(0, P);
+    const scalar_t* moving_data = moving.data_ptr<scalar_t>();
+    const scalar_t* fixed_data = fixed.data_ptr<scalar_t>();
     at::parallel_for(0, P, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t t = i / N, pair = t / 2;
-        const scalar_t* xi = x + i * D;
-        scalar_t y[D];
-        bool in_cube = true;
-        for (int k = 0; k < D; ++k) {
-          y[k] = off[t * D + k] + u[i * D + k];
-          for (int j = 0; j < D; ++j) y[k] += M[(t * D + k) * D + j] * xi[j];
-          in_cube = in_cube && y[k] >= 0 && y[k] <= 1;
-        }
+      int64_t i = begin;
+      while (i < end) {                          // one run of points of field t at a time
+        const int64_t t = i / N, pair = t / 2, run_end = std::min(end, (t + 1) * N);
         const bool to_A = t % 2 == 0;
-        const scalar_t* image = to_A ? moving.data_ptr<scalar_t>() + pair * voxels_A
-                                     : fixed.data_ptr<scalar_t>() + pair * voxels_B;
-        residual[i] = sample_border<scalar_t, D>(image, to_A ? size_A : size_B, y, image_gradient + i * D) -
-                      target[i];
-        inside[i] = in_cube ? 1 : 0;
+        const scalar_t* image = to_A ? moving_data + pair * voxels_A : fixed_data + pair * voxels_B;
+        const int64_t* size = to_A ? size_A : size_B;
+        scalar_t Mt[D * D], ot[D];
+        for (int e = 0; e < D * D; ++e) Mt[e] = M[t * D * D + e];
+        for (int k = 0; k < D; ++k) ot[k] = off[t * D + k];
+        for (; i < run_end; ++i) {
+          const scalar_t* xi = x + i * D;
+          scalar_t y[D];
+          bool in_cube = true;
+          for (int k = 0; k < D; ++k) {
+            y[k] = ot[k] + u[i * D + k];
+            for (int j = 0; j < D; ++j) y[k] += Mt[k * D + j] * xi[j];
+            in_cube = in_cube && y[k] >= 0 && y[k] <= 1;
+          }
+          residual[i] = sample_border<scalar_t, D>(image, size, y, image_gradient + i * D) - target[i];
+          inside[i] = in_cube ? 1 : 0;
+        }
       }
     });
 
