@@ -42,7 +42,9 @@ def fused_supported(encoding, *tensors: torch.Tensor) -> bool:
 
 def _kernel_args(encoding: NativeHashGridEncoding, level_weights: torch.Tensor | None, like: torch.Tensor):
     config = encoding.config
-    table = encoding.params.reshape(-1, config.n_features_per_level)
+    # The parameter itself, not a reshaped view: the Functions reshape it inside (autograd then
+    # sums the kernels' table gradients in place, without a view's backward and an extra copy).
+    table = encoding.params
     if level_weights is None:
         level_weights = torch.ones(config.n_levels, dtype=like.dtype)
     level_weights = level_weights.to(like.device, like.dtype).contiguous()
@@ -51,11 +53,17 @@ def _kernel_args(encoding: NativeHashGridEncoding, level_weights: torch.Tensor |
     return encoding._module, table, geometry, level_weights
 
 
+def _rows(table: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """The kernels' view of a table parameter: one row of ``n_features`` per grid vertex."""
+    return table.reshape(-1, geometry[1])
+
+
 class _FusedFields(torch.autograd.Function):
     @staticmethod
     def forward(ctx, points, field, level_weights, module, geometry, scale, n_layers, table, *params):
         weights, biases = list(params[:n_layers]), list(params[n_layers:])
         save = any(ctx.needs_input_grad[7:])
+        ctx.table_shape, table = table.shape, _rows(table, geometry)
         displacement, saved, saved_corners = module.fields_forward(points, field, table, *geometry, level_weights,
                                                                    weights, biases, scale, save)
         ctx.save_for_backward(saved, saved_corners, points, field, level_weights, table, *params)
@@ -70,7 +78,7 @@ class _FusedFields(torch.autograd.Function):
         grads = ctx.module.fields_backward(grad_out.contiguous(), saved, saved_corners, points, field, table,
                                            *ctx.geometry, level_weights, list(params[:n_layers]),
                                            list(params[n_layers:]), ctx.scale)
-        grad_table, layer_grads = grads[0], grads[1:]
+        grad_table, layer_grads = grads[0].resize_(ctx.table_shape), grads[1:]    # in place, as in _per_pair_gradients
         grad_weights, grad_biases = layer_grads[0::2], layer_grads[1::2]
         return (None,) * 7 + (grad_table, *grad_weights, *grad_biases)
 
@@ -94,59 +102,89 @@ def fields_jacobian(fields, points: torch.Tensor, field: int) -> torch.Tensor:
     module, table, geometry, level_weights = _kernel_args(fields.encoding, None, points)
     index = torch.full((points.shape[0],), field, dtype=torch.long)
     with torch.no_grad():
-        return module.fields_jacobian(points.contiguous(), index, table.detach(), *geometry, level_weights,
-                                      [w.detach() for w in fields.weights], [b.detach() for b in fields.biases],
-                                      float(fields.output_scale))
+        return module.fields_jacobian(points.contiguous(), index, _rows(table.detach(), geometry), *geometry,
+                                      level_weights, [w.detach() for w in fields.weights],
+                                      [b.detach() for b in fields.biases], float(fields.output_scale))
 
 
-def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.Tensor) -> tuple:
+def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.Tensor, table_shape) -> tuple:
     """The kernels' parameter gradients of a per-pair loss ``(B,)`` (dtable, then dW and db per
-    layer, each with the 2B fields first), scaled by the incoming gradient of each pair: fields
-    2p and 2p + 1 belong to pair p."""
+    layer, each with the 2B fields first), scaled in place by the incoming gradient of each pair:
+    fields 2p and 2p + 1 belong to pair p. The tensors are the caller's to hand over (see
+    :func:`_take_gradients`)."""
     grad_table, *layer_grads = gradients
+    grad_table = grad_table.resize_(table_shape)     # in place: a view would keep autograd from summing in place
     ordered = [grad_table, *layer_grads[0::2], *layer_grads[1::2]]
     if grad_per_pair.numel() == 1:                 # one pair: one scale (often 1, nothing to do)
         scale = float(grad_per_pair)
-        return tuple(ordered) if scale == 1.0 else tuple(g * scale for g in ordered)
+        if scale != 1.0:
+            for gradient in ordered:
+                gradient.mul_(scale)
+        return tuple(ordered)
     per_field = grad_per_pair.repeat_interleave(2)
+    grad_table.view(per_field.shape[0], -1).mul_(per_field[:, None])
+    for gradient in ordered[1:]:
+        gradient.mul_(per_field.reshape(-1, *[1] * (gradient.dim() - 1)))
+    return tuple(ordered)
 
-    def scaled(gradient):
-        return gradient * per_field.reshape(-1, *[1] * (gradient.dim() - 1))
 
-    per_table = grad_table.reshape(per_field.shape[0], -1, grad_table.shape[-1])
-    return (scaled(per_table).reshape(grad_table.shape), *[scaled(g) for g in ordered[1:]])
+def _take_gradients(ctx) -> list:
+    """The parameter gradients for a backward through a fused Function: on the first, the ones its
+    forward computed, handed over (autograd then keeps the table gradient as ``.grad`` instead of
+    copying it, as it must for a tensor referenced elsewhere, and the scaling is in place); on a
+    later one (``retain_graph=True``, gradcheck), the kernel runs again on the saved inputs
+    (autograd's version check refuses inputs modified in place since)."""
+    gradients, ctx.gradients = ctx.gradients, None
+    if gradients is None:
+        gradients = ctx.kernel(*ctx.saved_tensors)
+    return gradients
 
 
 class _FusedGradientIcon(torch.autograd.Function):
     @staticmethod
     def forward(ctx, points, scales, matrices, offsets, level_weights, module, geometry, scale, n_layers, table,
                 *params):
-        need_grad = any(ctx.needs_input_grad[9:])
-        out = module.gradient_icon(points, scales, matrices, offsets, table, *geometry, level_weights,
-                                   list(params[:n_layers]), list(params[n_layers:]), scale, need_grad)
+        def kernel(points, scales, matrices, offsets, level_weights, table, *params, need_grad=True):
+            return module.gradient_icon(points, scales, matrices, offsets, _rows(table, geometry), *geometry,
+                                        level_weights,
+                                        list(params[:n_layers]), list(params[n_layers:]), scale, need_grad)
+
+        out = kernel(points, scales, matrices, offsets, level_weights, table, *params,
+                     need_grad=any(ctx.needs_input_grad[9:]))
+        ctx.save_for_backward(points, scales, matrices, offsets, level_weights, table, *params)
+        ctx.kernel = lambda *inputs: kernel(*inputs)[1:]
         ctx.gradients = out[1:]
+        ctx.table_shape = table.shape
         return out[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_penalty):
-        return (None,) * 9 + _per_pair_gradients(ctx.gradients, grad_penalty)
+        return (None,) * 9 + _per_pair_gradients(_take_gradients(ctx), grad_penalty, ctx.table_shape)
 
 
 class _FusedSimilarity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, points, targets, masks, moving, fixed, matrices, offsets, level_weights, module, geometry, scale,
                 n_layers, table, *params):
-        need_grad = any(ctx.needs_input_grad[12:])
-        out = module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets, table, *geometry,
-                                    level_weights, list(params[:n_layers]), list(params[n_layers:]), scale, need_grad)
+        def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params,
+                   need_grad=True):
+            return module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets,
+                                         _rows(table, geometry), *geometry, level_weights, list(params[:n_layers]),
+                                         list(params[n_layers:]), scale, need_grad)
+
+        out = kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params,
+                     need_grad=any(ctx.needs_input_grad[12:]))
+        ctx.save_for_backward(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params)
+        ctx.kernel = lambda *inputs: kernel(*inputs)[1:]
         ctx.gradients = out[1:]
+        ctx.table_shape = table.shape
         return out[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_similarity):
-        return (None,) * 12 + _per_pair_gradients(ctx.gradients, grad_similarity)
+        return (None,) * 12 + _per_pair_gradients(_take_gradients(ctx), grad_similarity, ctx.table_shape)
 
 
 def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,

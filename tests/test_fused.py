@@ -208,3 +208,24 @@ def test_jacobian_determinant_with_the_fused_kernel_matches_autograd():
         result.maps.fields.use_fused = True
         np.testing.assert_allclose(fused, autograd, rtol=1e-5, atol=1e-6)
         assert np.abs(autograd - autograd.mean()).max() > 1e-3          # the fields are not flat
+
+
+def test_fused_gradients_are_handed_over_and_recomputed_for_a_second_backward():
+    """The first backward through a fused Function gets the gradient its forward computed (scaled
+    in place); a second one (retain_graph) runs the kernel again and gets the same numbers, and
+    parameters changed in place in between are refused by autograd's version check."""
+    native, reference = twin_maps(2, CASES[0][1], (8,), 1, torch.float32)
+    points = torch.rand(1, 30, 2)
+    penalty = gradient_icon_fused(native, points)
+    expected = inverse_consistency_terms(reference, points)["gradient_icon"]
+    (2.5 * expected.sum()).backward()
+    for scale in (2.5, 1.0):
+        native.zero_grad()
+        (scale * penalty.sum()).backward(retain_graph=True)
+        for got, want in zip(native.fields.parameters(), reference.fields.parameters()):
+            torch.testing.assert_close(got.grad, want.grad * scale / 2.5, rtol=1e-5,
+                                       atol=1e-5 * want.grad.abs().max().item())
+    with torch.no_grad():
+        native.fields.weights[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        penalty.sum().backward()
