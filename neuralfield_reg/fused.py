@@ -78,7 +78,7 @@ class _FusedFields(torch.autograd.Function):
         grads = ctx.module.fields_backward(grad_out.contiguous(), saved, saved_corners, points, field, table,
                                            *ctx.geometry, level_weights, list(params[:n_layers]),
                                            list(params[n_layers:]), ctx.scale)
-        grad_table, layer_grads = grads[0].resize_(ctx.table_shape), grads[1:]    # in place, as in _per_pair_gradients
+        grad_table, layer_grads = grads[0].resize_(ctx.table_shape), grads[1:]    # see _per_pair_gradients
         grad_weights, grad_biases = layer_grads[0::2], layer_grads[1::2]
         return (None,) * 7 + (grad_table, *grad_weights, *grad_biases)
 
@@ -146,8 +146,8 @@ class _FusedGradientIcon(torch.autograd.Function):
                 *params):
         def kernel(points, scales, matrices, offsets, level_weights, table, *params, need_grad=True):
             return module.gradient_icon(points, scales, matrices, offsets, _rows(table, geometry), *geometry,
-                                        level_weights,
-                                        list(params[:n_layers]), list(params[n_layers:]), scale, need_grad)
+                                        level_weights, list(params[:n_layers]), list(params[n_layers:]), scale,
+                                        need_grad)
 
         out = kernel(points, scales, matrices, offsets, level_weights, table, *params,
                      need_grad=any(ctx.needs_input_grad[9:]))
