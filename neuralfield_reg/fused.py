@@ -132,11 +132,13 @@ def _take_gradients(ctx) -> list:
     """The parameter gradients for a backward through a fused Function: on the first, the ones its
     forward computed, handed over (autograd then keeps the table gradient as ``.grad`` instead of
     copying it, as it must for a tensor referenced elsewhere, and the scaling is in place); on a
-    later one (``retain_graph=True``, gradcheck), the kernel runs again on the saved inputs
-    (autograd's version check refuses inputs modified in place since)."""
+    later one (``retain_graph=True``, gradcheck), the kernel runs again on the saved inputs.
+    Either way autograd's version check refuses inputs modified in place since the forward (as it
+    does for its own operations), instead of a gradient of the old parameters."""
+    inputs = ctx.saved_tensors                     # unpacking runs the version check
     gradients, ctx.gradients = ctx.gradients, None
     if gradients is None:
-        gradients = ctx.kernel(*ctx.saved_tensors)
+        gradients = ctx.kernel(*inputs)
     return gradients
 
 

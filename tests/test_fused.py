@@ -213,7 +213,7 @@ def test_jacobian_determinant_with_the_fused_kernel_matches_autograd():
 def test_fused_gradients_are_handed_over_and_recomputed_for_a_second_backward():
     """The first backward through a fused Function gets the gradient its forward computed (scaled
     in place); a second one (retain_graph) runs the kernel again and gets the same numbers, and
-    parameters changed in place in between are refused by autograd's version check."""
+    parameters changed in place since the forward are refused by autograd's version check."""
     native, reference = twin_maps(2, CASES[0][1], (8,), 1, torch.float32)
     points = torch.rand(1, 30, 2)
     penalty = gradient_icon_fused(native, points)
@@ -227,5 +227,11 @@ def test_fused_gradients_are_handed_over_and_recomputed_for_a_second_backward():
                                        atol=1e-5 * want.grad.abs().max().item())
     with torch.no_grad():
         native.fields.weights[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        penalty.sum().backward()
+    # also on a first backward: the forward's gradient would belong to the old parameters
+    penalty = gradient_icon_fused(native, points)
+    with torch.no_grad():
+        native.fields.biases[0].add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         penalty.sum().backward()
