@@ -536,6 +536,29 @@ void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const 
   }
 }
 
+// One level of scatter_records: grad_table[row] += sum over channels of coefficient * adj for its
+// R evaluations' corners, with F features per row (kF: F known at compile time, or 0).
+template <typename scalar_t, int D, int C, int kF>
+inline void scatter_level(const CornerRecord<scalar_t, C>* records, int64_t R, const scalar_t* adj, int F,
+                          scalar_t* grad_table) {
+  constexpr int K = Cell<scalar_t, D>::kCorners;
+  const int n = kF > 0 ? kF : F;
+  for (int64_t r = 0; r < R; ++r) {
+    const CornerRecord<scalar_t, C>* corners = records + r * K;
+    const scalar_t* a = adj + r * C * n;
+    for (int c = 0; c < K; ++c) {
+      // Every feature's sum is formed before the row is written (a store between them made the
+      // compiler reload the record and adjoint: the general loop ran 3x slower with F = 2).
+      scalar_t sum[8] = {};                    // F <= 8 (make_levels checks)
+      for (int ch = 0; ch < C; ++ch) {
+        for (int f = 0; f < n; ++f) sum[f] += corners[c].coefficient[ch] * a[ch * n + f];
+      }
+      scalar_t* row = grad_table + static_cast<int64_t>(corners[c].row) * n;
+      for (int f = 0; f < n; ++f) row[f] += sum[f];
+    }
+  }
+}
+
 // grad_table[row] += sum over channels of coefficient * adj for R evaluations, all level-major:
 // records (L x R x 2^D) and adjoints adj (L x R x C x F, dL/d(jet) of each level's F features).
 // Parallel over levels, whose rows never overlap, so no atomics are needed; each level reads its
@@ -556,37 +579,10 @@ void scatter_records(const CornerRecord<scalar_t, C>* records, int64_t R, const 
       const int64_t l = active[i];
       const CornerRecord<scalar_t, C>* level_records = records + l * R * K;
       const scalar_t* level_adj = adj + l * R * C * F;
-      if (F == 2) {
-        // The common case, unrolled: both sums are formed before the row is written, so the
-        // compiler need not reload the record and adjoint after each store (the general loop below
-        // ran 3x slower with F = 2).
-        for (int64_t r = 0; r < R; ++r) {
-          const CornerRecord<scalar_t, C>* corners = level_records + r * K;
-          const scalar_t* a = level_adj + r * C * 2;
-          for (int c = 0; c < K; ++c) {
-            scalar_t* row = grad_table + static_cast<int64_t>(corners[c].row) * 2;
-            scalar_t sum0 = 0, sum1 = 0;
-            for (int ch = 0; ch < C; ++ch) {
-              sum0 += corners[c].coefficient[ch] * a[ch * 2];
-              sum1 += corners[c].coefficient[ch] * a[ch * 2 + 1];
-            }
-            row[0] += sum0;
-            row[1] += sum1;
-          }
-        }
-        continue;
-      }
-      for (int64_t r = 0; r < R; ++r) {
-        const CornerRecord<scalar_t, C>* corners = level_records + r * K;
-        const scalar_t* a = level_adj + r * C * F;
-        for (int c = 0; c < K; ++c) {
-          scalar_t* row = grad_table + static_cast<int64_t>(corners[c].row) * F;
-          for (int f = 0; f < F; ++f) {
-            scalar_t sum = 0;
-            for (int ch = 0; ch < C; ++ch) sum += corners[c].coefficient[ch] * a[ch * F + f];
-            row[f] += sum;
-          }
-        }
+      if (F == 2) {                            // the default: the feature loops unrolled
+        scatter_level<scalar_t, D, C, 2>(level_records, R, level_adj, F, grad_table);
+      } else {
+        scatter_level<scalar_t, D, C, 0>(level_records, R, level_adj, F, grad_table);
       }
     }
   });
