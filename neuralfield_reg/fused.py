@@ -111,7 +111,7 @@ def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.
     """The kernels' parameter gradients of a per-pair loss ``(B,)`` (dtable, then dW and db per
     layer, each with the 2B fields first), scaled in place by the incoming gradient of each pair:
     fields 2p and 2p + 1 belong to pair p. The tensors are the caller's to hand over (see
-    :func:`_take_gradients`)."""
+    :func:`_handed_over`)."""
     grad_table, *layer_grads = gradients
     grad_table = grad_table.resize_(table_shape)     # in place: a view would keep autograd from summing in place
     ordered = [grad_table, *layer_grads[0::2], *layer_grads[1::2]]
@@ -128,18 +128,31 @@ def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.
     return tuple(ordered)
 
 
-def _take_gradients(ctx) -> list:
-    """The parameter gradients for a backward through a fused Function: on the first, the ones its
-    forward computed, handed over (autograd then keeps the table gradient as ``.grad`` instead of
-    copying it, as it must for a tensor referenced elsewhere, and the scaling is in place); on a
-    later one (``retain_graph=True``, gradcheck), the kernel runs again on the saved inputs.
-    Either way autograd's version check refuses inputs modified in place since the forward (as it
-    does for its own operations), instead of a gradient of the old parameters."""
+def _run_and_keep(ctx, kernel, inputs: tuple, need_grad: bool, table_shape) -> torch.Tensor:
+    """A fused Function's forward: ``kernel(*inputs, need_grad=...)`` returns the per-pair loss and
+    (with ``need_grad``) its parameter gradients; the gradients and the inputs are kept for
+    :func:`_handed_over`."""
+    out = kernel(*inputs, need_grad=need_grad)
+    ctx.save_for_backward(*inputs)
+    ctx.kernel = lambda *saved: kernel(*saved)[1:]
+    ctx.gradients = out[1:]
+    ctx.table_shape = table_shape
+    return out[0]
+
+
+def _handed_over(ctx, grad_per_pair: torch.Tensor) -> tuple:
+    """A fused Function's backward: the parameter gradients, scaled by the incoming gradient of
+    each pair. On the first backward they are the ones the forward computed, handed over
+    (autograd then keeps the table gradient as ``.grad`` instead of copying it, as it must for a
+    tensor referenced elsewhere, and the scaling is in place); on a later one
+    (``retain_graph=True``, gradcheck), the kernel runs again on the saved inputs. Either way
+    autograd's version check refuses inputs modified in place since the forward (as it does for
+    its own operations), instead of a gradient of the old parameters."""
     inputs = ctx.saved_tensors                     # unpacking runs the version check
     gradients, ctx.gradients = ctx.gradients, None
     if gradients is None:
         gradients = ctx.kernel(*inputs)
-    return gradients
+    return _per_pair_gradients(gradients, grad_per_pair, ctx.table_shape)
 
 
 class _FusedGradientIcon(torch.autograd.Function):
@@ -151,18 +164,13 @@ class _FusedGradientIcon(torch.autograd.Function):
                                         level_weights, list(params[:n_layers]), list(params[n_layers:]), scale,
                                         need_grad)
 
-        out = kernel(points, scales, matrices, offsets, level_weights, table, *params,
-                     need_grad=any(ctx.needs_input_grad[9:]))
-        ctx.save_for_backward(points, scales, matrices, offsets, level_weights, table, *params)
-        ctx.kernel = lambda *inputs: kernel(*inputs)[1:]
-        ctx.gradients = out[1:]
-        ctx.table_shape = table.shape
-        return out[0]
+        return _run_and_keep(ctx, kernel, (points, scales, matrices, offsets, level_weights, table, *params),
+                             any(ctx.needs_input_grad[9:]), table.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_penalty):
-        return (None,) * 9 + _per_pair_gradients(_take_gradients(ctx), grad_penalty, ctx.table_shape)
+        return (None,) * 9 + _handed_over(ctx, grad_penalty)
 
 
 class _FusedSimilarity(torch.autograd.Function):
@@ -175,18 +183,13 @@ class _FusedSimilarity(torch.autograd.Function):
                                          _rows(table, geometry), *geometry, level_weights, list(params[:n_layers]),
                                          list(params[n_layers:]), scale, need_grad)
 
-        out = kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params,
-                     need_grad=any(ctx.needs_input_grad[12:]))
-        ctx.save_for_backward(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params)
-        ctx.kernel = lambda *inputs: kernel(*inputs)[1:]
-        ctx.gradients = out[1:]
-        ctx.table_shape = table.shape
-        return out[0]
+        inputs = (points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params)
+        return _run_and_keep(ctx, kernel, inputs, any(ctx.needs_input_grad[12:]), table.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_similarity):
-        return (None,) * 12 + _per_pair_gradients(_take_gradients(ctx), grad_similarity, ctx.table_shape)
+        return (None,) * 12 + _handed_over(ctx, grad_similarity)
 
 
 def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
