@@ -174,22 +174,36 @@ struct CornerRecord {
   scalar_t coefficient[C];
 };
 
-// jet (C x L*F, channel-major, zeroed here): the encoding and, for C = 1 + D, its derivatives.
-// records (optional): every corner's row and coefficients for scatter_records, level l's 2^D
-// corners at records + l * level_stride (records are kept level-major).
-// cells (optional, L entries): each active level's cell, for encode_jet_point_grad.
+// cells (L entries): the cell of point p in every active level of field t's table, each corner's
+// row prefetched. Finding a block's cells before encoding it (encode_jet) lets the table reads of
+// the block overlap: in 3D the tables (megabytes) live in the L3 cache or memory, not in L2.
+template <typename scalar_t, int D>
+void find_cells(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, const scalar_t* table,
+                const scalar_t* level_weight, Cell<scalar_t, D>* cells) {
+  for (int l = 0; l < levels.n_levels; ++l) {
+    if (level_weight[l] == 0) continue;
+    cells[l] = Cell<scalar_t, D>(p.x, l, levels, t);
+    for (int c = 0; c < Cell<scalar_t, D>::kCorners; ++c) {
+      __builtin_prefetch(table + cells[l].row[c] * levels.n_features);
+    }
+  }
+}
+
+// jet (C x L*F, channel-major, zeroed here): the encoding of point p, whose cells find_cells found,
+// and, for C = 1 + D, its derivatives. records (optional): every corner's row and coefficients for
+// scatter_records, level l's 2^D corners at records + l * level_stride (records are kept
+// level-major).
 template <typename scalar_t, int D, int C>
-void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, const scalar_t* table,
-                const scalar_t* level_weight, scalar_t* jet, CornerRecord<scalar_t, C>* records,
-                int64_t level_stride, Cell<scalar_t, D>* cells = nullptr) {
+void encode_jet(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D>* cells, const Levels& levels,
+                const scalar_t* table, const scalar_t* level_weight, scalar_t* jet, CornerRecord<scalar_t, C>* records,
+                int64_t level_stride) {
   constexpr int K = Cell<scalar_t, D>::kCorners;
   const int F = levels.n_features, LF = levels.n_levels * F;
   std::fill(jet, jet + C * LF, scalar_t(0));
   for (int l = 0; l < levels.n_levels; ++l) {
     const scalar_t lw = level_weight[l];
     if (lw == 0) continue;                     // scatter_records skips these levels too
-    const Cell<scalar_t, D> cell(p.x, l, levels, t);
-    if (cells != nullptr) cells[l] = cell;
+    const Cell<scalar_t, D>& cell = cells[l];
     // coefficient[c][ch]: w_l W_c, then w_l m_j dW_c/dx_j.
     scalar_t coefficient[K][C];
     for (int c = 0; c < K; ++c) {
@@ -231,7 +245,7 @@ void encode_jet(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, 
 }
 
 // point_grad[i] += d/dx_i of <adj, jet(x)> (through the encoding only; see the header comment),
-// with the cells that encode_jet kept for this point.
+// with the point's cells (find_cells).
 template <typename scalar_t, int D>
 void encode_jet_point_grad(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D>* cells, const Levels& levels,
                            const scalar_t* table, const scalar_t* level_weight, int C, const scalar_t* adj,
@@ -536,6 +550,10 @@ void mlp_backward(const Mlp<scalar_t>& mlp, int64_t t, int first_channel, const 
   }
 }
 
+// scatter_level prefetches the rows of evaluation r + kScatterAhead while it adds evaluation r's: in 3D
+// the gradient table (megabytes) is mostly out of cache and each evaluation's rows lie far apart.
+constexpr int64_t kScatterAhead = 4;
+
 // One level of scatter_records: grad_table[row] += sum over channels of coefficient * adj for its
 // R evaluations' corners, with F features per row (kF: F known at compile time, or 0).
 template <typename scalar_t, int D, int C, int kF>
@@ -545,6 +563,11 @@ inline void scatter_level(const CornerRecord<scalar_t, C>* records, int64_t R, c
   const int n = kF > 0 ? kF : F;
   for (int64_t r = 0; r < R; ++r) {
     const CornerRecord<scalar_t, C>* corners = records + r * K;
+    if (r + kScatterAhead < R) {
+      for (int c = 0; c < K; ++c) {
+        __builtin_prefetch(grad_table + static_cast<int64_t>(corners[kScatterAhead * K + c].row) * n, 1);
+      }
+    }
     const scalar_t* a = adj + r * C * n;
     for (int c = 0; c < K; ++c) {
       // Every feature's sum is formed before the row is written (a store between them made the
@@ -699,12 +722,17 @@ void points_forward(const Mlp<scalar_t>& mlp, const Levels& levels, const scalar
   const bool save = acts_all != nullptr;
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> block_acts(save ? 0 : kPointBlock * A);
+    std::vector<Cell<scalar_t, D>> cells(kPointBlock * levels.n_levels);
     for (int64_t n = begin; n < end;) {
       const int64_t count = block_of_one_field(t, n, end);
       scalar_t* acts = save ? acts_all + n * A : block_acts.data();
+      for (int64_t c = 0; c < count; ++c) {       // the whole block's cells first (see find_cells)
+        find_cells<scalar_t, D>(Clamped<scalar_t, D>(x + (n + c) * D), t[n], levels, table, level_weight,
+                                cells.data() + c * levels.n_levels);
+      }
       for (int64_t c = 0; c < count; ++c) {
-        encode_jet<scalar_t, D, 1>(Clamped<scalar_t, D>(x + (n + c) * D), t[n], levels, table, level_weight,
-                                   acts + c * A, save ? records + (n + c) * K : nullptr, N * K);
+        encode_jet<scalar_t, D, 1>(Clamped<scalar_t, D>(x + (n + c) * D), cells.data() + c * levels.n_levels, levels,
+                                   table, level_weight, acts + c * A, save ? records + (n + c) * K : nullptr, N * K);
       }
       if (count == kPointBlock) {
         mlp_forward<scalar_t, kPointBlock, false>(mlp, t[n], point_vectors<scalar_t, kPointBlock>(mlp, acts, A,

@@ -101,9 +101,11 @@ at::Tensor fields_jacobian(const at::Tensor& points, const at::Tensor& field, co
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> acts(C * mlp.activation_count());
       scalar_t jet[C * D];
+      Cell<scalar_t, D> cells[kMaxLevels];
       for (int64_t n = begin; n < end; ++n) {
-        encode_jet<scalar_t, D, C>(Clamped<scalar_t, D>(x + n * D), t[n], common.levels, tab, lw, acts.data(),
-                                   nullptr, 0);
+        const Clamped<scalar_t, D> p(x + n * D);
+        find_cells<scalar_t, D>(p, t[n], common.levels, tab, lw, cells);
+        encode_jet<scalar_t, D, C>(p, cells, common.levels, tab, lw, acts.data(), nullptr, 0);
         mlp_forward<scalar_t, C, true>(mlp, t[n], jet_vectors<scalar_t, C>(mlp, acts.data(), jet));
         for (int k = 0; k < D; ++k) {
           for (int j = 0; j < D; ++j) J[(n * D + k) * D + j] = jet[(1 + j) * D + k];
@@ -165,14 +167,16 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
       std::vector<scalar_t> acts_inner(C * mlp.activation_count()), acts_outer(C * mlp.activation_count());
       std::vector<scalar_t> work(2 * C * mlp.max_width()), adj_scratch(2 * C * LF);
       scalar_t jet_inner[C * D], jet_outer[C * D], adj[C * D];
-      Cell<scalar_t, D> cells_outer[kMaxLevels];
+      Cell<scalar_t, D> cells_inner[kMaxLevels], cells_outer[kMaxLevels];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t pair = item / (2 * N), direction = (item / N) % 2, n = item % N;
         const int64_t inner = 2 * pair + (direction == 0 ? 1 : 0), outer = 2 * pair + direction;
         const scalar_t* point = x + (pair * N + n) * D;
         const scalar_t* s = S + direction * D;
         // Inner map g at x: J_g = M_g + dU, y = M_g x + o_g + u.
-        encode_jet<scalar_t, D, C>(Clamped<scalar_t, D>(point), inner, levels, tab, lw, acts_inner.data(),
+        const Clamped<scalar_t, D> x_clamped(point);
+        find_cells<scalar_t, D>(x_clamped, inner, levels, tab, lw, cells_inner);
+        encode_jet<scalar_t, D, C>(x_clamped, cells_inner, levels, tab, lw, acts_inner.data(),
                                    need_grad ? records + 2 * item * K : nullptr, 2 * items * K);
         const auto vectors_inner = jet_vectors<scalar_t, C>(mlp, acts_inner.data(), jet_inner);
         mlp_forward<scalar_t, C, true>(mlp, inner, vectors_inner);
@@ -188,9 +192,9 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         }
         // Outer map f at y.
         const Clamped<scalar_t, D> y_clamped(y);
-        encode_jet<scalar_t, D, C>(y_clamped, outer, levels, tab, lw, acts_outer.data(),
-                                   need_grad ? records + (2 * item + 1) * K : nullptr, 2 * items * K,
-                                   cells_outer);
+        find_cells<scalar_t, D>(y_clamped, outer, levels, tab, lw, cells_outer);
+        encode_jet<scalar_t, D, C>(y_clamped, cells_outer, levels, tab, lw, acts_outer.data(),
+                                   need_grad ? records + (2 * item + 1) * K : nullptr, 2 * items * K);
         const auto vectors_outer = jet_vectors<scalar_t, C>(mlp, acts_outer.data(), jet_outer);
         mlp_forward<scalar_t, C, true>(mlp, outer, vectors_outer);
         for (int k = 0; k < D; ++k) {
