@@ -131,23 +131,34 @@ struct MlpGradients {
     for (int k = 0; k < mlp.n_layers; ++k) {
       at::Tensor gw = at::zeros({n_fields, mlp.width[k], mlp.width[k + 1]}, options);
       at::Tensor gb = at::zeros({n_fields, mlp.width[k + 1]}, options);
-      scalar_t* pw = gw.data_ptr<scalar_t>();
-      scalar_t* pb = gb.data_ptr<scalar_t>();
-      const int64_t nw = mlp.width[k] * mlp.width[k + 1], nb = mlp.width[k + 1];
-      for (const auto& part : weight) {
-        for (int64_t t = 0; t < n_fields; ++t) {
-          const scalar_t* src = part.data() + t * mlp.weight_count + mlp.weight_offset[k];
-          for (int64_t i = 0; i < nw; ++i) pw[t * nw + i] += src[i];
-        }
-      }
-      for (const auto& part : bias) {
-        for (int64_t t = 0; t < n_fields; ++t) {
-          const scalar_t* src = part.data() + t * mlp.bias_count + mlp.bias_offset[k];
-          for (int64_t i = 0; i < nb; ++i) pb[t * nb + i] += src[i];
-        }
-      }
+      add_layer(mlp, n_fields, k, gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>());
       out.push_back(gw);
       out.push_back(gb);
+    }
+  }
+
+  // Adds the threads' parts to targets: dW, db of every layer in turn (checked by the caller).
+  void add_to(const Mlp<scalar_t>& mlp, int64_t n_fields, const at::Tensor* targets) const {
+    for (int k = 0; k < mlp.n_layers; ++k) {
+      add_layer(mlp, n_fields, k, targets[2 * k].data_ptr<scalar_t>(), targets[2 * k + 1].data_ptr<scalar_t>());
+    }
+  }
+
+ private:
+  // pw (fields, in_k, out_k) and pb (fields, out_k) += the threads' parts of layer k.
+  void add_layer(const Mlp<scalar_t>& mlp, int64_t n_fields, int k, scalar_t* pw, scalar_t* pb) const {
+    const int64_t nw = mlp.width[k] * mlp.width[k + 1], nb = mlp.width[k + 1];
+    for (const auto& part : weight) {
+      for (int64_t t = 0; t < n_fields; ++t) {
+        const scalar_t* src = part.data() + t * mlp.weight_count + mlp.weight_offset[k];
+        for (int64_t i = 0; i < nw; ++i) pw[t * nw + i] += src[i];
+      }
+    }
+    for (const auto& part : bias) {
+      for (int64_t t = 0; t < n_fields; ++t) {
+        const scalar_t* src = part.data() + t * mlp.bias_count + mlp.bias_offset[k];
+        for (int64_t i = 0; i < nb; ++i) pb[t * nb + i] += src[i];
+      }
     }
   }
 };

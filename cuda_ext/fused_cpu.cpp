@@ -119,12 +119,16 @@ at::Tensor fields_jacobian(const at::Tensor& points, const at::Tensor& field, co
 // points (B, N, D): the penalty's sample points of each pair. scales (2, D): the physical extent per
 // axis of A's domain (direction A: x in A, r = phi_AB(phi_BA(x)) - x) and of B's domain.
 // matrices (2B, D, D) and offsets (2B, D): the fixed affine parts; field 2p is phi_AB of pair p and
-// 2p + 1 is phi_BA. Returns [penalty (B,), then, when need_grad, dtable and (dW, db) per layer].
+// 2p + 1 is phi_BA. Returns [penalty (B,), then, when need_grad, dtable and (dW, db) per layer],
+// the gradients of gradient_scale * sum of the penalties. With accumulate ([dtable, then dW, db per
+// layer], shaped like the table and the parameters), they are added to those tensors instead and
+// only the penalty is returned.
 std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor& scales, const at::Tensor& matrices,
                                       const at::Tensor& offsets, const at::Tensor& table, const at::Tensor& geometry,
                                       int64_t n_features, bool smoothstep, int64_t rows_per_table,
                                       const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
-                                      const std::vector<at::Tensor>& biases, double scale, bool need_grad) {
+                                      const std::vector<at::Tensor>& biases, double scale, bool need_grad,
+                                      double gradient_scale, const std::vector<at::Tensor>& accumulate) {
   const Common common = check_common(table, geometry, n_features, smoothstep, rows_per_table, level_weight);
   TORCH_CHECK(points.dim() == 3 && (points.size(2) == 2 || points.size(2) == 3) && points.is_contiguous() &&
                   points.scalar_type() == table.scalar_type() && points.device().is_cpu(),
@@ -136,6 +140,15 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
                   scales.is_contiguous(),
               "scales: expected (2, D) extents in the table's dtype");
   check_affine_parts(matrices, offsets, 2 * B, dim, table.scalar_type());
+  if (!accumulate.empty()) {
+    TORCH_CHECK(accumulate.size() == 1 + 2 * weights.size(), "accumulate: expected dtable, then dW and db per layer");
+    for (size_t i = 0; i < accumulate.size(); ++i) {
+      const at::Tensor& like = i == 0 ? table : (i % 2 == 1 ? weights[i / 2] : biases[i / 2 - 1]);
+      TORCH_CHECK(accumulate[i].numel() == like.numel() && accumulate[i].is_contiguous() &&
+                      accumulate[i].scalar_type() == like.scalar_type() && accumulate[i].device().is_cpu(),
+                  "accumulate[", i, "]: expected a contiguous CPU tensor with as many numbers as its parameter");
+    }
+  }
   std::vector<at::Tensor> out;
   auto penalty = at::zeros({B}, points.options());
   out.push_back(penalty);
@@ -162,6 +175,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
     scalar_t* adj_encoding = scratch<scalar_t>(6, need_grad ? 2 * items * C * LF : 0);
     scalar_t* item_loss = scratch<scalar_t>(7, items);
     const scalar_t weight = scalar_t(0.5) / static_cast<scalar_t>(N);
+    const scalar_t gradient_weight = weight * static_cast<scalar_t>(gradient_scale);
     at::parallel_for(0, items, kGrain, [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
       std::vector<scalar_t> acts_inner(C * mlp.activation_count()), acts_outer(C * mlp.activation_count());
@@ -209,7 +223,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
             for (int m = 0; m < D; ++m) r += Jf[k][m] * Jg[m][j];
             const scalar_t ratio = s[k] / s[j];
             loss += r * r * ratio * ratio;
-            G[k][j] = weight * 2 * r * ratio * ratio;          // dL/dR
+            G[k][j] = gradient_weight * 2 * r * ratio * ratio;   // dL/dR
           }
         }
         item_loss[item] = loss;
@@ -251,11 +265,15 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
     scalar_t* pen = penalty.data_ptr<scalar_t>();
     for (int64_t item = 0; item < items; ++item) pen[item / (2 * N)] += weight * item_loss[item];
     if (need_grad) {
-      auto grad_table = at::zeros_like(table);
+      auto grad_table = accumulate.empty() ? at::zeros_like(table) : accumulate[0];
       scatter_records<scalar_t, D, C>(records, 2 * items, adj_encoding, levels, lw,
                                       grad_table.data_ptr<scalar_t>());
-      out.push_back(grad_table);
-      gradients.reduce(mlp, common.n_fields, table.options(), out);
+      if (accumulate.empty()) {
+        out.push_back(grad_table);
+        gradients.reduce(mlp, common.n_fields, table.options(), out);
+      } else {
+        gradients.add_to(mlp, common.n_fields, accumulate.data() + 1);
+      }
     }
   });
   return out;

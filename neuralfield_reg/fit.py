@@ -25,7 +25,7 @@ from .coords import identity_grid, physical_extent, sample_batch
 from .encoders import resolve_backend
 from .fields import MapPair, MapPairs
 from .filters import gaussian_blur_batch
-from .fused import gradient_icon_fused, similarity_ssd_fused
+from .fused import fused_loss, gradient_icon_fused, similarity_ssd_fused
 from .losses import SIMILARITIES, inverse_consistency_terms
 from .result import RegistrationResult
 from .validation import as_tensor, check_image, check_spacing, describe
@@ -349,16 +349,21 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
     # its gradient) when both directions have as many points.
     fused_similarity = config.similarity == "ssd" and maps.fields.fused_for(grid_B)
 
-    def similarity_of_both(moving_s, fixed_s, weights):
-        points_B, index_B = similarity_points(grid_B, fixed_shape, "B")
-        points_A, index_A = similarity_points(grid_A, moving_shape, "A")
-        if fused_similarity and points_B.shape == points_A.shape:
-            def mask_at(key, index):
-                return None if masks[key] is None else at_points(masks[key], index).to(points_B.dtype)
+    def fused_similarity_args(moving_s, fixed_s, drawn):
+        """similarity_ssd_fused's (and fused_loss's) arguments for the drawn points."""
+        (points_B, index_B), (points_A, index_A) = drawn
 
-            return similarity_ssd_fused(maps, moving_s[:, 0], fixed_s[:, 0], points_B, at_points(fixed_s, index_B),
-                                        points_A, at_points(moving_s, index_A), masks_B=mask_at("B", index_B),
-                                        masks_A=mask_at("A", index_A), level_weights=weights)
+        def mask_at(key, index):
+            return None if masks[key] is None else at_points(masks[key], index).to(points_B.dtype)
+
+        return ((maps, moving_s[:, 0], fixed_s[:, 0], points_B, at_points(fixed_s, index_B), points_A,
+                 at_points(moving_s, index_A)), {"masks_B": mask_at("B", index_B), "masks_A": mask_at("A", index_A)})
+
+    def similarity_of_both(moving_s, fixed_s, weights, drawn):
+        (points_B, index_B), (points_A, index_A) = drawn
+        if fused_similarity and points_B.shape == points_A.shape:
+            args, kwargs = fused_similarity_args(moving_s, fixed_s, drawn)
+            return similarity_ssd_fused(*args, **kwargs, level_weights=weights)
         mapped_B, mapped_A = maps(points_B, points_A, weights)      # phi_AB on B's grid, phi_BA on A's
         return (similarity_term(moving_s, fixed_s, mapped_B, index_B, masks["B"])
                 + similarity_term(fixed_s, moving_s, mapped_A, index_A, masks["A"]))
@@ -372,17 +377,27 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         weights = level_weights(iteration, config, n_levels, device)
 
         optimizer.zero_grad(set_to_none=True)
-        terms = {"similarity": similarity_of_both(moving_s, fixed_s, weights)}
+        drawn = (similarity_points(grid_B, fixed_shape, "B"), similarity_points(grid_A, moving_shape, "A"))
         points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
-        if config.icon_weight == 0 and maps.fields.fused_for(points):
-            # the fused CPU kernel: the same penalty, in one native call
-            terms["gradient_icon"] = gradient_icon_fused(maps, points, extent_A=extent_A, extent_B=extent_B,
-                                                         level_weights=weights)
+        fused_penalty = config.icon_weight == 0 and maps.fields.fused_for(points)
+        if fused_penalty and fused_similarity and drawn[0][0].shape == drawn[1][0].shape:
+            # both fused CPU kernels, their gradients summed in one set of buffers (fused_loss)
+            args, kwargs = fused_similarity_args(moving_s, fixed_s, drawn)
+            loss, similarity_value, penalty_value = fused_loss(
+                *args, points, config.gradient_icon_weight, **kwargs, extent_A=extent_A, extent_B=extent_B,
+                level_weights=weights)
+            terms = {"similarity": similarity_value, "gradient_icon": penalty_value}
         else:
-            consistency = inverse_consistency_terms(lambda a, b: maps(a, b, weights), points,
-                                                    extent_A=extent_A, extent_B=extent_B)
-            terms["gradient_icon"] = consistency["gradient_icon"]
-        loss = terms["similarity"] + config.gradient_icon_weight * terms["gradient_icon"]
+            terms = {"similarity": similarity_of_both(moving_s, fixed_s, weights, drawn)}
+            if fused_penalty:
+                # the fused CPU kernel: the same penalty, in one native call
+                terms["gradient_icon"] = gradient_icon_fused(maps, points, extent_A=extent_A, extent_B=extent_B,
+                                                             level_weights=weights)
+            else:
+                consistency = inverse_consistency_terms(lambda a, b: maps(a, b, weights), points,
+                                                        extent_A=extent_A, extent_B=extent_B)
+                terms["gradient_icon"] = consistency["gradient_icon"]
+            loss = terms["similarity"] + config.gradient_icon_weight * terms["gradient_icon"]
         if config.icon_weight > 0:
             terms["icon"] = consistency["icon"]
             loss = loss + config.icon_weight * terms["icon"]

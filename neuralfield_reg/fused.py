@@ -13,6 +13,9 @@ of small autograd operations (``cuda_ext/fused_cpu.cpp``):
     similarity_ssd_fused    the SSD of both maps of every pair at random    scales the stored
                             voxels (sampling the other image included) and  gradient
                             its parameter gradient
+    fused_loss              similarity + weight * penalty (the two above),  scales the stored
+                            both kernels' gradients in one set of buffers   gradient
+                            (fit_pair's step)
     fields_jacobian         du_t/dx by forward-mode jets (for dense         none (no graph)
                             Jacobian determinants)
     ======================  ==============================================  =====================
@@ -128,16 +131,17 @@ def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.
     return tuple(ordered)
 
 
-def _run_and_keep(ctx, kernel, inputs: tuple, need_grad: bool, table_shape) -> torch.Tensor:
-    """A fused Function's forward: ``kernel(*inputs, need_grad=...)`` returns the per-pair loss and
-    (with ``need_grad``) its parameter gradients; the gradients and the inputs are kept for
-    :func:`_handed_over`."""
+def _run_and_keep(ctx, kernel, inputs: tuple, need_grad: bool, table_shape, n_values: int = 1):
+    """A fused Function's forward: ``kernel(*inputs, need_grad=...)`` returns ``n_values`` per-pair
+    values and (with ``need_grad``) the parameter gradients of the first; the gradients and the
+    inputs are kept for :func:`_handed_over`. Returns the values (one tensor when ``n_values`` is
+    1)."""
     out = kernel(*inputs, need_grad=need_grad)
     ctx.save_for_backward(*inputs)
-    ctx.kernel = lambda *saved: kernel(*saved)[1:]
-    ctx.gradients = out[1:]
+    ctx.kernel = lambda *saved: kernel(*saved)[n_values:]
+    ctx.gradients = out[n_values:]
     ctx.table_shape = table_shape
-    return out[0]
+    return out[0] if n_values == 1 else tuple(out[:n_values])
 
 
 def _handed_over(ctx, grad_per_pair: torch.Tensor) -> tuple:
@@ -162,7 +166,7 @@ class _FusedGradientIcon(torch.autograd.Function):
         def kernel(points, scales, matrices, offsets, level_weights, table, *params, need_grad=True):
             return module.gradient_icon(points, scales, matrices, offsets, _rows(table, geometry), *geometry,
                                         level_weights, list(params[:n_layers]), list(params[n_layers:]), scale,
-                                        need_grad)
+                                        need_grad, 1.0, [])
 
         return _run_and_keep(ctx, kernel, (points, scales, matrices, offsets, level_weights, table, *params),
                              any(ctx.needs_input_grad[9:]), table.shape)
@@ -192,6 +196,78 @@ class _FusedSimilarity(torch.autograd.Function):
         return (None,) * 12 + _handed_over(ctx, grad_similarity)
 
 
+class _FusedLoss(torch.autograd.Function):
+    """similarity + penalty_weight * penalty per pair, both kernels' gradients in one set: the
+    penalty kernel adds its (weighted) gradients to the similarity kernel's, so a step has one
+    table gradient to allocate, fill and hand over instead of two to add up."""
+
+    @staticmethod
+    def forward(ctx, points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
+                penalty_weight, module, geometry, scale, n_layers, table, *params):
+        def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
+                   table, *params, need_grad=True):
+            weights, biases, rows = list(params[:n_layers]), list(params[n_layers:]), _rows(table, geometry)
+            similarity, *gradients = module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets,
+                                                           rows, *geometry, level_weights, weights, biases, scale,
+                                                           need_grad)
+            penalty = module.gradient_icon(penalty_points, scales, matrices, offsets, rows, *geometry, level_weights,
+                                           weights, biases, scale, need_grad, penalty_weight, gradients)[0]
+            return [similarity + penalty_weight * penalty, similarity, penalty, *gradients]
+
+        inputs = (points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
+                  table, *params)
+        values = _run_and_keep(ctx, kernel, inputs, any(ctx.needs_input_grad[15:]), table.shape, n_values=3)
+        ctx.mark_non_differentiable(*values[1:])
+        return values
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_similarity, _grad_penalty):
+        return (None,) * 15 + _handed_over(ctx, grad_loss)
+
+
+def _similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A, masks_B, masks_A) -> tuple:
+    """The similarity kernel's tensors: points, targets and masks of field 2p (B's voxels, phi_AB)
+    and 2p + 1 (A's voxels, phi_BA) interleaved, the images, and the maps' affine parts."""
+    def interleave(b, a):
+        return torch.stack([b, a], dim=1).reshape(-1, *b.shape[1:]).to(points_B.dtype).contiguous()
+
+    masks = (interleave(masks_B if masks_B is not None else torch.ones_like(targets_B),
+                        masks_A if masks_A is not None else torch.ones_like(targets_A))
+             if masks_B is not None or masks_A is not None else points_B.new_zeros(0))
+    return (interleave(points_B, points_A), interleave(targets_B, targets_A), masks, moving.contiguous(),
+            fixed.contiguous(), maps.matrices.to(points_B.dtype).contiguous(),
+            maps.offsets.to(points_B.dtype).contiguous())
+
+
+def _extents(points: torch.Tensor, extent_A, extent_B) -> torch.Tensor:
+    """``(2, d)``: the physical extent per axis of A's and of B's domain (1 when not given)."""
+    dim = points.shape[-1]
+    return torch.tensor([list(extent_A) if extent_A is not None else [1.0] * dim,
+                         list(extent_B) if extent_B is not None else [1.0] * dim], dtype=points.dtype)
+
+
+def fused_loss(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.Tensor, targets_B: torch.Tensor,
+               points_A: torch.Tensor, targets_A: torch.Tensor, penalty_points: torch.Tensor, penalty_weight: float,
+               *, masks_B: torch.Tensor | None = None, masks_A: torch.Tensor | None = None,
+               extent_A: Sequence[float] | None = None, extent_B: Sequence[float] | None = None,
+               level_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fit_pair``'s loss of the ``B`` pairs, ``(loss, similarity, penalty)``, each ``(B,)``:
+    ``loss = similarity + penalty_weight * penalty`` with the similarity of
+    :func:`similarity_ssd_fused` and the penalty of :func:`gradient_icon_fused` (same arguments).
+
+    Only ``loss`` is differentiable (``similarity`` and ``penalty`` are for logging); its
+    gradient is the sum of the two Functions' gradients, computed in one set of buffers (no second
+    table gradient to allocate and add)."""
+    fields = maps.fields
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
+    return _FusedLoss.apply(*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A,
+                                                masks_B, masks_A),
+                            level_weights, penalty_points.contiguous(), _extents(penalty_points, extent_A, extent_B),
+                            float(penalty_weight), module, geometry, float(fields.output_scale), len(fields.weights),
+                            table, *fields.weights, *fields.biases)
+
+
 def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
                         extent_B: Sequence[float] | None = None,
                         level_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -202,12 +278,10 @@ def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float]
     ``phi(x) = matrices[t] x + offsets[t] + u_t(x)``. The value is that of
     :func:`~neuralfield_reg.losses.inverse_consistency_terms` ``["gradient_icon"]``.
     """
-    dim = points.shape[-1]
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points)
-    scales = torch.tensor([list(extent_A) if extent_A is not None else [1.0] * dim,
-                           list(extent_B) if extent_B is not None else [1.0] * dim], dtype=points.dtype)
-    return _FusedGradientIcon.apply(points.contiguous(), scales, maps.matrices.to(points.dtype).contiguous(),
+    return _FusedGradientIcon.apply(points.contiguous(), _extents(points, extent_A, extent_B),
+                                    maps.matrices.to(points.dtype).contiguous(),
                                     maps.offsets.to(points.dtype).contiguous(), level_weights, module, geometry,
                                     float(fields.output_scale), len(fields.weights), table, *fields.weights,
                                     *fields.biases)
@@ -231,16 +305,7 @@ def similarity_ssd_fused(maps, moving: torch.Tensor, fixed: torch.Tensor, points
     """
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
-
-    def interleave(b, a):                       # field 2p: direction AB (B's points), 2p + 1: BA
-        return torch.stack([b, a], dim=1).reshape(-1, *b.shape[1:]).to(points_B.dtype).contiguous()
-
-    masks = (interleave(masks_B if masks_B is not None else torch.ones_like(targets_B),
-                        masks_A if masks_A is not None else torch.ones_like(targets_A))
-             if masks_B is not None or masks_A is not None else points_B.new_zeros(0))
-    return _FusedSimilarity.apply(interleave(points_B, points_A),
-                                  interleave(targets_B, targets_A), masks, moving.contiguous(), fixed.contiguous(),
-                                  maps.matrices.to(points_B.dtype).contiguous(),
-                                  maps.offsets.to(points_B.dtype).contiguous(), level_weights, module, geometry,
-                                  float(fields.output_scale), len(fields.weights), table, *fields.weights,
-                                  *fields.biases)
+    return _FusedSimilarity.apply(*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A,
+                                                      masks_B, masks_A),
+                                  level_weights, module, geometry, float(fields.output_scale), len(fields.weights),
+                                  table, *fields.weights, *fields.biases)

@@ -14,8 +14,7 @@ from neuralfield_reg.encoders import HashGridConfig
 from neuralfield_reg.fields import MapPairs
 from neuralfield_reg.coords import sample_batch
 from neuralfield_reg.fused import (_FusedGradientIcon, _kernel_args, fields_displacement, fields_jacobian,
-                                   gradient_icon_fused,
-                                   similarity_ssd_fused)
+                                   fused_loss, gradient_icon_fused, similarity_ssd_fused)
 from neuralfield_reg.losses import inverse_consistency_terms, ssd
 
 CASES = [  # (dim, encoding, hidden widths); every encoding mixes dense and hashed levels
@@ -139,6 +138,42 @@ def test_similarity_matches_the_autograd_path(dim, encoding, widths, dtype, tole
     assert (inside < 16).all() if shift else ((inside >= 16) & (inside < n_points)).any()
     assert_same_parameter_gradients(fused, expected, torch.tensor([0.7, 1.3], dtype=dtype), native, reference,
                                     tolerance)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dim,encoding,widths", CASES)
+def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, widths, dtype, tolerance):
+    """fused_loss (both kernels, the penalty's gradient added to the similarity's in the kernel)
+    against the autograd path's similarity + weight * penalty: values and parameter gradients, on a
+    first backward and on a second one (retain_graph: the kernels run again)."""
+    native, reference, level_weights = parity_case(dim, encoding, widths, dtype)
+    n_points, weight = 50, 0.37
+    shape_A, shape_B = [(13, 9), (7, 11, 6)][dim - 2], [(10, 14), (9, 5, 8)][dim - 2]
+    moving, fixed = torch.rand(2, *shape_A, dtype=dtype), torch.rand(2, *shape_B, dtype=dtype)
+    points_B, points_A = torch.rand(2, n_points, dim, dtype=dtype), torch.rand(2, n_points, dim, dtype=dtype)
+    targets_B, targets_A = torch.rand(2, n_points, dtype=dtype), torch.rand(2, n_points, dtype=dtype)
+    masks_A = (torch.rand(2, n_points) > 0.3).to(dtype)
+    penalty_points = torch.rand(2, 30, dim, dtype=dtype)
+    extent_A, extent_B = [1.0, 2.0, 1.5][:dim], [2.0, 1.0, 0.7][:dim]
+    loss, similarity, penalty = fused_loss(native, moving, fixed, points_B, targets_B, points_A, targets_A,
+                                           penalty_points, weight, masks_A=masks_A, extent_A=extent_A,
+                                           extent_B=extent_B, level_weights=level_weights)
+    mapped_B, mapped_A = reference(points_B, points_A, level_weights)
+    want_similarity = (reference_ssd(moving, mapped_B, targets_B, None)
+                       + reference_ssd(fixed, mapped_A, targets_A, masks_A))
+    want_penalty = inverse_consistency_terms(lambda a, b: reference(a, b, level_weights), penalty_points,
+                                             extent_A=extent_A, extent_B=extent_B)["gradient_icon"]
+    for got, want in ((similarity, want_similarity), (penalty, want_penalty),
+                      (loss, want_similarity + weight * want_penalty)):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=0)
+    assert not similarity.requires_grad and not penalty.requires_grad and loss.requires_grad
+    upstream = torch.tensor([0.7, 1.3], dtype=dtype)
+    want = torch.autograd.grad(((want_similarity + weight * want_penalty) * upstream).sum(),
+                               list(reference.fields.parameters()))
+    for _ in range(2):                   # the forward's gradients, then the kernels' rerun
+        got = torch.autograd.grad((loss * upstream).sum(), list(native.fields.parameters()), retain_graph=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
 
 
 def test_gradient_icon_float64_gradcheck_on_a_tiny_config():
