@@ -380,7 +380,8 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         drawn = (similarity_points(grid_B, fixed_shape, "B"), similarity_points(grid_A, moving_shape, "A"))
         points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
         fused_penalty = config.icon_weight == 0 and maps.fields.fused_for(points)
-        if fused_penalty and fused_similarity and drawn[0][0].shape == drawn[1][0].shape:
+        (points_B, _), (points_A, _) = drawn
+        if fused_penalty and fused_similarity and points_B.shape == points_A.shape:
             # both fused CPU kernels, their gradients summed in one set of buffers (fused_loss)
             args, kwargs = fused_similarity_args(moving_s, fixed_s, drawn)
             loss, similarity_value, penalty_value = fused_loss(

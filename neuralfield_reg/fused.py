@@ -259,6 +259,9 @@ def fused_loss(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.
     Only ``loss`` is differentiable (``similarity`` and ``penalty`` are for logging); its
     gradient is the sum of the two Functions' gradients, computed in one set of buffers (no second
     table gradient to allocate and add)."""
+    if penalty_points.dim() != 3 or penalty_points.shape[::2] != points_B.shape[::2]:
+        raise ValueError(f"penalty_points: expected (B, M, d) points with B and d of points_B "
+                         f"{tuple(points_B.shape)}, got {tuple(penalty_points.shape)}")
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
     return _FusedLoss.apply(*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A,

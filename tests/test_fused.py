@@ -174,6 +174,8 @@ def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, w
         got = torch.autograd.grad((loss * upstream).sum(), list(native.fields.parameters()), retain_graph=True)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
+    with pytest.raises(ValueError, match=r"penalty_points: expected \(B, M, d\)"):
+        fused_loss(native, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points[:1], weight)
 
 
 def test_gradient_icon_float64_gradcheck_on_a_tiny_config():
