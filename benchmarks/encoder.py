@@ -7,8 +7,9 @@
 Rows: ``torch`` (the reference), ``native`` (the compiled encoder inside the per-operation autograd
 graph, with the double backward for the penalty), ``native-fused`` (the fused CPU kernels of
 ``neuralfield_reg/fused.py``: the SSD similarity of both maps, and the gradient-ICON penalty, each
-with its gradient in one kernel, called as ``fused_loss`` with the gradients summed in one set of
-buffers; the fit's default with the native backend on the CPU) and ``tcnn``.
+with its gradient in one kernel, called as ``fused_loss_gradients``: the gradients summed in one set
+of buffers and assigned to the parameters without an autograd graph; the fit's default with the
+native backend on the CPU) and ``tcnn``.
 The encoder columns time the encoding alone, which native-fused does not have (``-``).
 
 The training step is the one fit_pair runs: both maps of a pair on ``points`` random voxels per
@@ -35,7 +36,7 @@ from neuralfield_reg.coords import identity_grid, sample_batch
 from neuralfield_reg.encoders import BackendUnavailableError, resolve_backend
 from neuralfield_reg.fields import MapPairs
 from neuralfield_reg.fit import make_adam
-from neuralfield_reg.fused import fused_loss
+from neuralfield_reg.fused import fused_loss_gradients
 from neuralfield_reg.losses import inverse_consistency_terms
 
 ROWS = {"torch": ("torch", False), "native": ("native", False), "native-fused": ("native", True),
@@ -87,13 +88,15 @@ def make_row(backend: str, fused: bool, device: torch.device, dim: int, points: 
         optimizer.zero_grad(set_to_none=True)
         points_B, points_A = voxels(), voxels()
         penalty_points = torch.rand(1, max(1, points // 8), dim, device=device)
-        if fused:                          # as fit_pair: one fused loss (both kernels, one set of gradients)
-            loss = fused_loss(maps, image[:, 0], image[:, 0], points_B, zeros, points_A, zeros, penalty_points, 0.5)[0]
+        if fused:                          # as fit_pair: both kernels' loss and gradients, no autograd graph
+            gradients = fused_loss_gradients(maps, image[:, 0], image[:, 0], points_B, zeros, points_A, zeros,
+                                             penalty_points, 0.5)[3]
+            for parameter, gradient in zip(maps.fields.parameters(), gradients, strict=True):
+                parameter.grad = gradient
         else:
             mapped_B, mapped_A = maps(points_B, points_A)
             similarity = sample_batch(image, mapped_B).square().mean() + sample_batch(image, mapped_A).square().mean()
-            loss = similarity + 0.5 * inverse_consistency_terms(maps, penalty_points)["gradient_icon"]
-        loss.sum().backward()
+            (similarity + 0.5 * inverse_consistency_terms(maps, penalty_points)["gradient_icon"]).sum().backward()
         optimizer.step()
 
     if fused:

@@ -25,7 +25,7 @@ from .coords import identity_grid, physical_extent, sample_batch
 from .encoders import resolve_backend
 from .fields import MapPair, MapPairs
 from .filters import gaussian_blur_batch
-from .fused import fused_loss, gradient_icon_fused, similarity_ssd_fused
+from .fused import fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
 from .losses import SIMILARITIES, inverse_consistency_terms
 from .result import RegistrationResult
 from .validation import as_tensor, check_image, check_spacing, describe
@@ -261,6 +261,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
     maps = MapPairs.stack(pairs)
     maps.fields.use_fused = config.fused_kernels
     optimizer = make_adam(list(maps.parameters()), config.learning_rate)
+    field_parameters = list(maps.fields.parameters())     # in fused_loss_gradients' order
     learning_rate_scale = 1.0          # lowered by each rollback
 
     def learning_rate(iteration: int) -> float:
@@ -381,10 +382,11 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
         points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
         fused_penalty = config.icon_weight == 0 and maps.fields.fused_for(points)
         (points_B, _), (points_A, _) = drawn
+        gradients = None               # or the parameters' gradients, computed with the loss
         if fused_penalty and fused_similarity and points_B.shape == points_A.shape:
-            # both fused CPU kernels, their gradients summed in one set of buffers (fused_loss)
+            # both fused CPU kernels, their gradients summed in one set of buffers: no autograd graph
             args, kwargs = fused_similarity_args(moving_s, fixed_s, drawn)
-            loss, similarity_value, penalty_value = fused_loss(
+            loss, similarity_value, penalty_value, gradients = fused_loss_gradients(
                 *args, points, config.gradient_icon_weight, **kwargs, extent_A=extent_A, extent_B=extent_B,
                 level_weights=weights)
             terms = {"similarity": similarity_value, "gradient_icon": penalty_value}
@@ -434,7 +436,11 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
                 pair_history[name].append(value)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(iteration)
-        loss.sum().backward()            # pairs share no parameter: each gets its own gradient
+        if gradients is None:
+            loss.sum().backward()        # pairs share no parameter: each gets its own gradient
+        else:
+            for parameter, gradient in zip(field_parameters, gradients, strict=True):
+                parameter.grad = gradient
         optimizer.step()
         iteration += 1
         bar.update(1)

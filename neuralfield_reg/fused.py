@@ -15,7 +15,8 @@ of small autograd operations (``cuda_ext/fused_cpu.cpp``):
                             its parameter gradient
     fused_loss              similarity + weight * penalty (the two above),  scales the stored
                             both kernels' gradients in one set of buffers   gradient
-                            (fit_pair's step)
+    fused_loss_gradients    fused_loss and its parameter gradients,         none (no graph)
+                            without autograd (fit_pair assigns .grad)
     fields_jacobian         du_t/dx by forward-mode jets (for dense         none (no graph)
                             Jacobian determinants)
     ======================  ==============================================  =====================
@@ -196,6 +197,23 @@ class _FusedSimilarity(torch.autograd.Function):
         return (None,) * 12 + _handed_over(ctx, grad_similarity)
 
 
+def _loss_kernels(module, geometry, scale, n_layers, penalty_weight):
+    """The kernel of fused_loss: both native calls, the penalty's weighted gradients added to the
+    similarity's. ``kernel(*inputs, need_grad=...)`` returns ``[loss, similarity, penalty]`` and,
+    with ``need_grad``, dtable, then dW and db per layer."""
+    def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
+               table, *params, need_grad=True):
+        weights, biases, rows = list(params[:n_layers]), list(params[n_layers:]), _rows(table, geometry)
+        similarity, *gradients = module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets,
+                                                       rows, *geometry, level_weights, weights, biases, scale,
+                                                       need_grad)
+        penalty = module.gradient_icon(penalty_points, scales, matrices, offsets, rows, *geometry, level_weights,
+                                       weights, biases, scale, need_grad, penalty_weight, gradients)[0]
+        return [similarity + penalty_weight * penalty, similarity, penalty, *gradients]
+
+    return kernel
+
+
 class _FusedLoss(torch.autograd.Function):
     """similarity + penalty_weight * penalty per pair, both kernels' gradients in one set: the
     penalty kernel adds its (weighted) gradients to the similarity kernel's, so a step has one
@@ -204,16 +222,7 @@ class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
                 penalty_weight, module, geometry, scale, n_layers, table, *params):
-        def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
-                   table, *params, need_grad=True):
-            weights, biases, rows = list(params[:n_layers]), list(params[n_layers:]), _rows(table, geometry)
-            similarity, *gradients = module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets,
-                                                           rows, *geometry, level_weights, weights, biases, scale,
-                                                           need_grad)
-            penalty = module.gradient_icon(penalty_points, scales, matrices, offsets, rows, *geometry, level_weights,
-                                           weights, biases, scale, need_grad, penalty_weight, gradients)[0]
-            return [similarity + penalty_weight * penalty, similarity, penalty, *gradients]
-
+        kernel = _loss_kernels(module, geometry, scale, n_layers, penalty_weight)
         inputs = (points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
                   table, *params)
         values = _run_and_keep(ctx, kernel, inputs, any(ctx.needs_input_grad[15:]), table.shape, n_values=3)
@@ -259,16 +268,42 @@ def fused_loss(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.
     Only ``loss`` is differentiable (``similarity`` and ``penalty`` are for logging); its
     gradient is the sum of the two Functions' gradients, computed in one set of buffers (no second
     table gradient to allocate and add)."""
+    return _FusedLoss.apply(*_loss_arguments(maps, moving, fixed, points_B, targets_B, points_A, targets_A,
+                                             penalty_points, penalty_weight, masks_B, masks_A, extent_A, extent_B,
+                                             level_weights))
+
+
+def _loss_arguments(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points, penalty_weight,
+                    masks_B, masks_A, extent_A, extent_B, level_weights) -> tuple:
+    """_FusedLoss's arguments (see fused_loss)."""
     if penalty_points.dim() != 3 or penalty_points.shape[::2] != points_B.shape[::2]:
         raise ValueError(f"penalty_points: expected (B, M, d) points with B and d of points_B "
                          f"{tuple(points_B.shape)}, got {tuple(penalty_points.shape)}")
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
-    return _FusedLoss.apply(*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A,
-                                                masks_B, masks_A),
-                            level_weights, penalty_points.contiguous(), _extents(penalty_points, extent_A, extent_B),
-                            float(penalty_weight), module, geometry, float(fields.output_scale), len(fields.weights),
-                            table, *fields.weights, *fields.biases)
+    return (*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A, masks_B, masks_A),
+            level_weights, penalty_points.contiguous(), _extents(penalty_points, extent_A, extent_B),
+            float(penalty_weight), module, geometry, float(fields.output_scale), len(fields.weights), table,
+            *fields.weights, *fields.biases)
+
+
+def fused_loss_gradients(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.Tensor,
+                         targets_B: torch.Tensor, points_A: torch.Tensor, targets_A: torch.Tensor,
+                         penalty_points: torch.Tensor, penalty_weight: float, *, masks_B: torch.Tensor | None = None,
+                         masks_A: torch.Tensor | None = None, extent_A: Sequence[float] | None = None,
+                         extent_B: Sequence[float] | None = None, level_weights: torch.Tensor | None = None):
+    """:func:`fused_loss` without autograd: ``(loss, similarity, penalty, gradients)``, where
+    ``gradients`` are the gradients of ``loss.sum()`` with respect to ``maps.fields.parameters()``
+    (in that order), as the kernels computed them with the loss. ``fit_pair`` assigns them to the
+    parameters' ``.grad`` and skips the autograd graph, its backward pass and its bookkeeping."""
+    arguments = _loss_arguments(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points,
+                                penalty_weight, masks_B, masks_A, extent_A, extent_B, level_weights)
+    tensors, (penalty_weight, module, geometry, scale, n_layers, table), params = (
+        arguments[:10], arguments[10:16], arguments[16:])
+    with torch.no_grad():
+        loss, similarity, penalty, grad_table, *layer_grads = _loss_kernels(
+            module, geometry, scale, n_layers, penalty_weight)(*tensors, table, *params)
+    return loss, similarity, penalty, [grad_table.resize_(table.shape), *layer_grads[0::2], *layer_grads[1::2]]
 
 
 def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,

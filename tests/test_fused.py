@@ -14,7 +14,8 @@ from neuralfield_reg.encoders import HashGridConfig
 from neuralfield_reg.fields import MapPairs
 from neuralfield_reg.coords import sample_batch
 from neuralfield_reg.fused import (_FusedGradientIcon, _kernel_args, fields_displacement, fields_jacobian,
-                                   fused_loss, gradient_icon_fused, similarity_ssd_fused)
+                                   fused_loss, fused_loss_gradients, gradient_icon_fused,
+                                   similarity_ssd_fused)
 from neuralfield_reg.losses import inverse_consistency_terms, ssd
 
 CASES = [  # (dim, encoding, hidden widths); every encoding mixes dense and hashed levels
@@ -168,12 +169,23 @@ def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, w
         torch.testing.assert_close(got, want, rtol=tolerance, atol=0)
     assert not similarity.requires_grad and not penalty.requires_grad and loss.requires_grad
     upstream = torch.tensor([0.7, 1.3], dtype=dtype)
+    want_sum = torch.autograd.grad((want_similarity + weight * want_penalty).sum(),
+                                   list(reference.fields.parameters()), retain_graph=True)
     want = torch.autograd.grad(((want_similarity + weight * want_penalty) * upstream).sum(),
                                list(reference.fields.parameters()))
     for _ in range(2):                   # the forward's gradients, then the kernels' rerun
         got = torch.autograd.grad((loss * upstream).sum(), list(native.fields.parameters()), retain_graph=True)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
+    # without autograd: the same numbers, the gradients in maps.fields.parameters() order
+    direct = fused_loss_gradients(native, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points,
+                                  weight, masks_A=masks_A, extent_A=extent_A, extent_B=extent_B,
+                                  level_weights=level_weights)
+    for got, want_value in zip(direct[:3], (loss, similarity, penalty)):
+        torch.testing.assert_close(got, want_value, rtol=0, atol=0)
+    assert list(native.parameters()) == list(native.fields.parameters())      # what fit_pair's Adam gets
+    for g, w in zip(direct[3], want_sum, strict=True):
+        torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
     with pytest.raises(ValueError, match=r"penalty_points: expected \(B, M, d\)"):
         fused_loss(native, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points[:1], weight)
 
