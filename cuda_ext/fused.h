@@ -168,6 +168,7 @@ template <typename scalar_t, int D>
 struct Clamped {
   scalar_t x[D];
   scalar_t mask[D];
+  Clamped() = default;
   explicit Clamped(const scalar_t* point) {
     for (int k = 0; k < D; ++k) {
       const scalar_t v = point[k];
@@ -734,16 +735,17 @@ void points_forward(const Mlp<scalar_t>& mlp, const Levels& levels, const scalar
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> block_acts(save ? 0 : kPointBlock * A);
     std::vector<Cell<scalar_t, D>> cells(kPointBlock * levels.n_levels);
+    std::array<Clamped<scalar_t, D>, kPointBlock> clamped;
     for (int64_t n = begin; n < end;) {
       const int64_t count = block_of_one_field(t, n, end);
       scalar_t* acts = save ? acts_all + n * A : block_acts.data();
       for (int64_t c = 0; c < count; ++c) {       // the whole block's cells first (see find_cells)
-        find_cells<scalar_t, D>(Clamped<scalar_t, D>(x + (n + c) * D), t[n], levels, table, level_weight,
-                                cells.data() + c * levels.n_levels);
+        clamped[c] = Clamped<scalar_t, D>(x + (n + c) * D);
+        find_cells<scalar_t, D>(clamped[c], t[n], levels, table, level_weight, cells.data() + c * levels.n_levels);
       }
       for (int64_t c = 0; c < count; ++c) {
-        encode_jet<scalar_t, D, 1>(Clamped<scalar_t, D>(x + (n + c) * D), cells.data() + c * levels.n_levels, levels,
-                                   table, level_weight, acts + c * A, save ? records + (n + c) * K : nullptr, N * K);
+        encode_jet<scalar_t, D, 1>(clamped[c], cells.data() + c * levels.n_levels, levels, table, level_weight,
+                                   acts + c * A, save ? records + (n + c) * K : nullptr, N * K);
       }
       if (count == kPointBlock) {
         mlp_forward<scalar_t, kPointBlock, false>(mlp, t[n], point_vectors<scalar_t, kPointBlock>(mlp, acts, A,

@@ -217,22 +217,21 @@ def _loss_kernels(module, geometry, scale, n_layers, penalty_weight):
 class _FusedLoss(torch.autograd.Function):
     """similarity + penalty_weight * penalty per pair, both kernels' gradients in one set: the
     penalty kernel adds its (weighted) gradients to the similarity kernel's, so a step has one
-    table gradient to allocate, fill and hand over instead of two to add up."""
+    table gradient to allocate, fill and hand over instead of two to add up. Takes the kernel and
+    the inputs of _loss_call."""
 
     @staticmethod
-    def forward(ctx, points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
-                penalty_weight, module, geometry, scale, n_layers, table, *params):
-        kernel = _loss_kernels(module, geometry, scale, n_layers, penalty_weight)
-        inputs = (points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
-                  table, *params)
-        values = _run_and_keep(ctx, kernel, inputs, any(ctx.needs_input_grad[15:]), table.shape, n_values=3)
+    def forward(ctx, kernel, *inputs):
+        table = inputs[_LOSS_TABLE]
+        values = _run_and_keep(ctx, kernel, inputs, any(ctx.needs_input_grad[1 + _LOSS_TABLE:]), table.shape,
+                               n_values=3)
         ctx.mark_non_differentiable(*values[1:])
         return values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_similarity, _grad_penalty):
-        return (None,) * 15 + _handed_over(ctx, grad_loss)
+        return (None,) * (1 + _LOSS_TABLE) + _handed_over(ctx, grad_loss)
 
 
 def _similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A, masks_B, masks_A) -> tuple:
@@ -268,23 +267,28 @@ def fused_loss(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.
     Only ``loss`` is differentiable (``similarity`` and ``penalty`` are for logging); its
     gradient is the sum of the two Functions' gradients, computed in one set of buffers (no second
     table gradient to allocate and add)."""
-    return _FusedLoss.apply(*_loss_arguments(maps, moving, fixed, points_B, targets_B, points_A, targets_A,
-                                             penalty_points, penalty_weight, masks_B, masks_A, extent_A, extent_B,
-                                             level_weights))
+    return _FusedLoss.apply(*_loss_call(maps, moving, fixed, points_B, targets_B, points_A, targets_A,
+                                        penalty_points, penalty_weight, masks_B, masks_A, extent_A, extent_B,
+                                        level_weights))
 
 
-def _loss_arguments(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points, penalty_weight,
-                    masks_B, masks_A, extent_A, extent_B, level_weights) -> tuple:
-    """_FusedLoss's arguments (see fused_loss)."""
+_LOSS_TABLE = 10       # the table's place in _loss_call's inputs (the MLP's parameters follow it)
+
+
+def _loss_call(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points, penalty_weight,
+               masks_B, masks_A, extent_A, extent_B, level_weights) -> tuple:
+    """``(kernel, *inputs)`` of fused_loss: the kernel of :func:`_loss_kernels`, then its inputs
+    (ten tensors, the table, the MLP's weights and biases)."""
     if penalty_points.dim() != 3 or penalty_points.shape[::2] != points_B.shape[::2]:
         raise ValueError(f"penalty_points: expected (B, M, d) points with B and d of points_B "
                          f"{tuple(points_B.shape)}, got {tuple(penalty_points.shape)}")
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
-    return (*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A, masks_B, masks_A),
-            level_weights, penalty_points.contiguous(), _extents(penalty_points, extent_A, extent_B),
-            float(penalty_weight), module, geometry, float(fields.output_scale), len(fields.weights), table,
-            *fields.weights, *fields.biases)
+    kernel = _loss_kernels(module, geometry, float(fields.output_scale), len(fields.weights), float(penalty_weight))
+    inputs = (*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A, masks_B, masks_A),
+              level_weights, penalty_points.contiguous(), _extents(penalty_points, extent_A, extent_B), table,
+              *fields.weights, *fields.biases)
+    return (kernel, *inputs)
 
 
 def fused_loss_gradients(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.Tensor,
@@ -296,14 +300,12 @@ def fused_loss_gradients(maps, moving: torch.Tensor, fixed: torch.Tensor, points
     ``gradients`` are the gradients of ``loss.sum()`` with respect to ``maps.fields.parameters()``
     (in that order), as the kernels computed them with the loss. ``fit_pair`` assigns them to the
     parameters' ``.grad`` and skips the autograd graph, its backward pass and its bookkeeping."""
-    arguments = _loss_arguments(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points,
-                                penalty_weight, masks_B, masks_A, extent_A, extent_B, level_weights)
-    tensors, (penalty_weight, module, geometry, scale, n_layers, table), params = (
-        arguments[:10], arguments[10:16], arguments[16:])
+    kernel, *inputs = _loss_call(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points,
+                                 penalty_weight, masks_B, masks_A, extent_A, extent_B, level_weights)
     with torch.no_grad():
-        loss, similarity, penalty, grad_table, *layer_grads = _loss_kernels(
-            module, geometry, scale, n_layers, penalty_weight)(*tensors, table, *params)
-    return loss, similarity, penalty, [grad_table.resize_(table.shape), *layer_grads[0::2], *layer_grads[1::2]]
+        loss, similarity, penalty, grad_table, *layer_grads = kernel(*inputs)
+    table_shape = inputs[_LOSS_TABLE].shape
+    return loss, similarity, penalty, [grad_table.resize_(table_shape), *layer_grads[0::2], *layer_grads[1::2]]
 
 
 def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
