@@ -82,9 +82,7 @@ class _FusedFields(torch.autograd.Function):
         grads = ctx.module.fields_backward(grad_out.contiguous(), saved, saved_corners, points, field, table,
                                            *ctx.geometry, level_weights, list(params[:n_layers]),
                                            list(params[n_layers:]), ctx.scale)
-        grad_table, layer_grads = grads[0].resize_(ctx.table_shape), grads[1:]    # see _per_pair_gradients
-        grad_weights, grad_biases = layer_grads[0::2], layer_grads[1::2]
-        return (None,) * 7 + (grad_table, *grad_weights, *grad_biases)
+        return (None,) * 7 + _in_parameter_order(grads, ctx.table_shape)
 
 
 def fields_displacement(fields, points: torch.Tensor, field: torch.Tensor,
@@ -111,25 +109,32 @@ def fields_jacobian(fields, points: torch.Tensor, field: int) -> torch.Tensor:
                                       [b.detach() for b in fields.biases], float(fields.output_scale))
 
 
+def _in_parameter_order(gradients: Sequence[torch.Tensor], table_shape) -> tuple:
+    """The kernels' gradients (dtable as rows, then dW and db per layer) in the fields' parameter
+    order: the table gradient in the table parameter's shape, then every dW, then every db. The
+    table gradient is reshaped in place: a view would keep autograd from summing it in place."""
+    grad_table, *layer_grads = gradients
+    return (grad_table.resize_(table_shape), *layer_grads[0::2], *layer_grads[1::2])
+
+
 def _per_pair_gradients(gradients: Sequence[torch.Tensor], grad_per_pair: torch.Tensor, table_shape) -> tuple:
     """The kernels' parameter gradients of a per-pair loss ``(B,)`` (dtable, then dW and db per
-    layer, each with the 2B fields first), scaled in place by the incoming gradient of each pair:
-    fields 2p and 2p + 1 belong to pair p. The tensors are the caller's to hand over (see
-    :func:`_handed_over`)."""
-    grad_table, *layer_grads = gradients
-    grad_table = grad_table.resize_(table_shape)     # in place: a view would keep autograd from summing in place
-    ordered = [grad_table, *layer_grads[0::2], *layer_grads[1::2]]
+    layer, each with the 2B fields first), in parameter order and scaled in place by the incoming
+    gradient of each pair: fields 2p and 2p + 1 belong to pair p. The tensors are the caller's to
+    hand over (see :func:`_handed_over`)."""
+    ordered = _in_parameter_order(gradients, table_shape)
+    grad_table = ordered[0]
     if grad_per_pair.numel() == 1:                 # one pair: one scale (often 1, nothing to do)
         scale = float(grad_per_pair)
         if scale != 1.0:
             for gradient in ordered:
                 gradient.mul_(scale)
-        return tuple(ordered)
+        return ordered
     per_field = grad_per_pair.repeat_interleave(2)
     grad_table.view(per_field.shape[0], -1).mul_(per_field[:, None])
     for gradient in ordered[1:]:
         gradient.mul_(per_field.reshape(-1, *[1] * (gradient.dim() - 1)))
-    return tuple(ordered)
+    return ordered
 
 
 def _run_and_keep(ctx, kernel, inputs: tuple, need_grad: bool, table_shape, n_values: int = 1):
@@ -303,9 +308,8 @@ def fused_loss_gradients(maps, moving: torch.Tensor, fixed: torch.Tensor, points
     kernel, *inputs = _loss_call(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points,
                                  penalty_weight, masks_B, masks_A, extent_A, extent_B, level_weights)
     with torch.no_grad():
-        loss, similarity, penalty, grad_table, *layer_grads = kernel(*inputs)
-    table_shape = inputs[_LOSS_TABLE].shape
-    return loss, similarity, penalty, [grad_table.resize_(table_shape), *layer_grads[0::2], *layer_grads[1::2]]
+        loss, similarity, penalty, *gradients = kernel(*inputs)
+    return loss, similarity, penalty, list(_in_parameter_order(gradients, inputs[_LOSS_TABLE].shape))
 
 
 def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
