@@ -7,7 +7,10 @@ Convention (the ICON family's, used throughout):
   ``i / (N_k - 1)``;
 * a map is a function of such coordinates, ``(N, d) -> (N, d)``;
 * for a moving image A and a fixed image B, ``phi_AB`` takes B's coordinates to A's, so that
-  ``A o phi_AB ~ B``: warping samples A at ``phi_AB(x)`` for every voxel ``x`` of B's grid.
+  ``A o phi_AB ~ B``: warping samples A at ``phi_AB(x)`` for every voxel ``x`` of B's grid;
+* scans carry a header: an :class:`Image` is an array on a :class:`Grid` (shape + voxel-to-world
+  matrix, RAS+ mm), and a fit of two Images starts from their world alignment, so registration is
+  right in millimetres whatever the orientation, origin, field of view or spacing of each file.
 
 The three-line path::
 
@@ -20,7 +23,9 @@ from ._version import __version__
 from .config import AffineConfig, FitConfig
 from .encoders import BackendUnavailableError, HashGridConfig
 from .fit import FitDivergedError, fit_pair, fit_pairs
+from .geometry import Grid, Image
+from .io import read_image, write_image
 from .result import RegistrationResult
 
-__all__ = ["AffineConfig", "BackendUnavailableError", "FitConfig", "FitDivergedError", "HashGridConfig",
-           "RegistrationResult", "__version__", "fit_pair", "fit_pairs"]
+__all__ = ["AffineConfig", "BackendUnavailableError", "FitConfig", "FitDivergedError", "Grid", "HashGridConfig",
+           "Image", "RegistrationResult", "__version__", "fit_pair", "fit_pairs", "read_image", "write_image"]

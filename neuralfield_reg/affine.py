@@ -4,6 +4,10 @@ The affine is parametrised in physical coordinates centred on each domain's cent
 ``p_A = L p_B + t`` with ``p = S (x - 1/2)`` and ``S = diag(extent)``, so that rotations are
 rotations in millimetres (or voxels) whatever the grid shapes. ``phi_BA`` is the exact inverse.
 
+Two ways in. From a known start (the headers' world alignment, the image centres or a given
+transform; ``start=``), a rigid stage (rotation about the fixed image's centre and translation)
+and then step 3 refine it. Otherwise (``"moments"``, today's default for bare arrays):
+
 1. Start: the images' intensity centroids and an isotropic scale from their second moments.
 2. Search: from that start under each candidate rotation, a short batched Adam run fits a
    similarity transform (scale, translation and, in 2D, the angle) on heavily blurred small
@@ -209,9 +213,61 @@ class _Images:
         return gaussian_blur(self.moving, sigma), gaussian_blur(self.fixed, sigma)
 
 
+def _rotation(angles: torch.Tensor) -> torch.Tensor:
+    """``(d, d)`` proper rotation of one angle (2D) or a rotation vector (3D, radians)."""
+    if angles.numel() == 1:
+        return _rotation_2d(angles[0])
+    zero = torch.zeros((), dtype=angles.dtype, device=angles.device)
+    skew = torch.stack([torch.stack([zero, -angles[2], angles[1]]), torch.stack([angles[2], zero, -angles[0]]),
+                        torch.stack([-angles[1], angles[0], zero])])
+    return torch.linalg.matrix_exp(skew)
+
+
+def _descend(images: _Images, config: AffineConfig, steps: int, parameters: list[torch.Tensor], current,
+             costs, project=None) -> None:
+    """Adam on ``parameters`` over the refinement's blur schedule, ``steps`` in all (stages of equal
+    length, the last takes the remainder). ``current()`` gives the ``(linear, translation / length)``
+    being fitted, ``costs(moving, fixed)`` builds the cost of one stage, ``project()`` (optional)
+    runs after each step."""
+    optimizer = make_adam(parameters, config.learning_rate)
+    per_stage = max(1, steps // len(config.blur_sigmas))
+    for stage, sigma in enumerate(config.blur_sigmas):
+        cost = costs(*images.blurred(sigma))
+        last = stage == len(config.blur_sigmas) - 1
+        for _ in range(max(0, steps - per_stage * stage if last else per_stage)):
+            optimizer.zero_grad()
+            linear, translation = current()
+            cost(linear[None], translation[None])[0].backward()
+            optimizer.step()
+            if project is not None:
+                project()
+
+
+def moments_start(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequence[float],
+                  extent_fixed: Sequence[float], orientation=None) -> AffineTransform:
+    """The moments start of the search: the fixed image's intensity centroid onto the moving one's,
+    with the isotropic scale of their second moments (clamped to [1/4, 4]) times ``orientation``
+    (``(d, d)``, how the moving image's axes sit relative to the fixed's; identity by default)."""
+    dtype = torch.float64
+    s_A = torch.tensor(extent_moving, dtype=dtype, device=moving.device)
+    s_B = torch.tensor(extent_fixed, dtype=dtype, device=moving.device)
+    centroid_A, covariance_A = _moments(moving.to(dtype), s_A)
+    centroid_B, covariance_B = _moments(fixed.to(dtype), s_B)
+    scale = torch.sqrt(torch.trace(covariance_A).clamp_min(1e-12) / torch.trace(covariance_B).clamp_min(1e-12))
+    linear = scale.clamp(0.25, 4.0) * _orientation(orientation, moving.ndim, moving.device)
+    return AffineTransform(linear, centroid_A - linear @ centroid_B, tuple(extent_moving), tuple(extent_fixed))
+
+
+def _orientation(orientation, dim: int, device) -> torch.Tensor:
+    if orientation is None:
+        return torch.eye(dim, dtype=torch.float64, device=device)
+    return torch.as_tensor(orientation, dtype=torch.float64, device=device)
+
+
 def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequence[float],
                extent_fixed: Sequence[float], config: AffineConfig = AffineConfig(), *,
-               native: bool = False) -> AffineTransform:
+               native: bool = False, start: AffineTransform | None = None,
+               orientation=None) -> AffineTransform:
     """Fit the affine stage between two images normalised to [0, 1].
 
     Args:
@@ -220,6 +276,14 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
         native: on the CPU, compute the cost and its gradient with the compiled ``affine_ncc``
             kernel (the same function; raises ``NativeBuildError`` when the kernels are
             unavailable); otherwise with torch operations.
+        start: a known start (from the headers, the image centres or the user), in the centred
+            physical frames: refined by ``config.rigid_iterations`` rigid steps (a rotation about
+            the fixed image's centre and a translation), then by the affine refinement; no
+            moments, no rotation search.
+        orientation: without ``start``, ``(d, d)`` local linear part of the world identity
+            (:func:`~neuralfield_reg.transforms.world.orientation`): the moments start and the
+            search's candidates are rotations of it, so that images stored with flipped or
+            permuted axes are searched in the right handedness. Default identity.
     """
     dim = moving.ndim
     dtype, device = torch.float64, moving.device
@@ -236,6 +300,55 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
     def transform(linear, translation):
         return AffineTransform(linear, translation * length, tuple(extent_moving), tuple(extent_fixed))
 
+    def costs(kind):
+        def build(moving_s, fixed_s):
+            cost = _Cost(moving_s, fixed_s, images.grid_moving, images.grid_fixed, s_A, s_B, kernels, kind)
+            return lambda linear, translation: cost(linear, translation * length)
+        return build
+
+    images = _Images(moving64, fixed64, config.working_size)
+    if start is None:
+        linear, translation = _search(moving64, fixed64, s_A, s_B, config, kernels, length,
+                                      None if orientation is None else _orientation(orientation, dim, device))
+    else:
+        linear0 = torch.as_tensor(start.linear, dtype=dtype, device=device)
+        translation0 = torch.as_tensor(start.translation, dtype=dtype, device=device) / length
+        angles = torch.zeros(1 if dim == 2 else 3, dtype=dtype, device=device, requires_grad=True)
+        shift = torch.zeros(dim, dtype=dtype, device=device, requires_grad=True)
+
+        def rigid():
+            return linear0 @ _rotation(angles), translation0 + shift
+
+        if config.rigid_iterations > 0:
+            _descend(images, config, config.rigid_iterations, [angles, shift], rigid, costs(config.refinement_cost))
+        with torch.no_grad():
+            linear, translation = (value.detach().clone() for value in rigid())
+    # The refinement keeps each singular value of the linear part within a factor of 2 of the
+    # start's scale: like the search's bound, this rules out collapsing a map (rank ~1). Since no
+    # singular value reaches 0, the determinant keeps its sign: no reflection appears.
+    search_scale = float(torch.linalg.svdvals(linear).mean())
+    singular_bounds = (search_scale / _REFINE_SCALE_FACTOR, search_scale * _REFINE_SCALE_FACTOR)
+
+    def bound_singular_values():
+        with torch.no_grad():
+            u, singular, vh = torch.linalg.svd(linear)
+            if singular.min() < singular_bounds[0] or singular.max() > singular_bounds[1]:
+                linear.copy_(u @ torch.diag(singular.clamp(*singular_bounds)) @ vh)
+
+    if config.iterations > 0:
+        linear.requires_grad_(True)
+        translation.requires_grad_(True)
+        _descend(images, config, config.iterations, [linear, translation], lambda: (linear, translation),
+                 costs(config.refinement_cost), bound_singular_values)
+    return transform(linear.detach(), translation.detach())
+
+
+def _search(moving64, fixed64, s_A, s_B, config: AffineConfig, kernels, length: float,
+            orientation: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2 of the module docstring: the moments start under each candidate rotation (of
+    ``orientation``), a short batched similarity fit of each, the best one. Returns ``(linear,
+    translation / length)``."""
+    dim, dtype, device = moving64.ndim, moving64.dtype, moving64.device
     centroid_A, covariance_A = _moments(moving64, s_A)
     centroid_B, covariance_B = _moments(fixed64, s_B)
     scale = torch.sqrt(torch.trace(covariance_A).clamp_min(1e-12) / torch.trace(covariance_B).clamp_min(1e-12))
@@ -247,6 +360,8 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
 
     rotations = candidate_rotations(dim, config.rotation_steps_2d).to(device) if config.rotation_search \
         else torch.eye(dim, dtype=dtype, device=device)[None]
+    if orientation is not None:
+        rotations = orientation @ rotations
     count = rotations.shape[0]
     log_scale = torch.full((count,), log_scale0, dtype=dtype, device=device, requires_grad=True)
     angle = torch.zeros(count, dtype=dtype, device=device, requires_grad=True)
@@ -279,29 +394,4 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
         best = 0
     with torch.no_grad():
         linear, translation = similarity(log_scale, angle, translation)
-    linear, translation = linear[best].detach().clone(), translation[best].detach().clone()
-    # The refinement keeps each singular value of the linear part within a factor of 2 of the
-    # search's scale: like the search's bound, this rules out collapsing a map (rank ~1).
-    search_scale = float(torch.linalg.svdvals(linear).mean())
-    singular_bounds = (search_scale / _REFINE_SCALE_FACTOR, search_scale * _REFINE_SCALE_FACTOR)
-
-    if config.iterations > 0:
-        images = _Images(moving64, fixed64, config.working_size)
-        linear.requires_grad_(True)
-        translation.requires_grad_(True)
-        optimizer = make_adam([linear, translation], config.learning_rate)
-        per_stage = max(1, config.iterations // len(config.blur_sigmas))
-        for stage, sigma in enumerate(config.blur_sigmas):
-            cost = _Cost(*images.blurred(sigma), images.grid_moving, images.grid_fixed, s_A, s_B, kernels,
-                         config.refinement_cost)
-            last = stage == len(config.blur_sigmas) - 1
-            steps = config.iterations - per_stage * stage if last else per_stage
-            for _ in range(max(0, steps)):
-                optimizer.zero_grad()
-                cost(linear[None], translation[None] * length)[0].backward()
-                optimizer.step()
-                with torch.no_grad():
-                    u, singular, vh = torch.linalg.svd(linear)
-                    if singular.min() < singular_bounds[0] or singular.max() > singular_bounds[1]:
-                        linear.copy_(u @ torch.diag(singular.clamp(*singular_bounds)) @ vh)
-    return transform(linear.detach(), translation.detach())
+    return linear[best].detach().clone(), translation[best].detach().clone()

@@ -1,13 +1,15 @@
 """The ``nfreg`` command: register files, apply a saved result, register a cohort.
 
-    nfreg fit MOVING FIXED -o OUTDIR [--labels MOVING_LABELS] [--fixed-labels FIXED_LABELS]
-    nfreg warp RESULT IMAGE -o OUT [--nearest] [--reference FIXED]
+    nfreg fit MOVING FIXED -o OUTDIR [--labels MOVING_LABELS] [--fixed-labels FIXED_LABELS] [--init INIT]
+    nfreg warp RESULT IMAGE -o OUT [--nearest] [--inverse] [--reference GRID]
     nfreg cohort PAIRS.csv -o OUTDIR            (under torchrun: sharded over the processes)
     nfreg demo [--out OUT] [--brain]            (the 2D triangle/circle demo; the real brain pair)
     nfreg benchmark [--dataset shapes2d|bodies3d|brain]  (neural fields against conv GradICON/ICON)
 
-Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). ``--config``
-takes a JSON file of FitConfig fields, e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
+Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). NIfTI files are
+registered in world coordinates: the fit starts from their headers' alignment (``--init world``),
+whatever the orientation, origin, field of view or spacing of each file. ``--config`` takes a JSON
+file of FitConfig fields, e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from ._files import atomic_write_text
@@ -22,7 +25,7 @@ from . import benchmark as benchmark_vs_icon
 from .cohort import register_row, run_cohort
 from .config import FitConfig
 from .distributed import shutdown
-from .io import load_image, save_image
+from .io import read_image, write_image
 from .result import RegistrationResult
 
 
@@ -41,15 +44,26 @@ def _config(path: str | None) -> FitConfig:
     return FitConfig.from_dict(values)              # fields not given keep their defaults
 
 
+_OPTION_NAMES = {"moving": "moving", "fixed": "fixed", "moving_labels": "--labels", "fixed_labels": "--fixed-labels",
+                 "moving_mask": "--moving-mask", "fixed_mask": "--fixed-mask"}
+
+
 def _fit(args) -> dict:
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o: {args.output!r} is a file; expected an output folder")
     out.mkdir(parents=True, exist_ok=True)
     row = {"moving": args.moving, "fixed": args.fixed, "moving_labels": args.labels or "",
            "fixed_labels": args.fixed_labels or "", "moving_mask": args.moving_mask or "",
            "fixed_mask": args.fixed_mask or ""}
-    registered = register_row(row, out, _config(args.config), args.device, not args.quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registered = register_row(row, out, _config(args.config), args.device, not args.quiet, init=args.init,
+                                  names=_OPTION_NAMES)
+    for warning in caught:
+        print(f"nfreg fit: warning: {warning.message}", file=sys.stderr)
     from .viz import overview_figure                  # matplotlib only when a figure is drawn
-    overview_figure(registered.result, registered.moving, registered.fixed, out / "overview.png")
+    overview_figure(registered.result, registered.moving.data, registered.fixed.data, out / "overview.png")
     summary = {**registered.numbers, "backend": registered.result.backend, "moving": args.moving,
                "fixed": args.fixed}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -59,16 +73,16 @@ def _fit(args) -> dict:
 
 def _warp(args) -> None:
     result = RegistrationResult.load(args.result)
-    image, _ = load_image(args.image)
-    affine = load_image(args.reference)[1] if args.reference else None
+    image = read_image(args.image)
     mode = "nearest" if args.nearest else "linear"
-    save_image(args.output, result.warp(image if args.nearest else image.astype("float32"), mode=mode), affine)
+    warp = result.warp_inverse if args.inverse else result.warp
+    write_image(args.output, warp(image, mode=mode, reference=args.reference))
     print(f"wrote {args.output}")
 
 
 def _cohort(args) -> None:
     merged = run_cohort(args.pairs_csv, args.output, _config(args.config), device=args.device,
-                        progress=not args.quiet)
+                        progress=not args.quiet, init=args.init)
     shutdown()
     if merged is not None:
         failed = [row for row in merged if row["status"] != "ok"]
@@ -109,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     warp.add_argument("image")
     warp.add_argument("-o", "--output", required=True, help="output file (.npy, .nii, .nii.gz)")
     warp.add_argument("--nearest", action="store_true", help="nearest-neighbour (label maps)")
-    warp.add_argument("--reference", help="the fixed image, whose affine the output gets")
+    warp.add_argument("--inverse", action="store_true",
+                      help="apply phi_BA: a fixed-space image onto the moving grid")
+    warp.add_argument("--reference", help="an image whose grid (and header) the output takes; default the "
+                                          "fixed grid of the result (the moving grid with --inverse)")
     warp.set_defaults(run=_warp)
 
     cohort = commands.add_parser("cohort", help="register every pair of a CSV (moving,fixed[,labels])")
@@ -135,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.set_defaults(run=_benchmark)
 
     for command in (fit, cohort):
+        command.add_argument("--init", default=None,
+                             help="where the maps start: world (the headers' alignment; the default for NIfTI), "
+                                  "centers (image centres aligned), moments (intensity moments and a rotation "
+                                  "search; the default for .npy), or an ITK affine file (.mat/.txt, fixed -> "
+                                  "moving, as ANTs writes)")
         command.add_argument("--config", help="JSON file of FitConfig fields")
         command.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu, or the rank's GPU)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")

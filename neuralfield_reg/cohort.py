@@ -6,13 +6,19 @@ NIfTI files, relative to the CSV's folder unless absolute. Pair ``i`` (the ``i``
 written to ``OUT/pairs/i/``:
 
 * ``result.pt`` (the :class:`RegistrationResult`), ``warped``, ``warped_labels`` and
-  ``jacobian_determinant`` images in the fixed image's format and with its affine; the
-  displacement as ``displacement_voxels.npy`` (``RegistrationResult.displacement``) for ``.npy``
-  inputs, or as an ITK/ANTs field ``displacement_itk.nii.gz`` for 3D NIfTI inputs
-  (:func:`~neuralfield_reg.io.save_displacement_itk`);
-* ``summary.json``, written last: the pair's Dice (when both label maps are given), folding
-  fraction, inverse-consistency error, seconds, rank, and ``status`` ("ok" or "failed" with the
-  error). A pair whose summary says "ok" is skipped by a rerun, so a run killed midway resumes
+  ``jacobian_determinant`` images in the fixed image's format and on its grid (its header); for
+  NIfTI inputs the ITK/ANTs files of :meth:`RegistrationResult.save_itk`
+  (``displacement_itk.nii.gz`` on the fixed grid, ``inverse_displacement_itk.nii.gz`` on the
+  moving grid, ``affine.mat``, ``affine.txt``), for ``.npy`` inputs ``displacement_voxels.npy``
+  (``RegistrationResult.displacement``) and ``affine.txt``;
+* ``summary.json``, written last: the pair's Dice before (the moving labels resampled onto the
+  fixed grid by world coordinates: what the headers' alignment alone gives) and after (when both
+  label maps are given), folding fraction, inverse-consistency error, the start (``init``) and
+  the share of the fixed image's box inside the moving image's (``world_overlap``), seconds,
+  rank, and ``status`` ("ok" or "failed" with the error).
+
+Every file of a row is read and checked before its fit: label maps and masks must lie on their
+image's grid (shape and header). A pair whose summary says "ok" is skipped by a rerun, so a run killed midway resumes
   where it stopped; a failed pair is tried again.
 
 Launched with ``torchrun --nproc_per_node=N``, rank ``r`` takes pairs ``r, r + N, ...`` (one GPU
@@ -38,12 +44,14 @@ from ._files import atomic_write_text
 from .config import FitConfig
 from .distributed import init_from_environment
 from .fit import fit_pair
-from .io import load_image, save_displacement_itk, save_image, spacing_of
+from .geometry import Image, orientation_code, resample_to
+from .io import read_image, save_image, write_image
 from .result import RegistrationResult
+from .transforms.itk import write_affine_itk
 
 COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_mask", "fixed_mask")
 SUMMARY_FIELDS = ("pair", "status", "moving", "fixed", "dice_before", "dice", "folding_fraction",
-                  "inverse_consistency_error", "seconds", "rank", "error")
+                  "inverse_consistency_error", "init", "world_overlap", "seconds", "rank", "error")
 
 
 def read_pairs(pairs_csv) -> list[dict[str, str]]:
@@ -75,48 +83,97 @@ class Registered(NamedTuple):
 
     numbers: dict
     result: RegistrationResult
-    moving: np.ndarray
-    fixed: np.ndarray
+    moving: Image
+    fixed: Image
 
 
-def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device, progress: bool) -> Registered:
-    """Fit one pair of the CSV and write its outputs."""
-    moving, moving_affine = load_image(row["moving"])
-    fixed, fixed_affine = load_image(row["fixed"])
-    spacing = (spacing_of(moving_affine, moving.ndim), spacing_of(fixed_affine, fixed.ndim))
-    masks = {f"{kind}_mask": load_image(row[f"{kind}_mask"])[0] if row.get(f"{kind}_mask") else None
-             for kind in ("moving", "fixed")}
+def _check_labels(name: str, image: Image) -> None:
+    """Label maps hold whole numbers: non-integer values would be scored by truncation."""
+    data = np.asarray(image.data)
+    if data.dtype.kind == "f" and not (np.isfinite(data).all() and (data == np.round(data)).all()):
+        raise ValueError(f"{name}: a label map must hold whole numbers, got values such as "
+                         f"{data[data != np.round(data)][:3].tolist()}")
+    if data.dtype.kind not in "biuf":
+        raise TypeError(f"{name}: expected integer labels, got dtype {data.dtype}")
+
+
+def read_row(row: dict[str, str], names: dict[str, str] | None = None) -> dict[str, Image | None]:
+    """Read every file of a row before anything is fitted, and check that label maps and masks
+    lie on their image's grid. ``names``: what errors call each column (default the column)."""
+    names = {column: column for column in COLUMNS} | (names or {})
+    images = {}
+    for column in COLUMNS:
+        path = row.get(column)
+        if not path:
+            images[column] = None
+            continue
+        try:
+            images[column] = read_image(path)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"{names[column]}: {error}") from error
+    for column, owner in (("moving_labels", "moving"), ("fixed_labels", "fixed"), ("moving_mask", "moving"),
+                          ("fixed_mask", "fixed")):
+        image = images[column]
+        if image is None:
+            continue
+        if not image.grid.same_as(images[owner].grid):
+            raise ValueError(f"{names[column]}: {row[column]!r} lies on {image.grid}, not on the {owner} image's "
+                             f"{images[owner].grid}")
+        if column.endswith("labels"):
+            _check_labels(names[column], image)
+    return images
+
+
+def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device, progress: bool, *,
+                 init=None, names: dict[str, str] | None = None) -> Registered:
+    """Fit one pair of the CSV and write its outputs (see the module docstring).
+
+    Every input is read and checked first (:func:`read_row`); the fit starts from ``init``
+    (:func:`~neuralfield_reg.fit_pair`; default the headers' world alignment). ``dice_before``
+    is the Dice of the moving labels resampled onto the fixed grid by world coordinates alone.
+    """
+    images = read_row(row, names)
+    moving, fixed = images["moving"], images["fixed"]
+    # .npy files have no header: their arrays go in bare (identity geometry, image-based start)
+    headers = _output_suffix(row["moving"]) != ".npy" and _output_suffix(row["fixed"]) != ".npy"
+    inputs = {key: image if headers or image is None else image.data for key, image in images.items()}
     start = time.perf_counter()
-    result = fit_pair(moving, fixed, config, spacing=spacing, device=device, progress=progress, **masks)
+    result = fit_pair(inputs["moving"], inputs["fixed"], config, init=init, device=device, progress=progress,
+                      moving_mask=inputs["moving_mask"], fixed_mask=inputs["fixed_mask"])
     seconds = time.perf_counter() - start
-    suffix = _output_suffix(row["fixed"])
-    result.save(pair_dir / "result.pt")
-    save_image(pair_dir / f"warped{suffix}", result.warp(moving.astype(np.float32)), fixed_affine)
+    write_outputs(pair_dir, result, moving, images["moving_labels"], _output_suffix(row["fixed"]))
     determinant = result.jacobian_determinant()
-    save_image(pair_dir / f"jacobian_determinant{suffix}", determinant, fixed_affine)
-    if suffix == ".npy":
-        save_image(pair_dir / "displacement_voxels.npy", result.displacement())
-    if suffix != ".npy" and result.dim == 3:
-        save_displacement_itk(pair_dir / "displacement_itk.nii.gz", result, moving_affine, fixed_affine)
     numbers = {"seconds": seconds, "folding_fraction": metrics.folding_fraction(determinant),
-               "inverse_consistency_error": result.inverse_consistency_error()}
-    if row.get("moving_labels"):
-        moving_labels, _ = load_image(row["moving_labels"])
-        warped_labels = result.warp(moving_labels, mode="nearest")
-        save_image(pair_dir / f"warped_labels{suffix}", warped_labels, fixed_affine)
-        if row.get("fixed_labels"):
-            fixed_labels, _ = load_image(row["fixed_labels"])
-            if fixed_labels.shape != fixed.shape:
-                raise ValueError(f"fixed_labels: {row['fixed_labels']!r} has shape {fixed_labels.shape}, the fixed "
-                                 f"image {fixed.shape}")
-            numbers["dice_before"] = (metrics.mean_dice(moving_labels, fixed_labels)
-                                      if moving_labels.shape == fixed_labels.shape else float("nan"))
-            numbers["dice"] = metrics.mean_dice(warped_labels, fixed_labels)
+               "inverse_consistency_error": result.inverse_consistency_error(),
+               "init": result.metadata.get("init"), "world_overlap": fixed.grid.overlap(moving.grid),
+               "moving_orientation": orientation_code(moving.grid),
+               "fixed_orientation": orientation_code(fixed.grid)}
+    if images["moving_labels"] is not None and images["fixed_labels"] is not None:
+        labels, fixed_labels = images["moving_labels"], images["fixed_labels"].data
+        numbers["dice_before"] = metrics.mean_dice(resample_to(labels, fixed.grid, mode="nearest").data, fixed_labels)
+        numbers["dice"] = metrics.mean_dice(result.warp(labels, mode="nearest").data, fixed_labels)
     return Registered(numbers, result, moving, fixed)
 
 
+def write_outputs(pair_dir: Path, result: RegistrationResult, moving: Image, moving_labels: Image | None,
+                  suffix: str) -> None:
+    """The result, the warped image (and labels), det J, the displacement fields and the affine."""
+    pair_dir = Path(pair_dir)
+    fixed_grid = result.fixed_grid
+    result.save(pair_dir / "result.pt")
+    write_image(pair_dir / f"warped{suffix}", result.warp(moving.with_data(np.asarray(moving.data, np.float32))))
+    if moving_labels is not None:
+        write_image(pair_dir / f"warped_labels{suffix}", result.warp(moving_labels, mode="nearest"))
+    write_image(pair_dir / f"jacobian_determinant{suffix}", Image(result.jacobian_determinant(), fixed_grid))
+    if suffix == ".npy":
+        save_image(pair_dir / "displacement_voxels.npy", result.displacement())
+        write_affine_itk(pair_dir / "affine.txt", result.affine_AB)
+    else:
+        result.save_itk(pair_dir)
+
+
 def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=None,
-               progress: bool = True) -> list[dict] | None:
+               progress: bool = True, init=None) -> list[dict] | None:
     """Register every pair of ``pairs_csv`` into ``out_dir`` (see the module docstring).
 
     Under torchrun the process group is joined here (:func:`init_from_environment`), each rank
@@ -138,7 +195,7 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=No
             continue                                     # done by an earlier run
         summary = {"pair": index, "moving": rows[index]["moving"], "fixed": rows[index]["fixed"], "rank": rank}
         try:
-            summary.update(register_row(rows[index], pair_dir, config, device, progress).numbers)
+            summary.update(register_row(rows[index], pair_dir, config, device, progress, init=init).numbers)
             summary["status"] = "ok"
         except Exception as error:                       # recorded; the other pairs go on
             summary.update(status="failed", error=f"{type(error).__name__}: {error}")

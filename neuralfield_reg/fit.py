@@ -13,21 +13,26 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._optim import make_adam
-from .affine import fit_affine
+from .affine import AffineTransform, fit_affine, moments_start
 from .config import FitConfig
-from .coords import identity_grid, physical_extent, sample_batch
+from .coords import identity_grid, sample_batch
 from .encoders import resolve_backend
 from .fields import MapPair, MapPairs
 from .filters import gaussian_blur_batch
 from .fused import fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
+from .geometry import Grid, Image
+from .io import as_image
 from .losses import SIMILARITIES, inverse_consistency_terms
 from .result import RegistrationResult
+from .transforms.world import INIT_NAMES, initial_world, orientation, world_to_local
 from .validation import as_tensor, check_image, check_spacing, describe
 
 
@@ -108,16 +113,28 @@ def level_weights(iteration: int, config: FitConfig, n_levels: int, device) -> t
     return (active - torch.arange(n_levels, device=device, dtype=torch.float32)).clamp(0.0, 1.0)
 
 
-def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, device=None,
+def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, init=None, device=None,
              seed: int = 0, progress: bool = True, moving_mask=None, fixed_mask=None) -> RegistrationResult:
     """Register a moving image A to a fixed image B with a pair of neural fields.
 
     Args:
-        moving, fixed: numpy arrays or tensors, ``(H, W)`` or ``(D, H, W)``, same number of axes
-            (grid shapes may differ). Intensities are rescaled to [0, 1] internally.
+        moving, fixed: :class:`~neuralfield_reg.geometry.Image` s, file paths (``.npy``, NIfTI),
+            nibabel images, or bare numpy arrays / tensors, ``(H, W)`` or ``(D, H, W)``, same
+            number of axes (grids may differ). Images and files carry their geometry (world
+            space); bare arrays get identity geometry (voxel sizes ``spacing``, no orientation).
+            Intensities are rescaled to [0, 1] internally.
         config: :class:`FitConfig`; defaults are the measured ones printed in the README.
-        spacing: voxel size per axis for both images (None: 1), or ``(moving_spacing,
-            fixed_spacing)``. The inverse-consistency penalty is measured in physical units.
+        spacing: for bare arrays only: voxel size per axis for both images (None: 1), or
+            ``(moving_spacing, fixed_spacing)``. The inverse-consistency penalty is measured in
+            physical units.
+        init: where the maps start, refined by the affine stage (``config.affine``; None keeps
+            the start as it is): ``"world"`` (the identity in world mm, i.e. the headers'
+            alignment; the default when both images carry geometry), ``"centers"`` (the grids'
+            centres aligned, the orientation from the headers), ``"moments"`` (intensity moments
+            and a rotation search: the default for bare arrays, where without an affine stage
+            the maps start at the identity between the unit cubes), a world matrix
+            (``(d+1, d+1)`` homogeneous, RAS mm, fixed -> moving points), or the path of an ITK
+            affine file (``.mat``/``.txt``, as ANTs writes).
         device: where to fit; default the moving tensor's device, else CPU.
         seed: seeds the network initialisation and the random points (same seed and inputs give
             the same result on the CPU).
@@ -130,12 +147,12 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, de
     Raises:
         FitDivergedError: a loss term became NaN or Inf (the message says when and which).
     """
-    return _fit([moving], [fixed], config, spacing=spacing, device=device, seed=seed, progress=progress,
+    return _fit([moving], [fixed], config, spacing=spacing, init=init, device=device, seed=seed, progress=progress,
                 caller="fit_pair", moving_masks=None if moving_mask is None else [moving_mask],
                 fixed_masks=None if fixed_mask is None else [fixed_mask])[0]
 
 
-def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None, device=None,
+def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None, init=None, device=None,
               seed: int = 0, progress: bool = True, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
     """Fit ``B`` pairs in one optimisation: each pair has its own hash tables and MLPs, stored in
     batched tensors, and every step evaluates all pairs together (no loop over pairs).
@@ -148,7 +165,8 @@ def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None,
     Args:
         movings, fixeds: sequences of ``B`` images; all moving images share one grid shape and
             all fixed images share one (fit groups of equal shapes, or use :func:`fit_pair`).
-        config, spacing, device, progress: as for :func:`fit_pair` (one spacing for all pairs).
+        config, spacing, init, device, progress: as for :func:`fit_pair` (one spacing and one
+            init for all pairs; each pair starts from its own headers).
         moving_masks, fixed_masks: optional lists of masks, one per pair (see :func:`fit_pair`).
         seed: pair ``p`` uses ``seed + p`` for its initialisation; one generator seeded with
             ``seed`` draws the random points of all pairs.
@@ -166,20 +184,27 @@ def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None,
     if len(movings) != len(fixeds) or len(movings) == 0:
         raise ValueError(f"movings and fixeds: expected two non-empty lists of equal length, got "
                          f"{len(movings)} and {len(fixeds)}")
-    return _fit(list(movings), list(fixeds), config, spacing=spacing, device=device, seed=seed,
+    return _fit(list(movings), list(fixeds), config, spacing=spacing, init=init, device=device, seed=seed,
                 progress=progress, caller="fit_pairs", moving_masks=moving_masks, fixed_masks=fixed_masks)
 
 
-def _check_masks(caller: str, kind: str, masks, images: torch.Tensor) -> torch.Tensor | None:
-    """Masks as a boolean ``(B, *shape)`` tensor, checked against the images."""
+def _check_masks(caller: str, kind: str, masks, images: torch.Tensor, grids: list[Grid]) -> torch.Tensor | None:
+    """Masks as a boolean ``(B, *shape)`` tensor, checked against the images (and, for masks that
+    carry geometry, against the images' grids)."""
     if masks is None:
         return None
     many = caller == "fit_pairs"
-    if isinstance(masks, (np.ndarray, torch.Tensor)) or len(masks) != images.shape[0]:
+    if isinstance(masks, (np.ndarray, torch.Tensor, str, Path)) or not hasattr(masks, "__len__") \
+            or len(masks) != images.shape[0]:
         raise ValueError(f"{kind}_masks: expected a list of {images.shape[0]} masks, one per pair")
     checked = []
     for p, mask in enumerate(masks):
         name = f"{kind}_masks[{p}]" if many else f"{kind}_mask"
+        if not isinstance(mask, (np.ndarray, torch.Tensor)):
+            image, _ = as_image(name, mask)
+            if not image.grid.same_as(grids[p]):
+                raise ValueError(f"{name}: the mask's grid {image.grid} is not the {kind} image's {grids[p]}")
+            mask = image.data
         tensor, _ = as_tensor(name, mask, device=images.device)
         if tuple(tensor.shape) != tuple(images.shape[1:]):
             raise ValueError(f"{name}: expected the {kind} image's shape {tuple(images.shape[1:])}, "
@@ -224,40 +249,136 @@ def _check_images(caller: str, movings: list, fixeds: list, device,
                               for p, t in enumerate(checked[kind])]) for kind in ("moving", "fixed"))
 
 
-def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, seed: int, progress: bool,
+def _as_images(caller: str, movings: list, fixeds: list, spacing) -> tuple[list, list, bool]:
+    """The inputs as Images, and whether all of them carry geometry (world coordinates)."""
+    many = caller == "fit_pairs"
+    images, known = {}, []
+    for kind, values in (("moving", movings), ("fixed", fixeds)):
+        images[kind] = []
+        for p, value in enumerate(values):
+            name = f"{kind}s[{p}]" if many else kind
+            if isinstance(value, (np.ndarray, torch.Tensor)):
+                check_image(name, value)            # the array checks first, with their messages
+            image, has_geometry = as_image(name, value)
+            images[kind].append(image)
+            known.append(has_geometry)
+    if spacing is not None:
+        if any(known):
+            raise ValueError("spacing: the images carry their own geometry (Images, files); spacing= is for "
+                             "bare arrays only")
+        dim = images["moving"][0].dim
+        moving_spacing, fixed_spacing = _split_spacing(spacing, dim)
+        for kind, one in (("moving", moving_spacing), ("fixed", fixed_spacing)):
+            images[kind] = [Image(image.data, Grid.from_spacing(image.shape, one, name=kind))
+                            if image.dim == dim else image for image in images[kind]]
+    return images["moving"], images["fixed"], all(known)
+
+
+def _check_init(init, known: bool):
+    """The initialisation by name (validated), a matrix, or a path; None picks the default."""
+    if init is None:
+        return "world" if known else None
+    if isinstance(init, str) and init in INIT_NAMES:
+        return init
+    if isinstance(init, (str, Path)):
+        if not Path(init).is_file():
+            raise ValueError(f"init: expected one of {', '.join(map(repr, INIT_NAMES))}, a world matrix or an "
+                             f"ITK affine file, got {str(init)!r} (no such file)")
+        return Path(init)
+    return init
+
+
+def _start(init, moving: torch.Tensor, fixed: torch.Tensor, grids: tuple[Grid, Grid], config: FitConfig,
+           native: bool, known: bool):
+    """The pair's affine part: ``(affine_AB, affine_BA)`` in unit coordinates (None: identity),
+    and the world transform it starts from (None when image-based)."""
+    grid_A, grid_B = grids
+    extent_A, extent_B = grid_A.extent, grid_B.extent
+    frames = orientation(grid_A, grid_B) if known else None
+    if init is None or (isinstance(init, str) and init == "moments"):
+        if config.affine is not None:
+            transform = fit_affine(moving, fixed, extent_A, extent_B, config.affine, native=native,
+                                   orientation=frames)
+        elif init is None:
+            return (None, None), None          # bare arrays, no affine stage: the unit cubes' identity
+        else:
+            transform = moments_start(moving, fixed, extent_A, extent_B, frames)
+        return (transform.unit_AB(), transform.unit_BA()), None
+    world = initial_world(init, grid_A, grid_B)
+    linear, translation = world_to_local(world, grid_A, grid_B)
+    transform = AffineTransform(torch.from_numpy(linear), torch.from_numpy(translation), extent_A, extent_B)
+    if config.affine is not None:
+        transform = fit_affine(moving, fixed, extent_A, extent_B, config.affine, native=native, start=transform)
+    return (transform.unit_AB(), transform.unit_BA()), world
+
+
+def _init_name(init, config: FitConfig) -> str:
+    """What the fit started from, for the result's metadata."""
+    if init is None:
+        return "moments" if config.affine is not None else "identity"
+    return init if isinstance(init, str) else str(init) if isinstance(init, Path) else "matrix"
+
+
+def _start_overlap(world: np.ndarray, grid_A: Grid, grid_B: Grid) -> float:
+    """Share of the fixed image's box that the start maps inside the moving image's box."""
+    points = grid_B.world_points(32)
+    mapped = points @ world[:-1, :-1].T + world[:-1, -1]
+    return float(grid_A.contains(mapped, margin=0.5).mean())
+
+
+# A start that maps less than this share of the fixed image into the moving image is reported.
+_LOW_OVERLAP = 0.2
+
+
+def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, device, seed: int, progress: bool,
          caller: str, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
     """The optimisation behind fit_pair (B = 1) and fit_pairs."""
     if not isinstance(config, FitConfig):
         raise TypeError(f"config: expected a FitConfig, got {type(config).__name__}")
+    moving_images, fixed_images, known = _as_images(caller, movings, fixeds, spacing)
+    init = _check_init(init, known)
     if device is None:
-        device = movings[0].device if isinstance(movings[0], torch.Tensor) else torch.device("cpu")
+        data = moving_images[0].data
+        device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    moving_t, fixed_t = _check_images(caller, movings, fixeds, device, config.clip_percentiles)  # (B, *shape)
-    masks = {"A": _check_masks(caller, "moving", moving_masks, moving_t),
-             "B": _check_masks(caller, "fixed", fixed_masks, fixed_t)}
+    moving_t, fixed_t = _check_images(caller, [image.data for image in moving_images],
+                                      [image.data for image in fixed_images], device,
+                                      config.clip_percentiles)  # (B, *shape)
+    moving_grids = [image.grid for image in moving_images]
+    fixed_grids = [image.grid for image in fixed_images]
+    for kind, grids in (("moving", moving_grids), ("fixed", fixed_grids)):
+        if len({tuple(round(e, 6) for e in grid.extent) for grid in grids}) > 1:
+            raise ValueError(f"{kind}s: every {kind} image of one fit_pairs call must have the same voxel sizes, "
+                             f"got {sorted({grid.spacing for grid in grids})}; fit groups of equal grids")
+    masks = {"A": _check_masks(caller, "moving", moving_masks, moving_t, moving_grids),
+             "B": _check_masks(caller, "fixed", fixed_masks, fixed_t, fixed_grids)}
     n_pairs, dim = moving_t.shape[0], moving_t.ndim - 1
     moving_shape, fixed_shape = tuple(moving_t.shape[1:]), tuple(fixed_t.shape[1:])
-    moving_spacing, fixed_spacing = _split_spacing(spacing, dim)
     config = config.resolved(fixed_shape)
     backend = resolve_backend(config.backend, device)
 
     start_time = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
-    extent_A = physical_extent(moving_shape, moving_spacing)
-    extent_B = physical_extent(fixed_shape, fixed_spacing)
+    extent_A, extent_B = moving_grids[0].extent, fixed_grids[0].extent
 
-    pairs = []
+    pairs, starts = [], []
     for p in range(n_pairs):            # set-up only: the affine stage and the initialisation
-        affine_AB = affine_BA = None
-        if config.affine is not None:
-            transform = fit_affine(moving_t[p], fixed_t[p], extent_A, extent_B, config.affine,
-                                   native=backend == "native" and config.fused_kernels)
-            affine_AB, affine_BA = transform.unit_AB(), transform.unit_BA()
+        (affine_AB, affine_BA), world = _start(init, moving_t[p], fixed_t[p], (moving_grids[p], fixed_grids[p]),
+                                               config, backend == "native" and config.fused_kernels, known)
+        starts.append(world)
         with torch.random.fork_rng(devices=[]):      # the maps are initialised on the CPU, then moved
             torch.manual_seed(seed + p)
             pairs.append(MapPair(dim, encoding=config.encoding, hidden_widths=config.hidden_widths,
                                  output_scale=config.output_scale, backend=backend,
                                  affine_AB=affine_AB, affine_BA=affine_BA).to(device))
+    overlaps = [None if world is None else _start_overlap(world, moving_grids[p], fixed_grids[p])
+                for p, world in enumerate(starts)]
+    for p, overlap in enumerate(overlaps):
+        if overlap is not None and overlap < _LOW_OVERLAP:
+            where = f" of pair {p}" if caller == "fit_pairs" else ""
+            warnings.warn(f"{caller}: the start ({init if isinstance(init, str) else 'given transform'}) maps only "
+                          f"{100 * overlap:.0f} % of the fixed image{where} inside the moving image; if the two "
+                          "headers do not share a world frame, use init='centers' or init='moments'", stacklevel=3)
     maps = MapPairs.stack(pairs)
     maps.fields.use_fused = config.fused_kernels
     optimizer = make_adam(list(maps.parameters()), config.learning_rate)
@@ -454,11 +575,12 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, device, see
     elapsed = time.perf_counter() - start_time
     results = []
     for p, pair in enumerate(maps.unstack()):
-        metadata = {"seed": seed + p, "device": str(device), "rollbacks": rollbacks}
+        metadata = {"seed": seed + p, "device": str(device), "rollbacks": rollbacks,
+                    "init": _init_name(init, config),
+                    "start_overlap": overlaps[p]}
         if caller == "fit_pairs":
             metadata.update(batch_size=n_pairs, pair_index=p, batch_elapsed_s=elapsed)
         results.append(RegistrationResult(
-            pair, moving_shape=moving_shape, fixed_shape=fixed_shape, moving_spacing=moving_spacing,
-            fixed_spacing=fixed_spacing, config=config, backend=backend, history=history[p],
-            elapsed_s=elapsed / n_pairs, metadata=metadata))
+            pair, moving_grid=moving_grids[p], fixed_grid=fixed_grids[p], config=config, backend=backend,
+            history=history[p], elapsed_s=elapsed / n_pairs, metadata=metadata))
     return results

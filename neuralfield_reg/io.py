@@ -1,9 +1,12 @@
 """Images in and out: ``.npy`` arrays and NIfTI (``.nii``, ``.nii.gz``; the optional ``nifti`` extra).
 
-An image comes back as ``(array, affine)``: the voxel array in the file's axis order and the
-4x4 voxel-to-world matrix (for ``.npy``, the identity: 1 mm voxels). :func:`spacing_of` reads
-the voxel sizes from an affine. Saving writes a temporary file in the target folder and renames
-it into place, so an existing file is never left half-written. Every error names the path.
+:func:`read_image` gives an :class:`~neuralfield_reg.geometry.Image`: the voxel array in the
+file's axis order on its :class:`~neuralfield_reg.geometry.Grid`, whose 4x4 voxel-to-world
+matrix (RAS+ mm) is the header's as nibabel resolves sform/qform (for ``.npy``, the identity:
+1 mm voxels at the origin). :func:`write_image` writes an Image back with that matrix.
+:func:`as_image` turns what users pass (Images, paths, nibabel images, bare arrays) into Images.
+Saving writes a temporary file in the target folder and renames it into place, so an existing
+file is never left half-written. Every error names the path.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ._files import atomic_write
+from .geometry import Grid, Image
+from .validation import check_image_shape
 
 SUFFIXES = (".npy", ".nii", ".nii.gz")
 
@@ -34,15 +40,12 @@ def _nibabel(path: Path):
     return nibabel
 
 
-def load_image(path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 2D or 3D image: ``(array, 4x4 affine)``.
+def _native_byte_order(array: np.ndarray) -> np.ndarray:
+    """Big-endian files are valid; torch only takes arrays in the machine's byte order."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: unknown extension, unreadable file, or not 2D/3D (a trailing axis of length
-            1, as NIfTI often stores 2D slices, is dropped).
-    """
-    path = Path(path)
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     suffix = _suffix(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no file at {str(path)!r}")
@@ -60,7 +63,54 @@ def load_image(path) -> tuple[np.ndarray, np.ndarray]:
         array = array[..., 0]
     if array.ndim not in (2, 3):
         raise ValueError(f"path: {str(path)!r} holds an array of shape {array.shape}; expected a 2D or 3D image")
-    return array, affine
+    return _native_byte_order(array), affine
+
+
+def read_image(path) -> Image:
+    """Read a 2D or 3D image with its geometry.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: unknown extension, unreadable file, not 2D/3D (a trailing axis of length
+            1, as NIfTI often stores 2D slices, is dropped), or a header whose voxel-to-world
+            matrix is singular, zero or not finite (the message names the file).
+    """
+    path = Path(path)
+    array, affine = _read(path)
+    return Image(array, Grid(array.shape, affine, name=f"path {str(path)!r}"))
+
+
+def load_image(path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 2D or 3D image: ``(array, 4x4 affine)`` (:func:`read_image` as plain values)."""
+    image = read_image(path)
+    return image.data, np.array(image.affine)
+
+
+def write_image(path, image) -> None:
+    """Write an :class:`~neuralfield_reg.geometry.Image` (NIfTI: with its grid's matrix), atomically."""
+    if not isinstance(image, Image):
+        raise TypeError(f"image: expected an Image, got {type(image).__name__}")
+    save_image(path, image.numpy(), image.affine)
+
+
+def as_image(name: str, value, *, spacing=None) -> tuple[Image, bool]:
+    """``(Image, geometry_known)`` of an input: an Image, a path (read; a ``.npy`` file has no
+    header, so its identity geometry is not known), a nibabel image, or a bare numpy array /
+    tensor (identity geometry, voxel sizes ``spacing``; not known)."""
+    if isinstance(value, Image):
+        return value, True
+    if isinstance(value, (str, Path)):
+        return read_image(value), _suffix(Path(value)) != ".npy"
+    if hasattr(value, "affine") and hasattr(value, "dataobj"):           # a nibabel image
+        array = np.asarray(value.dataobj)
+        while array.ndim > 2 and array.shape[-1] == 1:
+            array = array[..., 0]
+        return Image(_native_byte_order(array), Grid(array.shape, value.affine, name=name), name=name), True
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        check_image_shape(name, value)
+        return Image(value, Grid.from_spacing(tuple(value.shape), spacing, name=name), name=name), False
+    raise TypeError(f"{name}: expected an Image, a file path, a nibabel image, a numpy array or a torch "
+                    f"tensor, got {type(value).__name__}")
 
 
 def spacing_of(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
@@ -89,44 +139,24 @@ def save_image(path, array, affine=None) -> None:
     atomic_write(path, write, suffix=suffix)
 
 
-def _world(affine: np.ndarray, voxels: np.ndarray) -> np.ndarray:
-    """World (RAS, mm) positions ``(3, *grid)`` of voxel coordinates ``(d, *grid)``; a 2D image
-    lies in the plane of its first two axes (third voxel coordinate 0)."""
-    padded = np.concatenate([voxels, np.zeros((3 - voxels.shape[0], *voxels.shape[1:]))]) \
-        if voxels.shape[0] < 3 else voxels
-    return np.einsum("ij,j...->i...", affine[:3, :3], padded) + affine[:3, 3].reshape(3, *([1] * (padded.ndim - 1)))
-
-
-def world_displacement(result, moving_affine, fixed_affine) -> np.ndarray:
-    """The forward map as a world displacement: ``(*fixed grid, 3)`` in mm (RAS, NIfTI's frame).
-
-    At fixed voxel ``i``: the world position of ``phi_AB(x_i)`` in the moving image minus the
-    world position of voxel ``i`` of the fixed image, so ``p_moving = p_fixed + u(p_fixed)``.
-    """
-    moving_affine = np.asarray(moving_affine, dtype=np.float64)
-    fixed_affine = np.asarray(fixed_affine, dtype=np.float64)
+def world_displacement(result, moving_affine=None, fixed_affine=None) -> np.ndarray:
+    """The forward map as a world displacement: ``(*fixed grid, d)`` in mm (RAS, NIfTI's frame),
+    ``p_moving = p_fixed + u(p_fixed)``; by default on the result's own grids, or with the given
+    4x4 voxel-to-world matrices of the two images."""
+    if moving_affine is None and fixed_affine is None:
+        return result.world_displacement("AB")
+    moving = result.moving_grid if moving_affine is None else Grid(result.moving_shape, moving_affine, name="moving_affine")
+    fixed = result.fixed_grid if fixed_affine is None else Grid(result.fixed_shape, fixed_affine, name="fixed_affine")
     fixed_voxels = np.indices(result.fixed_shape).astype(np.float64)
     moving_voxels = fixed_voxels + result.displacement("AB")
-    return np.moveaxis(_world(moving_affine, moving_voxels) - _world(fixed_affine, fixed_voxels), 0, -1)
+    return moving.voxel_to_world(np.moveaxis(moving_voxels, 0, -1)) - fixed.voxel_to_world(np.moveaxis(fixed_voxels, 0, -1))
 
 
-def save_displacement_itk(path, result, moving_affine, fixed_affine) -> None:
-    """Write the forward map as an ITK/ANTs displacement field (NIfTI vector image).
+def save_displacement_itk(path, result, moving_affine=None, fixed_affine=None) -> None:
+    """Write the forward map as an ITK/ANTs displacement field (NIfTI vector image) on the fixed
+    grid, ``p_moving = p_fixed + u`` in LPS mm (:func:`~neuralfield_reg.transforms.itk.write_displacement_itk`);
+    the grids are the result's own unless the images' 4x4 matrices are given."""
+    from .transforms.itk import write_displacement_itk
 
-    Convention (ITK's): on the fixed image's grid (its affine), each voxel holds the vector
-    ``u`` in physical millimetres and LPS orientation such that ``p_moving = p_fixed + u``, the
-    transform ``antsApplyTransforms -t field.nii.gz`` uses to bring the moving image onto the
-    fixed grid. NIfTI world coordinates are RAS, so the first two components are negated. The
-    array has ITK's shape ``(X, Y, Z, 1, 3)`` with intent "vector". 3D images only.
-    """
-    if result.dim != 3:
-        raise ValueError(f"result: ITK displacement fields are written for 3D images, got a {result.dim}D result; "
-                         "use result.displacement() for 2D")
-    path = Path(path)
-    if _suffix(path) == ".npy":
-        raise ValueError(f"path: an ITK displacement field is a NIfTI file (.nii or .nii.gz), got {str(path)!r}")
-    nibabel = _nibabel(path)
-    vectors = world_displacement(result, moving_affine, fixed_affine) * np.array([-1.0, -1.0, 1.0])
-    image = nibabel.Nifti1Image(vectors[:, :, :, None, :].astype(np.float32), np.asarray(fixed_affine, float))
-    image.header.set_intent("vector")
-    atomic_write(path, lambda temporary: nibabel.save(image, temporary), suffix=_suffix(path))
+    fixed = result.fixed_grid if fixed_affine is None else Grid(result.fixed_shape, fixed_affine, name="fixed_affine")
+    write_displacement_itk(path, world_displacement(result, moving_affine, fixed_affine), fixed)

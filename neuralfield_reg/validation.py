@@ -40,15 +40,7 @@ def check_image(name: str, value, *, dims: Sequence[int] = (2, 3), device=None,
     axes shorter than 2 voxels and NaN/Inf raise.
     """
     tensor, was_numpy = as_tensor(name, value, device=device)
-    if tensor.ndim not in dims:
-        expected = " or ".join(f"{d}D" for d in dims)
-        raise ValueError(
-            f"{name}: expected a {expected} image (H, W) or (D, H, W) with no channel or batch "
-            f"axis, got {describe(value)}")
-    if tensor.numel() == 0:
-        raise ValueError(f"{name}: the image is empty ({describe(value)})")
-    if min(tensor.shape) < 2:
-        raise ValueError(f"{name}: every axis needs at least 2 voxels, got shape {tuple(tensor.shape)}")
+    check_image_shape(name, tensor, dims, value)
     if tensor.is_complex():
         raise TypeError(f"{name}: expected a real-valued image, got dtype {tensor.dtype}")
     if not tensor.is_floating_point():
@@ -58,6 +50,20 @@ def check_image(name: str, value, *, dims: Sequence[int] = (2, 3), device=None,
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name}: the image contains NaN or Inf values")
     return tensor, was_numpy
+
+
+def check_image_shape(name: str, tensor, dims: Sequence[int] = (2, 3), value=None) -> None:
+    """The shape checks of :func:`check_image`: ``dims`` axes, not empty, every axis >= 2 voxels."""
+    value = tensor if value is None else value
+    if tensor.ndim not in dims:
+        expected = " or ".join(f"{d}D" for d in dims)
+        raise ValueError(
+            f"{name}: expected a {expected} image (H, W) or (D, H, W) with no channel or batch "
+            f"axis, got {describe(value)}")
+    if math.prod(tensor.shape) == 0:
+        raise ValueError(f"{name}: the image is empty ({describe(value)})")
+    if min(tensor.shape) < 2:
+        raise ValueError(f"{name}: every axis needs at least 2 voxels, got shape {tuple(tensor.shape)}")
 
 
 def check_spacing(name: str, spacing, ndim: int) -> tuple[float, ...]:

@@ -206,6 +206,6 @@ def test_known_translation_in_millimetres_on_anisotropic_voxels(tmp_path):
     np.testing.assert_allclose(field.affine, affine)
     np.testing.assert_allclose(np.asarray(field.dataobj)[10, 12, 7, 0], displacement[10, 12, 7] * [-1, -1, 1],
                                atol=1e-5)
-    with pytest.raises(ValueError, match="3D"):
-        save_displacement_itk(tmp_path / "f.nii.gz", nfr.fit_pair(moving[5], fixed[5], nfr.FitConfig(iterations=2),
-                                                                   progress=False), affine, affine)
+    flat = nfr.fit_pair(moving[5], fixed[5], nfr.FitConfig(iterations=2), spacing=(1.0, 3.0), progress=False)
+    save_displacement_itk(tmp_path / "f.nii.gz", flat)               # 2D: (X, Y, 1, 1, 2)
+    assert nibabel.load(tmp_path / "f.nii.gz").shape == (24, 14, 1, 1, 2)

@@ -161,3 +161,40 @@ def prepare_brain_pair(mricron_templates: str | Path, antspyx_data: str | Path, 
     atomic_write(out_path, lambda temporary: np.savez_compressed(
         temporary, affine=affine, label_ids=np.array(ids), label_names=np.array(names), **volumes), suffix=".npz")
     return out_path
+
+
+def write_brain_pair_nifti(out_dir: str | Path, pair: BrainPair | None = None) -> dict[str, Path]:
+    """Write a brain pair as NIfTI files the way the scans are distributed: Colin27 (and its
+    AAL map) stored RAS on its own field of view (the common grid less 2 voxels on each side),
+    MNI152 (and its AAL map) stored LAS (the x axis flipped), each with the header that puts it
+    at the same place in the world. Registering them must start from the world alignment, not
+    from the arrays: read by array index, the hemispheres are swapped.
+
+    Args:
+        pair: default the packaged 2 mm pair (:func:`load_brain_pair`).
+    Returns:
+        ``{"moving", "moving_labels", "fixed", "fixed_labels"}`` -> paths (``.nii.gz``).
+    """
+    from ..geometry import Grid, Image
+    from ..io import write_image
+
+    pair = load_brain_pair() if pair is None else pair
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    crop = 2
+    colin = pair.affine.copy()
+    colin[:3, 3] += colin[:3, :3] @ np.full(3, float(crop))
+    inner = (slice(crop, -crop),) * 3
+    mni = pair.affine.copy()
+    mni[:3, 3] += mni[:3, 0] * (pair.fixed.shape[0] - 1)
+    mni[:3, 0] *= -1
+    files = {"moving": ("colin27_t1.nii.gz", pair.moving[inner], colin),
+             "moving_labels": ("colin27_aal.nii.gz", pair.moving_labels[inner], colin),
+             "fixed": ("mni152_t1.nii.gz", pair.fixed[::-1], mni),
+             "fixed_labels": ("mni152_aal.nii.gz", pair.fixed_labels[::-1], mni)}
+    paths = {}
+    for key, (name, array, affine) in files.items():
+        array = np.ascontiguousarray(array)
+        write_image(out_dir / name, Image(array, Grid(array.shape, affine, name=name)))
+        paths[key] = out_dir / name
+    return paths
