@@ -269,3 +269,18 @@ def test_world_identity_of_differently_stored_2d_images():
                           progress=False)
     assert np.abs(result.warp(flipped).data - blob).mean() < 0.01
     assert (result.jacobian_determinant() > 0).all()
+
+
+def test_fit_pairs_starts_each_pair_from_its_own_headers():
+    fixed, fixed_labels = sampled(FIXED_GRID)
+    moving, moving_labels = sampled(MOVING_GRID, shift=(2.0, -1.5, 1.0))
+    las, las_labels = restored(moving, (0, 1, 2), (0,)), restored(moving_labels, (0, 1, 2), (0,))
+    config = dataclasses.replace(QUICK, affine=None, iterations=20)
+    results = nfr.fit_pairs([moving, las], [fixed, fixed], config, progress=False)
+    single = nfr.fit_pair(las, fixed, config, seed=1, progress=False)
+    np.testing.assert_allclose(results[1].maps.matrices.numpy(), single.maps.matrices.numpy(), atol=1e-6)
+    for result, labels in zip(results, (moving_labels, las_labels)):
+        np.testing.assert_allclose(result.affine_AB, np.eye(4), atol=1e-5)          # the world identity
+        assert metrics.mean_dice(result.warp(labels, mode="nearest").data, fixed_labels.data) > 0.8
+    with pytest.raises(ValueError, match="same voxel sizes"):
+        nfr.fit_pairs([moving, Image(moving.data, spacing=1.0)], [fixed, fixed], config, progress=False)
