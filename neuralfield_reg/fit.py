@@ -262,6 +262,10 @@ def _as_images(caller: str, movings: list, fixeds: list, spacing) -> tuple[list,
             image, has_geometry = as_image(name, value)
             images[kind].append(image)
             known.append(has_geometry)
+    if any(known) and not all(known):
+        raise ValueError(f"{'movings and fixeds' if many else 'moving and fixed'}: some inputs carry a header "
+                         "(Images, NIfTI files) and some do not (arrays, .npy files), so they share no world "
+                         "frame; give both as Images (e.g. Image(array, affine=...)) or both as arrays")
     if spacing is not None:
         if any(known):
             raise ValueError("spacing: the images carry their own geometry (Images, files); spacing= is for "

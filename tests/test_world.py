@@ -248,6 +248,8 @@ def test_initialisation_choices_and_their_errors(tmp_path):
                          (np.diag([-1.0, 1.0, 1.0, 1.0]), "reflection")):
         with pytest.raises(ValueError, match=f"init.*{message}"):
             nfr.fit_pair(moving, fixed, config, init=bad, progress=False)
+    with pytest.raises(ValueError, match="moving and fixed.*header"):
+        nfr.fit_pair(moving, fixed.data, config, progress=False)
     with pytest.raises(ValueError, match="spacing.*own geometry"):
         nfr.fit_pair(moving, fixed, config, spacing=2.0, progress=False)
     mask = Image(np.ones(fixed.shape, bool), Grid(fixed.shape, np.diag([3.0, 3.0, 3.0, 1.0])))
