@@ -10,6 +10,8 @@ kind of CPU, and redone when a source changes. ``load()`` raises
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -52,6 +54,16 @@ def _cpu_tag() -> str:
     return hashlib.sha1(description.encode()).hexdigest()[:8]
 
 
+def _is_built(cpp_extension, name: str) -> bool:
+    """Whether a build of ``name`` is in PyTorch's extension cache (it may still be redone when a
+    source changed; then the build runs without the notice)."""
+    try:
+        folder = cpp_extension._get_build_directory(name, verbose=False)
+    except Exception:  # noqa: BLE001 - a private helper: when it moves, just announce the build
+        return False
+    return os.path.exists(os.path.join(folder, f"{name}.so"))
+
+
 def load(verbose: bool = False):
     """The compiled extension module (built on first use, then cached for the process)."""
     global _module, _error
@@ -71,9 +83,17 @@ def load(verbose: bool = False):
             flags.append("-DWITH_CUDA")
             extra["extra_cuda_cflags"] = ["-O3", "-DWITH_CUDA"]
             name += "_cuda"
+        announce = not _is_built(cpp_extension, name) and not os.environ.get("NEURALFIELD_REG_QUIET")
+        if announce:
+            print("neuralfield_reg: building the compiled kernels for this machine (once, about a minute; "
+                  "NEURALFIELD_REG_QUIET=1 hides this)...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         _module = cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
                                      extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCE_DIR)],
                                      verbose=verbose, **extra)
+        if announce:
+            print(f"neuralfield_reg: kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                  flush=True)
     except Exception as error:  # noqa: BLE001 - any build failure is reported the same way
         _error = f"building the hash-grid kernels in {SOURCE_DIR} failed: {type(error).__name__}: {error}"
         raise NativeBuildError(_error) from error

@@ -27,11 +27,18 @@ def atomic_write(path, write: Callable[[str], None], *, suffix: str = ".tmp") ->
         write(temporary)
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())          # mkstemp makes 0600; files get the usual mode
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(state: dict, path) -> None:
@@ -58,3 +65,37 @@ def safe_load(path, *, format_name: str, what: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != format_name:
         raise ValueError(f"path: {str(path)!r} is not a {what} file")
     return state
+
+
+INCOMPLETE = "INCOMPLETE"
+
+
+def begin_outputs(folder, names) -> None:
+    """Start replacing a folder's outputs: checks that the folder can be written (before any long
+    work), drops its ``summary.json`` and every earlier output among ``names`` (so no stale file
+    of another run stays), and leaves an ``INCOMPLETE`` marker that :func:`end_outputs` removes.
+    An interrupted run therefore leaves a folder that says it is incomplete and holds only files
+    of this run (and no summary). A folder is complete when it has a ``summary.json`` and no
+    ``INCOMPLETE`` (the marker goes once every output is written, then the summary is written)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / INCOMPLETE, "An nfreg run is writing this folder, or was interrupted while it "
+                                               "was: its files may be partial. Rerun to complete it.\n")
+    except OSError as error:
+        raise OSError(f"output folder: {str(folder)!r} cannot be written ({error})") from error
+    for name in ("summary.json", *names):
+        (folder / name).unlink(missing_ok=True)
+
+
+def end_outputs(folder) -> None:
+    """All outputs are written: remove the ``INCOMPLETE`` marker."""
+    (Path(folder) / INCOMPLETE).unlink(missing_ok=True)
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name the same file (after links), whether or not ``b`` exists yet."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from ._files import atomic_write_text
+from ._files import atomic_write_text, end_outputs, same_file
 from . import benchmark as benchmark_vs_icon
 from .cohort import register_row, run_cohort
 from .config import FitConfig
@@ -52,7 +53,7 @@ def _fit(args) -> dict:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o: {args.output!r} is a file; expected an output folder")
-    out.mkdir(parents=True, exist_ok=True)
+    _check_device(args.device)
     row = {"moving": args.moving, "fixed": args.fixed, "moving_labels": args.labels or "",
            "fixed_labels": args.fixed_labels or "", "moving_mask": args.moving_mask or "",
            "fixed_mask": args.fixed_mask or ""}
@@ -66,12 +67,36 @@ def _fit(args) -> dict:
     overview_figure(registered.result, registered.moving.data, registered.fixed.data, out / "overview.png")
     summary = {**registered.numbers, "backend": registered.result.backend, "moving": args.moving,
                "fixed": args.fixed}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    end_outputs(out)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))    # last: the folder is complete
     print(json.dumps(summary, indent=1))
     return summary
 
 
+def _check_device(device: str | None) -> None:
+    """``--device``: cpu or cuda[:N], and CUDA only where there is one."""
+    if device is None:
+        return
+    import torch
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device: expected cpu or cuda[:N], got {device!r}") from error
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda[:N], got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} asked for, but this machine has no CUDA device (use --device cpu)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+
+
 def _warp(args) -> None:
+    output = Path(args.output)
+    if output.is_dir():
+        raise ValueError(f"-o: {args.output!r} is a folder; expected an output file (.npy, .nii, .nii.gz)")
+    for name, value in (("result", args.result), ("image", args.image), ("--reference", args.reference)):
+        if value and same_file(value, output):
+            raise ValueError(f"-o: {args.output!r} is the {name} file; it would be overwritten")
     result = RegistrationResult.load(args.result)
     image = read_image(args.image)
     mode = "nearest" if args.nearest else "linear"
@@ -80,14 +105,25 @@ def _warp(args) -> None:
     print(f"wrote {args.output}")
 
 
-def _cohort(args) -> None:
-    merged = run_cohort(args.pairs_csv, args.output, _config(args.config), device=args.device,
-                        progress=not args.quiet, init=args.init)
+def _cohort(args) -> int:
+    _check_device(args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = run_cohort(args.pairs_csv, args.output, _config(args.config), device=args.device,
+                            progress=not args.quiet, init=args.init)
+    for warning in caught:
+        print(f"nfreg cohort: warning: {warning.message}", file=sys.stderr)
     shutdown()
-    if merged is not None:
-        failed = [row for row in merged if row["status"] != "ok"]
-        print(f"{len(merged) - len(failed)} of {len(merged)} pairs registered; summary in "
-              f"{Path(args.output) / 'summary.csv'}")
+    if merged is None:
+        return 0
+    failed = [row for row in merged if row["status"] != "ok"]
+    print(f"{len(merged) - len(failed)} of {len(merged)} pairs registered; summary in "
+          f"{Path(args.output) / 'summary.csv'}")
+    if failed:
+        print(f"nfreg cohort: {len(failed)} pair(s) failed: {', '.join(str(row['pair']) for row in failed)} "
+              "(their errors are in summary.csv)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _demo(args) -> None:
@@ -166,11 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as error:
+        code = args.run(args)
+    except KeyboardInterrupt:
+        print(f"nfreg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, TypeError, ImportError, RuntimeError, KeyError) as error:
+        if os.environ.get("NFREG_TRACEBACK"):
+            raise
         print(f"nfreg {args.command}: {error}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

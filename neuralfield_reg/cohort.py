@@ -33,6 +33,7 @@ import io as _stringio
 import json
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch.distributed as dist
 
 from . import metrics
-from ._files import atomic_write_text
+from ._files import atomic_write_text, begin_outputs, end_outputs, same_file
 from .config import FitConfig
 from .distributed import init_from_environment
 from .fit import fit_pair
@@ -50,25 +51,41 @@ from .result import RegistrationResult
 from .transforms.itk import write_affine_itk
 
 COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_mask", "fixed_mask")
+# Every file a pair folder can hold (all of them are replaced, or removed, by a new run).
+OUTPUT_NAMES = tuple(f"{stem}{suffix}" for stem in ("warped", "warped_labels", "jacobian_determinant")
+                     for suffix in (".npy", ".nii.gz")) + (
+    "result.pt", "displacement_voxels.npy", "displacement_itk.nii.gz", "inverse_displacement_itk.nii.gz",
+    "affine.mat", "affine.txt", "overview.png")
 SUMMARY_FIELDS = ("pair", "status", "moving", "fixed", "dice_before", "dice", "folding_fraction",
                   "inverse_consistency_error", "init", "world_overlap", "seconds", "rank", "error")
 
 
 def read_pairs(pairs_csv) -> list[dict[str, str]]:
-    """The rows of a pairs CSV, paths resolved against the CSV's folder."""
+    """The rows of a pairs CSV, paths resolved against the CSV's folder; every row needs a moving
+    and a fixed path. Columns other than :data:`COLUMNS` are ignored with a warning (a typo such
+    as ``labels`` would otherwise go unnoticed)."""
     path = Path(pairs_csv)
     if not path.is_file():
         raise FileNotFoundError(f"pairs_csv: no file at {str(path)!r}")
     with open(path, newline="") as stream:
-        reader = csv.DictReader(stream)
+        reader = csv.DictReader(stream, restval="")
         columns = reader.fieldnames or []
         missing = [c for c in ("moving", "fixed") if c not in columns]
         if missing:
             raise ValueError(f"pairs_csv: {str(path)!r} lacks the column(s) {missing}; its header is {columns}")
+        ignored = [c for c in columns if c not in COLUMNS]
+        if ignored:
+            warnings.warn(f"pairs_csv: {str(path)!r} has column(s) {ignored} that nfreg does not read; the columns "
+                          f"it reads are {list(COLUMNS)}", stacklevel=2)
         rows = []
-        for row in reader:
+        for number, row in enumerate(reader, start=1):
+            cells = {key: (row.get(key) or "").strip() for key in COLUMNS}
+            for key in ("moving", "fixed"):
+                if not cells[key]:
+                    raise ValueError(f"pairs_csv: row {number} of {str(path)!r} (line {reader.line_num}) has no "
+                                     f"{key} path")
             rows.append({key: str(path.parent / value) if value and not Path(value).is_absolute() else value
-                         for key, value in row.items() if key in COLUMNS})
+                         for key, value in cells.items()})
     if not rows:
         raise ValueError(f"pairs_csv: {str(path)!r} lists no pairs")
     return rows
@@ -128,12 +145,22 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device,
                  init=None, names: dict[str, str] | None = None) -> Registered:
     """Fit one pair of the CSV and write its outputs (see the module docstring).
 
-    Every input is read and checked first (:func:`read_row`); the fit starts from ``init``
+    Every input is read and checked first (:func:`read_row`), and no input may be one of the
+    outputs; then the folder is marked incomplete and its earlier outputs removed
+    (:func:`~neuralfield_reg._files.begin_outputs`): the caller writes ``summary.json`` and calls
+    ``end_outputs`` when it is done. The fit starts from ``init``
     (:func:`~neuralfield_reg.fit_pair`; default the headers' world alignment). ``dice_before``
     is the Dice of the moving labels resampled onto the fixed grid by world coordinates alone.
     """
     images = read_row(row, names)
     moving, fixed = images["moving"], images["fixed"]
+    names = {column: column for column in COLUMNS} | (names or {})
+    for column in COLUMNS:
+        for output in OUTPUT_NAMES:
+            if row.get(column) and same_file(row[column], Path(pair_dir) / output):
+                raise ValueError(f"{names[column]}: {row[column]!r} is where this run writes its {output}; it would be "
+                                 "overwritten: copy it elsewhere or choose another output folder")
+    begin_outputs(pair_dir, OUTPUT_NAMES)           # before the fit: an unwritable folder fails now
     # .npy files have no header: their arrays go in bare (identity geometry, image-based start)
     headers = _output_suffix(row["moving"]) != ".npy" and _output_suffix(row["fixed"]) != ".npy"
     inputs = {key: image if headers or image is None else image.data for key, image in images.items()}
@@ -172,6 +199,20 @@ def write_outputs(pair_dir: Path, result: RegistrationResult, moving: Image, mov
         result.save_itk(pair_dir)
 
 
+def _done(summary_path: Path, row: dict, settings: dict) -> bool:
+    """A pair is done when its summary says "ok" for the same inputs and settings (a changed CSV
+    row or config is registered again)."""
+    if not summary_path.exists():
+        return False
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return False
+    as_json = json.loads(json.dumps({"inputs": row, "settings": settings}))       # tuples read back as lists
+    return (summary.get("status") == "ok" and summary.get("inputs") == as_json["inputs"]
+            and summary.get("settings") == as_json["settings"])
+
+
 def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=None,
                progress: bool = True, init=None) -> list[dict] | None:
     """Register every pair of ``pairs_csv`` into ``out_dir`` (see the module docstring).
@@ -191,9 +232,11 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=No
         pair_dir = out_dir / "pairs" / f"{index:05d}"
         pair_dir.mkdir(parents=True, exist_ok=True)
         summary_path = pair_dir / "summary.json"
-        if summary_path.exists() and json.loads(summary_path.read_text()).get("status") == "ok":
-            continue                                     # done by an earlier run
-        summary = {"pair": index, "moving": rows[index]["moving"], "fixed": rows[index]["fixed"], "rank": rank}
+        settings = {"config": config.to_dict(), "init": None if init is None else str(init)}
+        if _done(summary_path, rows[index], settings):
+            continue                                     # done by an earlier run, with these inputs
+        summary = {"pair": index, "moving": rows[index]["moving"], "fixed": rows[index]["fixed"], "rank": rank,
+                   "inputs": rows[index], "settings": settings}
         try:
             summary.update(register_row(rows[index], pair_dir, config, device, progress, init=init).numbers)
             summary["status"] = "ok"
@@ -201,7 +244,9 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=No
             summary.update(status="failed", error=f"{type(error).__name__}: {error}")
             if progress:
                 traceback.print_exc()
-        atomic_write_text(summary_path, json.dumps(summary, indent=1))
+        if summary["status"] == "ok":
+            end_outputs(pair_dir)
+        atomic_write_text(summary_path, json.dumps(summary, indent=1))      # last: the pair is complete
     if world > 1:
         dist.barrier()
     if rank != 0:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
 from .encoders.base import HashGridConfig
+from .validation import check_fields
 
 SIMILARITY_NAMES = ("ssd", "ncc", "lncc")
 
@@ -44,6 +45,10 @@ class AffineConfig:
     rigid_iterations: int = 100
 
     def __post_init__(self):
+        check_fields(self, {"iterations": "int", "learning_rate": "number", "working_size": "int",
+                            "blur_sigmas": "numbers", "rotation_search": "bool", "search_iterations": "int",
+                            "search_learning_rate": "number", "search_size": "int", "search_sigma": "number",
+                            "rotation_steps_2d": "int", "refinement_cost": "str", "rigid_iterations": "int"})
         _require(self.iterations >= 0, "AffineConfig.iterations", "an integer >= 0", self.iterations)
         _require(self.learning_rate > 0, "AffineConfig.learning_rate", "a positive number", self.learning_rate)
         _require(self.working_size >= 4, "AffineConfig.working_size", "at least 4 voxels", self.working_size)
@@ -128,6 +133,18 @@ class FitConfig:
     max_rollbacks: int = 3
 
     def __post_init__(self):
+        check_fields(self, {"iterations": "int", "learning_rate": "number", "learning_rate_decay": "number",
+                            "similarity": "str", "lncc_window": "int", "gradient_icon_weight": "number",
+                            "gradient_icon_points": "int", "icon_weight": "number", "similarity_points": "int?",
+                            "lncc_patches": "int?", "lncc_patch_size": "int", "blur_sigmas": "numbers",
+                            "level_ramp": "number", "start_levels": "int", "hidden_widths": "ints",
+                            "output_scale": "number", "backend": "str", "fused_kernels": "bool",
+                            "clip_percentiles": "numbers?", "on_divergence": "str", "rollback_factor": "number",
+                            "max_rollbacks": "int"})
+        for name, kind in (("encoding", HashGridConfig), ("affine", AffineConfig)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"FitConfig.{name}: expected a {kind.__name__} or None, got {value!r}")
         _require(isinstance(self.iterations, int) and self.iterations >= 1, "FitConfig.iterations",
                  "an integer >= 1", self.iterations)
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "FitConfig.learning_rate",
@@ -187,14 +204,16 @@ class FitConfig:
         if unknown:
             raise ValueError(f"config: unknown FitConfig fields {sorted(unknown)}")
         values = dict(values)
-        if values.get("encoding") is not None:
-            values["encoding"] = HashGridConfig(**values["encoding"])
-        if values.get("affine") is not None:
-            values["affine"] = AffineConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                               for k, v in values["affine"].items()})
-        for key in ("blur_sigmas", "hidden_widths", "clip_percentiles"):
-            if values.get(key) is not None:
-                values[key] = tuple(values[key])
+        for key, kind in (("encoding", HashGridConfig), ("affine", AffineConfig)):
+            section = values.get(key)
+            if section is None or isinstance(section, kind):
+                continue
+            if not isinstance(section, dict):
+                raise ValueError(f"config: {key}: expected an object of {kind.__name__} fields or null, got {section!r}")
+            unknown = set(section) - {f.name for f in fields(kind)}
+            if unknown:
+                raise ValueError(f"config: unknown {kind.__name__} fields {sorted(unknown)} in {key!r}")
+            values[key] = kind(**section)
         return cls(**values)
 
 

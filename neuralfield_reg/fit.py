@@ -41,7 +41,8 @@ _GOOD_STATE_EVERY = 10
 
 
 class FitDivergedError(RuntimeError):
-    """The optimisation produced a NaN or Inf; the message names the iteration and the term."""
+    """The optimisation diverged: a NaN or Inf, an exploding gradient-ICON penalty, or maps that
+    left the image; the message names the iteration and what went wrong."""
 
 
 def _split_spacing(spacing, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -211,6 +212,11 @@ def _check_masks(caller: str, kind: str, masks, images: torch.Tensor, grids: lis
                              f"got {describe(mask)}")
         if tensor.is_complex() or (tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())):
             raise ValueError(f"{name}: expected a boolean or 0/1 mask, got {describe(mask)}")
+        if tensor.dtype != torch.bool:
+            other = tensor[(tensor != 0) & (tensor != 1)]
+            if other.numel():
+                raise ValueError(f"{name}: expected a boolean or 0/1 mask, got values such as "
+                                 f"{sorted(set(other[:1000].tolist()))[:3]}")
         tensor = tensor != 0
         if not bool(tensor.any()):
             raise ValueError(f"{name}: the mask is empty; nothing would be compared")
@@ -332,6 +338,42 @@ def _start_overlap(world: np.ndarray, grid_A: Grid, grid_B: Grid) -> float:
 
 # A start that maps less than this share of the fixed image into the moving image is reported.
 _LOW_OVERLAP = 0.2
+
+
+# A gradient-ICON penalty above this (the mean squared Frobenius norm of the residual's Jacobian,
+# dimensionless; working fits stay below 0.1: at most 0.03 on 2D shapes, 0.001 on a brain pair)
+# means the two maps no longer invert each other: the fit diverged although every number is finite.
+_PENALTY_LIMIT = 10.0
+# A displacement field longer than this (unit coordinates: image widths) has left the image by far.
+# (A small pair with a weak affine start legitimately reached 1.04 widths in its background.)
+_DISPLACEMENT_LIMIT = 4.0
+
+
+def _divergence(values: list[list[float]], names: list[str], config: FitConfig, maps: MapPairs,
+                level_weights: torch.Tensor | None, check_maps: bool) -> tuple[int, str, str] | None:
+    """``(pair, what, how)`` of the first sign that the fit diverged, else None: a NaN/Inf term,
+    an exploding gradient-ICON penalty, or (checked every few iterations, and always before a
+    rollback snapshot) displacement fields longer than the image."""
+    for p, row in enumerate(values):
+        for name, value in zip(names, row):
+            if not math.isfinite(value):
+                return p, f"{name} term", f"became {value}"
+        penalty = row[names.index("gradient_icon")]
+        if config.gradient_icon_weight > 0 and penalty > _PENALTY_LIMIT:
+            return p, "gradient_icon term", f"exploded to {penalty:.3g} (working fits stay below 0.1)"
+    if check_maps:
+        dim = maps.dim
+        axis = torch.linspace(0.0, 1.0, 5, device=maps.matrices.device)
+        lattice = torch.stack(torch.meshgrid(*[axis] * dim, indexing="ij"), -1).reshape(-1, dim)
+        with torch.no_grad():
+            fields = maps.fields.forward_batched(lattice.expand(maps.fields.n_fields, *lattice.shape).contiguous(),
+                                                 level_weights)
+        longest = fields.norm(dim=-1).amax(1)                                   # (2B,) unit coordinates
+        field = int(torch.argmax(longest))
+        if not bool(torch.isfinite(longest).all()) or float(longest[field]) > _DISPLACEMENT_LIMIT:
+            return field // 2, "displacement", (f"reached {float(longest[field]):.3g} image widths "
+                                                f"({'phi_AB' if field % 2 == 0 else 'phi_BA'})")
+    return None
 
 
 def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, device, seed: int, progress: bool,
@@ -531,12 +573,11 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, devic
             loss = loss + config.icon_weight * terms["icon"]
         terms["loss"] = loss
         values = torch.stack([terms[name].detach() for name in names], dim=1).tolist()   # (B, terms)
-        bad = [(p, name, row[k]) for p, row in enumerate(values) for k, name in enumerate(names)
-               if not math.isfinite(row[k])]
+        bad = _divergence(values, names, config, maps, weights, check_maps=iteration % _GOOD_STATE_EVERY == 0)
         if bad:
-            p, name, value = bad[0]
+            p, name, what = bad
             where = f" of pair {p}" if caller == "fit_pairs" else ""
-            message = f"{caller}: the {name} term{where} became {value} at iteration {iteration}"
+            message = f"{caller}: the {name}{where} {what} at iteration {iteration}"
             if config.on_divergence != "rollback" or good_state is None or len(rollbacks) >= config.max_rollbacks:
                 advice = (f" after {len(rollbacks)} rollbacks; lower FitConfig.learning_rate"
                           if config.on_divergence == "rollback" else
@@ -547,7 +588,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, devic
             optimizer.load_state_dict(optimizer_state)
             generator.set_state(generator_state)
             learning_rate_scale *= config.rollback_factor
-            rollbacks.append({"iteration": iteration, "term": name, "learning_rate_scale": learning_rate_scale})
+            rollbacks.append({"iteration": iteration, "term": name.split()[0], "learning_rate_scale": learning_rate_scale})
             for pair_history in history:
                 for values_of_term in pair_history.values():
                     del values_of_term[iteration:]
@@ -576,6 +617,10 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, devic
     for name, parameter in maps.named_parameters():
         if not bool(torch.isfinite(parameter).all()):
             raise FitDivergedError(f"{caller}: parameter {name} became non-finite in the last step")
+    bad = _divergence([], names, config, maps, None, check_maps=True)
+    if bad:
+        where = f" of pair {bad[0]}" if caller == "fit_pairs" else ""
+        raise FitDivergedError(f"{caller}: the {bad[1]}{where} {bad[2]} at the end; lower FitConfig.learning_rate")
     elapsed = time.perf_counter() - start_time
     results = []
     for p, pair in enumerate(maps.unstack()):

@@ -22,7 +22,8 @@ from ._files import atomic_save, safe_load
 from ._version import RESULT_FORMAT_VERSION, __version__
 from .config import FitConfig
 from .coords import identity_grid, sample
-from .encoders import HashGridConfig, resolve_backend
+from ._cuda_ext.loader import NativeBuildError
+from .encoders import BackendUnavailableError, HashGridConfig, resolve_backend
 from .fields import DirectionalMap, MapPair
 from .fused import fields_jacobian
 from .geometry import Grid, Image
@@ -409,6 +410,16 @@ class RegistrationResult:
             raise ValueError(f"path: {str(path)!r} has result format {state.get('format_version')!r} "
                              f"(written by neuralfield_reg {state.get('library_version')}); this version "
                              f"({__version__}) reads format {RESULT_FORMAT_VERSION}")
+        try:
+            return cls._from_state(state, path, backend, device)
+        except (BackendUnavailableError, NativeBuildError):
+            raise
+        except (KeyError, TypeError, AttributeError, RuntimeError) as error:      # RuntimeError: load_state_dict
+            raise ValueError(f"path: {str(path)!r} is not a complete neuralfield_reg result "
+                             f"({type(error).__name__}: {error})") from error
+
+    @classmethod
+    def _from_state(cls, state: dict, path, backend: str, device) -> "RegistrationResult":
         architecture = state["architecture"]
         if architecture.get("kind", "hash_fields") == "displacement_grids":
             maps = GridMapPair.empty(state["dim"], architecture["shapes_AB"], architecture["shapes_BA"])

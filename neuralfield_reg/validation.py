@@ -102,3 +102,46 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
 def to_output(tensor: torch.Tensor, as_numpy: bool):
     """Return a tensor as the kind that came in (numpy in, numpy out)."""
     return tensor.detach().cpu().numpy() if as_numpy else tensor
+
+
+_KIND_TEXT = {"int": "an integer", "number": "a number", "bool": "True or False", "str": "a string",
+              "ints": "a sequence of integers", "numbers": "a sequence of numbers"}
+
+
+def _of_kind(value, kind: str) -> bool:
+    import numbers
+    if kind == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    return isinstance(value, (tuple, list)) and all(_of_kind(v, kind[:-1]) for v in value)
+
+
+def check_fields(owner, kinds: dict[str, str]) -> None:
+    """Check the types of a frozen config dataclass's fields before their values are checked.
+
+    ``kinds`` maps a field to ``"int"``, ``"number"``, ``"bool"``, ``"str"``, ``"ints"`` or
+    ``"numbers"`` (sequences, stored as tuples), with a trailing ``"?"`` when None is allowed.
+    Raises ``TypeError`` naming ``Owner.field`` (``True`` is not an integer, ``2.5`` is not a
+    width, ``"fast"`` is not a learning rate).
+    """
+    name = type(owner).__name__
+    for field, kind in kinds.items():
+        value = getattr(owner, field)
+        optional = kind.endswith("?")
+        kind = kind.rstrip("?")
+        if value is None and optional:
+            continue
+        if not _of_kind(value, kind):
+            expected = _KIND_TEXT[kind] + (" or None" if optional else "")
+            raise TypeError(f"{name}.{field}: expected {expected}, got {value!r}")
+        if kind in ("ints", "numbers"):
+            object.__setattr__(owner, field, tuple(value))
+        elif kind == "int":
+            object.__setattr__(owner, field, int(value))
+        elif kind == "number":
+            object.__setattr__(owner, field, float(value))

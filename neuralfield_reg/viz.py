@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # figures are files; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ._files import atomic_write  # noqa: E402
 from .result import RegistrationResult  # noqa: E402
 
 
@@ -82,6 +83,8 @@ def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: s
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110), suffix=".png")
+    finally:
+        plt.close(figure)
     return path

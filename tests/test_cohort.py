@@ -174,9 +174,16 @@ def test_a_killed_cohort_run_resumes_without_redoing_finished_pairs(tmp_path):
     process.wait()
     assert first.exists() and not (out / "summary.csv").exists()      # killed midway
     stamp = os.stat(first).st_mtime_ns
-    merged = run_cohort(pairs_csv, out, QUICK, progress=False)
+    assert (out / "pairs" / "00001" / "INCOMPLETE").exists() or not (out / "pairs" / "00001").exists()
+    same_config = nfr.FitConfig(iterations=150, similarity_points=256, gradient_icon_points=64,
+                                affine=nfr.AffineConfig(iterations=5, search_iterations=5))
+    merged = run_cohort(pairs_csv, out, same_config, progress=False)
     assert [row["status"] for row in merged] == ["ok", "ok", "ok"]
     assert os.stat(first).st_mtime_ns == stamp                        # not redone
+    assert not any((out / "pairs" / f"{i:05d}" / "INCOMPLETE").exists() for i in range(3))
+    # other settings: every pair is registered again
+    merged = run_cohort(pairs_csv, out, QUICK, progress=False)
+    assert os.stat(first).st_mtime_ns != stamp
 
 
 def test_known_translation_in_millimetres_on_anisotropic_voxels(tmp_path):

@@ -42,6 +42,9 @@ class HashGridConfig:
     interpolation: str = "Linear"
 
     def __post_init__(self):
+        from ..validation import check_fields
+        check_fields(self, {"n_levels": "int", "n_features_per_level": "int", "log2_hashmap_size": "int",
+                            "base_resolution": "int", "per_level_scale": "number", "interpolation": "str"})
         checks = {
             "n_levels": 1 <= self.n_levels <= 32,
             "n_features_per_level": self.n_features_per_level in (1, 2, 4, 8),

@@ -32,18 +32,30 @@ _FORMAT = "neuralfield_reg.gradicon.checkpoint"
 _TERMS = ("loss", "similarity", "inverse_consistency")
 
 
-def _collate(pairs: Dataset, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, 1, *shape)`` moving and fixed batches from dataset items ``(moving, fixed)``."""
+def _network_dim(network: RegistrationNetwork) -> int | None:
+    """The number of spatial axes of the network's images (its U-Nets'), if it says."""
+    for module in network.modules():
+        if isinstance(getattr(module, "dim", None), int) and module is not network:
+            return module.dim
+    return None
+
+
+def _collate(pairs: Dataset, index: torch.Tensor, device, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 1, *shape)`` moving and fixed batches from dataset items ``(moving, fixed)``; an item
+    image may carry a leading channel axis of size 1, as torch datasets often yield."""
     movings, fixeds = [], []
+    expected = "(H, W) or (D, H, W)" if dim is None else ("(H, W)" if dim == 2 else "(D, H, W)")
     for i in index.tolist():
         item = pairs[i]
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise TypeError(f"pairs: item {i} should be a (moving, fixed) pair, got {describe(item)}")
         for name, value, out in (("moving", item[0], movings), ("fixed", item[1], fixeds)):
             tensor, _ = as_tensor(f"pairs[{i}] {name}", value)
-            if tensor.ndim not in (2, 3):
-                raise ValueError(f"pairs: item {i}'s {name} image should be (H, W) or (D, H, W), "
-                                 f"got {describe(value)}")
+            if dim is not None and tensor.ndim == dim + 1 and tensor.shape[0] == 1:
+                tensor = tensor[0]                       # (1, *spatial): one channel
+            if tensor.ndim not in ((2, 3) if dim is None else (dim,)):
+                raise ValueError(f"pairs: item {i}'s {name} image should be {expected} (optionally with a "
+                                 f"leading channel of 1), got {describe(value)}")
             if not tensor.is_floating_point():
                 raise TypeError(f"pairs: item {i}'s {name} image should be floating, got {tensor.dtype}")
             out.append(tensor.float())
@@ -186,7 +198,7 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc=f"train {loss}", leave=False)
     while not done():
         started = time.perf_counter()
-        moving, fixed = _collate(pairs, stream.batch(step, local_batch), device)
+        moving, fixed = _collate(pairs, stream.batch(step, local_batch), device, _network_dim(network))
         # Noise for the whole global batch (both directions), then this rank's share of it: the
         # sampler deals global batch positions round-robin (rank r holds r, r + N, r + 2N, ...).
         noise = torch.randn(2, batch_size, *moving.shape[2:], moving.ndim - 2, generator=generator)
