@@ -1,0 +1,110 @@
+"""Real labelled 3D brain pairs as NIfTI files, for the benchmarks (not part of the package).
+
+Every builder returns ``{"moving", "fixed", "moving_labels", "fixed_labels"}`` -> paths.
+
+* :func:`packaged`: the packaged 2 mm Colin27 -> MNI152 pair written as distributed (Colin27 RAS
+  on its own field of view, MNI152 LAS).
+* :func:`linear_2mm` / :func:`original_1mm`: the original files from the Debian ``mricron-data``
+  templates folder and the antspyx 0.6.3 ``data`` folder (see ``neuralfield_reg/data/brain/README.md``),
+  at 2 mm by linear interpolation (labels nearest) in each file's own frame, or as they are.
+* :func:`deformed`: an inter-subject-like pair with exact labels: MNI152 (moving) against Colin27
+  moved by a random affine and a smooth random deformation, its intensities changed by a bias
+  field and a gamma (fixed), so that the start is far from aligned and the two brains differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuralfield_reg.coords import identity_grid, sample
+from neuralfield_reg.data.brain import write_brain_pair_nifti
+from neuralfield_reg.filters import gaussian_blur
+from neuralfield_reg.geometry import Grid, Image, resample_to, rotation_matrix
+from neuralfield_reg.io import read_image, write_image
+
+
+def packaged(folder: Path) -> dict:
+    return write_brain_pair_nifti(Path(folder) / "packaged")
+
+
+def _source_files(sources) -> dict:
+    templates, antspyx = (Path(s) for s in sources)
+    return {"moving": templates / "ch2bet.nii.gz", "moving_labels": templates / "aal.nii.gz",
+            "fixed": antspyx / "mni.nii.gz", "fixed_labels": antspyx / "mnia.nii.gz"}
+
+
+def _as_labels(image: Image) -> Image:
+    return image.with_data(np.round(np.asarray(image.data)).astype(np.uint8))
+
+
+def linear_2mm(sources, folder: Path) -> dict:
+    folder = Path(folder) / "linear_2mm"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, path in _source_files(sources).items():
+        image = read_image(path)
+        grid = image.grid
+        coarse = Grid.from_spacing(tuple((n + 1) // 2 for n in grid.shape), 2.0 * np.asarray(grid.spacing),
+                                   origin=grid.origin, direction=grid.direction)
+        labels = key.endswith("labels")
+        source = _as_labels(image) if labels else image.with_data(image.data.astype(np.float32))
+        out[key] = folder / path.name
+        write_image(out[key], resample_to(source, coarse, mode="nearest" if labels else "linear", padding="zeros"))
+    return out
+
+
+def original_1mm(sources, folder: Path) -> dict:
+    folder = Path(folder) / "original_1mm"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, path in _source_files(sources).items():
+        image = read_image(path)
+        out[key] = folder / path.name
+        write_image(out[key], _as_labels(image) if key.endswith("labels") else image)
+    return out
+
+
+def deformed(folder: Path, seed: int, *, magnitude_mm: float = 4.0) -> dict:
+    """MNI152 (moving) against a randomly moved, deformed and re-contrasted Colin27 (fixed), from
+    the packaged 2 mm files; ``seed`` picks the motion."""
+    base = packaged(folder)
+    folder = Path(folder) / f"deformed_{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colin, colin_labels = read_image(base["moving"]), read_image(base["moving_labels"])
+    grid = colin.grid
+    # Colin27's anatomy moved in the world by a random rotation, scaling and shift (the header
+    # stays Colin27's, so the headers' alignment is off by the motion, as for a subject scan not
+    # in MNI space), then deformed by a smooth random displacement
+    motion = np.eye(4)
+    motion[:3, :3] = rotation_matrix(rng.uniform(-10, 10, 3)) @ np.diag(rng.uniform(0.9, 1.1, 3))
+    motion[:3, 3] = rng.uniform(-10, 10, 3)
+    # a smooth random displacement (mm), sampled on a coarse lattice
+    noise = torch.from_numpy(rng.standard_normal((3, *grid.shape))).float()
+    smooth = torch.stack([gaussian_blur(component, 6.0) for component in noise])
+    smooth = smooth * (magnitude_mm / float(smooth.abs().amax()))
+    unit = identity_grid(grid.shape, dtype=torch.float64)                      # fixed voxels, unit
+    world = torch.from_numpy(grid.unit_to_world(unit.numpy()))
+    moved = world @ torch.from_numpy(motion[:3, :3]).T + torch.from_numpy(motion[:3, 3])
+    moved = moved + smooth.movedim(0, -1).double()
+    source_unit = torch.from_numpy(grid.world_to_unit(moved.numpy())).float()
+
+    def warp(image: Image, mode: str) -> np.ndarray:
+        data = torch.from_numpy(np.ascontiguousarray(image.data))
+        if mode == "linear":
+            data = data.float()
+        return sample(data, source_unit, mode=mode, padding="zeros").numpy()
+
+    intensity = warp(colin, "linear")
+    bias = gaussian_blur(torch.from_numpy(rng.standard_normal(grid.shape)).float(), 12.0).numpy()
+    bias = 1.0 + 0.15 * bias / np.abs(bias).max()
+    intensity = np.clip(intensity / max(intensity.max(), 1e-6), 0, 1) ** rng.uniform(0.8, 1.25) * bias
+    fixed_grid = grid
+    out = {"moving": base["fixed"], "moving_labels": base["fixed_labels"],
+           "fixed": folder / "fixed.nii.gz", "fixed_labels": folder / "fixed_labels.nii.gz"}
+    write_image(out["fixed"], Image(intensity.astype(np.float32), fixed_grid))
+    write_image(out["fixed_labels"], Image(warp(colin_labels, "nearest").astype(np.uint8), fixed_grid))
+    return out
