@@ -69,7 +69,7 @@ def folds_of_itk_field(path: Path) -> float:
 def run_start(pair: dict, folder: Path) -> dict:
     started = time.perf_counter()
     fixed_labels = read_image(pair["fixed_labels"])
-    warped = resample_to(read_image(pair["moving_labels"]), fixed_labels.grid, mode="nearest", padding="zeros")
+    warped = resample_to(read_image(pair["moving_labels"]), fixed_labels.grid, mode="label", padding="zeros")
     return {"labels": warped.data, "seconds": time.perf_counter() - started, "folds": 0.0}
 
 

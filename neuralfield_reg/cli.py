@@ -9,7 +9,8 @@
 Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). NIfTI files are
 registered in world coordinates: the fit starts from their headers' alignment (``--init world``),
 whatever the orientation, origin, field of view or spacing of each file. ``--config`` takes a JSON
-file of FitConfig fields, e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
+file of FitConfig fields that override the preset of the images' dimensionality (``FitConfig.preset``),
+e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from .io import read_image, write_image
 from .result import RegistrationResult
 
 
-def _config(path: str | None) -> FitConfig:
+def _config(path: str | None) -> dict | None:
+    """The ``--config`` file's fields (checked now), which override the preset that the images'
+    dimensionality picks; None without the option."""
     if path is None:
-        return FitConfig()
+        return None
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--config: no file at {path!r}")
@@ -42,7 +45,11 @@ def _config(path: str | None) -> FitConfig:
         raise ValueError(f"--config: {path!r} is not valid JSON: {error}") from error
     if not isinstance(values, dict):
         raise ValueError(f"--config: {path!r} should hold a JSON object of FitConfig fields")
-    return FitConfig.from_dict(values)              # fields not given keep their defaults
+    try:
+        FitConfig.from_dict(values)                 # type and range errors before anything is read
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"--config: {path!r}: {error}") from error
+    return values
 
 
 _OPTION_NAMES = {"moving": "moving", "fixed": "fixed", "moving_labels": "--labels", "fixed_labels": "--fixed-labels",
@@ -99,7 +106,7 @@ def _warp(args) -> None:
             raise ValueError(f"-o: {args.output!r} is the {name} file; it would be overwritten")
     result = RegistrationResult.load(args.result)
     image = read_image(args.image)
-    mode = "nearest" if args.nearest else "linear"
+    mode = "nearest" if args.nearest else args.interpolation
     warp = result.warp_inverse if args.inverse else result.warp
     write_image(args.output, warp(image, mode=mode, reference=args.reference))
     print(f"wrote {args.output}")
@@ -158,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     warp.add_argument("result", help="a result.pt written by `nfreg fit` or RegistrationResult.save")
     warp.add_argument("image")
     warp.add_argument("-o", "--output", required=True, help="output file (.npy, .nii, .nii.gz)")
-    warp.add_argument("--nearest", action="store_true", help="nearest-neighbour (label maps)")
+    warp.add_argument("--interpolation", choices=("linear", "nearest", "label"), default="linear",
+                      help="linear (images; default), nearest, or label (label maps: each label interpolated "
+                           "linearly, the most likely taken, as nfreg fit warps --labels)")
+    warp.add_argument("--nearest", action="store_true", help="the same as --interpolation nearest")
     warp.add_argument("--inverse", action="store_true",
                       help="apply phi_BA: a fixed-space image onto the moving grid")
     warp.add_argument("--reference", help="an image whose grid (and header) the output takes; default the "
@@ -193,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "centers (image centres aligned), moments (intensity moments and a rotation "
                                   "search; the default for .npy), or an ITK affine file (.mat/.txt, fixed -> "
                                   "moving, as ANTs writes)")
-        command.add_argument("--config", help="JSON file of FitConfig fields")
+        command.add_argument("--config", help="JSON file of FitConfig fields (on top of the 2d or 3d preset)")
         command.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu, or the rank's GPU)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

@@ -141,15 +141,17 @@ def read_row(row: dict[str, str], names: dict[str, str] | None = None) -> dict[s
     return images
 
 
-def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device, progress: bool, *,
+def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict | None, device, progress: bool, *,
                  init=None, names: dict[str, str] | None = None) -> Registered:
     """Fit one pair of the CSV and write its outputs (see the module docstring).
 
-    Every input is read and checked first (:func:`read_row`), and no input may be one of the
+    ``config``: a FitConfig, or None / a dict of fields over the preset of the images'
+    dimensionality. Every input is read and checked first (:func:`read_row`), and no input may be one of the
     outputs; then the folder is marked incomplete and its earlier outputs removed
     (:func:`~neuralfield_reg._files.begin_outputs`): the caller writes ``summary.json`` and calls
     ``end_outputs`` when it is done. The fit starts from ``init``
-    (:func:`~neuralfield_reg.fit_pair`; default the headers' world alignment). ``dice_before``
+    (:func:`~neuralfield_reg.fit_pair`; default the headers' world alignment). Label maps are
+    warped with label interpolation (``mode="label"``, as ANTs' genericLabel); ``dice_before``
     is the Dice of the moving labels resampled onto the fixed grid by world coordinates alone.
     """
     images = read_row(row, names)
@@ -164,33 +166,38 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig, device,
     # .npy files have no header: their arrays go in bare (identity geometry, image-based start)
     headers = _output_suffix(row["moving"]) != ".npy" and _output_suffix(row["fixed"]) != ".npy"
     inputs = {key: image if headers or image is None else image.data for key, image in images.items()}
+    if not isinstance(config, FitConfig):       # None or overrides: on top of the dimensionality's preset
+        config = FitConfig.from_dict(config or {}, base=FitConfig.for_images(moving.dim))
     start = time.perf_counter()
     result = fit_pair(inputs["moving"], inputs["fixed"], config, init=init, device=device, progress=progress,
                       moving_mask=inputs["moving_mask"], fixed_mask=inputs["fixed_mask"])
     seconds = time.perf_counter() - start
-    write_outputs(pair_dir, result, moving, images["moving_labels"], _output_suffix(row["fixed"]))
+    labels = images["moving_labels"]
+    warped_labels = None if labels is None else result.warp(labels, mode="label")
+    write_outputs(pair_dir, result, moving, warped_labels, _output_suffix(row["fixed"]))
     determinant = result.jacobian_determinant()
     numbers = {"seconds": seconds, "folding_fraction": metrics.folding_fraction(determinant),
                "inverse_consistency_error": result.inverse_consistency_error(),
                "init": result.metadata.get("init"), "world_overlap": fixed.grid.overlap(moving.grid),
                "moving_orientation": orientation_code(moving.grid),
                "fixed_orientation": orientation_code(fixed.grid)}
-    if images["moving_labels"] is not None and images["fixed_labels"] is not None:
-        labels, fixed_labels = images["moving_labels"], images["fixed_labels"].data
-        numbers["dice_before"] = metrics.mean_dice(resample_to(labels, fixed.grid, mode="nearest").data, fixed_labels)
-        numbers["dice"] = metrics.mean_dice(result.warp(labels, mode="nearest").data, fixed_labels)
+    if labels is not None and images["fixed_labels"] is not None:
+        fixed_labels = images["fixed_labels"].data
+        numbers["dice_before"] = metrics.mean_dice(resample_to(labels, fixed.grid, mode="label").data, fixed_labels)
+        numbers["dice"] = metrics.mean_dice(warped_labels.data, fixed_labels)
     return Registered(numbers, result, moving, fixed)
 
 
-def write_outputs(pair_dir: Path, result: RegistrationResult, moving: Image, moving_labels: Image | None,
+def write_outputs(pair_dir: Path, result: RegistrationResult, moving: Image, warped_labels: Image | None,
                   suffix: str) -> None:
-    """The result, the warped image (and labels), det J, the displacement fields and the affine."""
+    """The result, the warped image (and the warped labels, when given), det J, the displacement
+    fields and the affine."""
     pair_dir = Path(pair_dir)
     fixed_grid = result.fixed_grid
     result.save(pair_dir / "result.pt")
     write_image(pair_dir / f"warped{suffix}", result.warp(moving.with_data(np.asarray(moving.data, np.float32))))
-    if moving_labels is not None:
-        write_image(pair_dir / f"warped_labels{suffix}", result.warp(moving_labels, mode="nearest"))
+    if warped_labels is not None:
+        write_image(pair_dir / f"warped_labels{suffix}", warped_labels)
     write_image(pair_dir / f"jacobian_determinant{suffix}", Image(result.jacobian_determinant(), fixed_grid))
     if suffix == ".npy":
         save_image(pair_dir / "displacement_voxels.npy", result.displacement())
@@ -213,7 +220,7 @@ def _done(summary_path: Path, row: dict, settings: dict) -> bool:
             and summary.get("settings") == as_json["settings"])
 
 
-def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=None,
+def run_cohort(pairs_csv, out_dir, config: FitConfig | dict | None = None, *, device=None,
                progress: bool = True, init=None) -> list[dict] | None:
     """Register every pair of ``pairs_csv`` into ``out_dir`` (see the module docstring).
 
@@ -232,7 +239,8 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig = FitConfig(), *, device=No
         pair_dir = out_dir / "pairs" / f"{index:05d}"
         pair_dir.mkdir(parents=True, exist_ok=True)
         summary_path = pair_dir / "summary.json"
-        settings = {"config": config.to_dict(), "init": None if init is None else str(init)}
+        settings = {"config": config.to_dict() if isinstance(config, FitConfig) else config,
+                    "init": None if init is None else str(init)}
         if _done(summary_path, rows[index], settings):
             continue                                     # done by an earlier run, with these inputs
         summary = {"pair": index, "moving": rows[index]["moving"], "fixed": rows[index]["fixed"], "rank": rank,

@@ -101,6 +101,11 @@ class FitConfig:
             function, slower; for comparison).
         clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
             rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
+        foreground: ``"auto"``: where the caller gives no masks, the similarity counts (and draws
+            its points) only inside each image's foreground, found by :func:`foreground_mask`;
+            None uses the whole images.
+        finest_cell_mm: with ``encoding=None``, the cell size (mm) of the hash grid's finest
+            level (see :func:`default_encoding`); None: the image's voxels.
         on_divergence: what a NaN/Inf loss term does: ``"raise"`` stops with
             :class:`~neuralfield_reg.FitDivergedError`; ``"rollback"`` returns to the last good
             state (kept every few iterations), multiplies the learning rate by
@@ -131,6 +136,8 @@ class FitConfig:
     on_divergence: str = "raise"
     rollback_factor: float = 0.1
     max_rollbacks: int = 3
+    foreground: str | None = None
+    finest_cell_mm: float | None = None
 
     def __post_init__(self):
         check_fields(self, {"iterations": "int", "learning_rate": "number", "learning_rate_decay": "number",
@@ -140,7 +147,7 @@ class FitConfig:
                             "level_ramp": "number", "start_levels": "int", "hidden_widths": "ints",
                             "output_scale": "number", "backend": "str", "fused_kernels": "bool",
                             "clip_percentiles": "numbers?", "on_divergence": "str", "rollback_factor": "number",
-                            "max_rollbacks": "int"})
+                            "max_rollbacks": "int", "foreground": "str?", "finest_cell_mm": "number?"})
         for name, kind in (("encoding", HashGridConfig), ("affine", AffineConfig)):
             value = getattr(self, name)
             if value is not None and not isinstance(value, kind):
@@ -187,18 +194,41 @@ class FitConfig:
                  self.rollback_factor)
         _require(isinstance(self.max_rollbacks, int) and self.max_rollbacks >= 0, "FitConfig.max_rollbacks",
                  "an integer >= 0", self.max_rollbacks)
+        _require(self.foreground in (None, "auto"), "FitConfig.foreground", "None or 'auto'", self.foreground)
+        _require(self.finest_cell_mm is None or (math.isfinite(self.finest_cell_mm) and self.finest_cell_mm > 0),
+                 "FitConfig.finest_cell_mm", "None or a positive number of mm", self.finest_cell_mm)
 
-    def resolved(self, shape: Sequence[int]) -> "FitConfig":
-        """This config with ``encoding`` filled in for images of ``shape``."""
+    def resolved(self, shape: Sequence[int], extent: Sequence[float] | None = None) -> "FitConfig":
+        """This config with ``encoding`` filled in for a fixed image of ``shape`` (and physical
+        ``extent``, mm, used with ``finest_cell_mm``)."""
         if self.encoding is not None:
             return self
-        return replace(self, encoding=default_encoding(shape))
+        return replace(self, encoding=default_encoding(shape, extent, self.finest_cell_mm))
+
+    @classmethod
+    def preset(cls, name: str) -> "FitConfig":
+        """Named settings (printed in the README): ``"2d"`` is ``FitConfig()``, measured on 2D
+        shape pairs; ``"3d"`` is measured on real 3D brain pairs (several pairs and preparations,
+        ``benchmarks/real_peers.py``). ``fit_pair`` without a config picks one by the images'
+        dimensionality."""
+        if name not in PRESETS:
+            raise ValueError(f"name: expected one of {sorted(PRESETS)}, got {name!r}")
+        return PRESETS[name]
+
+    @classmethod
+    def for_images(cls, dim: int) -> "FitConfig":
+        """The preset for ``dim``-dimensional images."""
+        return cls.preset("3d" if dim == 3 else "2d")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "FitConfig":
+    def from_dict(cls, values: dict, base: "FitConfig | None" = None) -> "FitConfig":
+        """A config from plain values (as :meth:`to_dict` writes, or a ``--config`` file); fields
+        not given keep those of ``base`` (default ``FitConfig()``)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"config: expected an object of FitConfig fields, got {values!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -214,13 +244,33 @@ class FitConfig:
             if unknown:
                 raise ValueError(f"config: unknown {kind.__name__} fields {sorted(unknown)} in {key!r}")
             values[key] = kind(**section)
-        return cls(**values)
+        return replace(base, **values) if base is not None else cls(**values)
 
 
-def default_encoding(shape: Sequence[int]) -> HashGridConfig:
+def default_encoding(shape: Sequence[int], extent: Sequence[float] | None = None,
+                     finest_cell_mm: float | None = None) -> HashGridConfig:
     """8 levels from resolution 4 up to the image's largest axis, table large enough to be dense
-    at 128^2 and at most 2^19 rows (hashed on finer 3D levels)."""
+    at 128^2 and at most 2^19 rows (hashed on finer 3D levels).
+
+    With ``finest_cell_mm`` (and the domain's ``extent`` in mm), the finest level has cells of
+    about that size instead (at least 8 and at most the image's largest axis), so the field's
+    resolution is physical, the same for a scan at 1 mm and at 2 mm; its table then holds every
+    vertex of the finest level (dense, up to 2^19 rows)."""
     finest = max(8, max(shape))
-    dense_rows = finest ** len(shape)
+    if finest_cell_mm is None or extent is None:
+        dense_rows = finest ** len(shape)
+    else:
+        finest = int(min(finest, max(8, round(max(extent) / finest_cell_mm))))
+        dense_rows = (finest + 1) ** len(shape)
     log2_size = int(min(19, max(14, math.ceil(math.log2(dense_rows)))))
     return HashGridConfig.from_resolutions(4, finest, 8, log2_hashmap_size=log2_size)
+
+
+# The 3D preset, measured against Greedy and ANTs SyN on real brain pairs (benchmarks/real_peers.py):
+# global NCC, which the contrast and bias differences between subjects and templates leave alone
+# where SSD does not; a light blur schedule; a field no finer than 7 mm cells (finer levels matched
+# intensity detail with anatomically wrong motion); the similarity on the images' foreground.
+PRESETS = {
+    "2d": FitConfig(),
+    "3d": FitConfig(similarity="ncc", blur_sigmas=(2.0, 1.0, 0.5, 0.0), finest_cell_mm=7.0, foreground="auto"),
+}

@@ -64,15 +64,16 @@ def sample(image: torch.Tensor, points: torch.Tensor, *, mode: str = "linear",
 
     Args:
         image: ``(*spatial)`` or ``(C, *spatial)`` with ``d`` spatial axes (``d`` is taken from
-            ``points``). ``mode="linear"`` needs a floating image; ``"nearest"`` takes any dtype
-            and returns that dtype (label maps stay integer).
+            ``points``). ``mode="linear"`` needs a floating image; ``"nearest"`` and ``"label"``
+            take any dtype and return that dtype (label maps stay integer).
         points: ``(..., d)`` unit coordinates; differentiable in ``"linear"`` mode.
-        mode: ``"linear"`` (bi/trilinear) or ``"nearest"``.
+        mode: ``"linear"`` (bi/trilinear), ``"nearest"``, or ``"label"`` (for label maps: each
+            label's indicator interpolated linearly, the most likely label taken).
         padding: ``"border"`` (points outside take the nearest edge value) or ``"zeros"``.
     Returns:
         ``(...)`` or ``(C, ...)``: the image values at ``points``.
     """
-    check_choice("mode", mode, ("linear", "nearest"))
+    check_choice("mode", mode, ("linear", "nearest", "label"))
     check_choice("padding", padding, ("border", "zeros"))
     ndim = points.shape[-1] if points.ndim else 0
     if ndim not in (2, 3):
@@ -87,8 +88,9 @@ def sample(image: torch.Tensor, points: torch.Tensor, *, mode: str = "linear",
         raise ValueError(f"image: expected a non-empty image, got shape {tuple(image.shape)}")
     batch_shape = points.shape[:-1]
     flat = points.reshape(-1, ndim)
-    if mode == "nearest":
-        values = _sample_nearest(image if has_channels else image[None], flat, spatial, padding)
+    if mode in ("nearest", "label"):
+        pick = _sample_nearest if mode == "nearest" else _sample_label
+        values = pick(image if has_channels else image[None], flat, spatial, padding)
     else:
         if not image.is_floating_point():
             raise TypeError(f"image: linear sampling needs a floating image, got {image.dtype}; "
@@ -113,6 +115,37 @@ def _sample_nearest(image: torch.Tensor, flat: torch.Tensor, spatial: tuple[int,
                            device=flat.device)
     index = (voxels * strides).sum(-1)
     values = image.reshape(image.shape[0], -1)[:, index]
+    if padding == "zeros":
+        values = torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return values
+
+
+def _sample_label(image: torch.Tensor, flat: torch.Tensor, spatial: tuple[int, ...],
+                  padding: str) -> torch.Tensor:
+    """Label interpolation: each label's indicator interpolated (bi/trilinearly) at the point, and
+    the label with the largest weight wins (ITK's label-image interpolation; ties go to the
+    corner met first). Smoother, more faithful boundaries than nearest neighbour, and only
+    labels present in the image come out. Exact: at a point, the weight of label ``l`` is the sum
+    of the linear weights of the ``2^d`` corner voxels holding ``l``."""
+    d = len(spatial)
+    position = unit_to_voxel(flat.detach(), spatial)
+    sizes = torch.tensor(spatial, device=flat.device)
+    inside = ((position >= -0.5) & (position <= sizes - 0.5)).all(-1)
+    position = torch.minimum(position.clamp_min(0), (sizes - 1).to(position.dtype))
+    low = torch.minimum(position.floor().long(), sizes - 2).clamp_min(0)
+    fraction = position - low
+    strides = torch.tensor([math.prod(spatial[k + 1:]) for k in range(d)], device=flat.device)
+    labels, weights = [], []
+    for corner in range(1 << d):               # the 2^d corners, generically
+        bits = torch.tensor([(corner >> (d - 1 - k)) & 1 for k in range(d)], device=flat.device)
+        index = ((low + bits) * strides).sum(-1)
+        labels.append(image.reshape(image.shape[0], -1)[:, index])                    # (C, N)
+        weights.append(torch.where(bits.bool(), fraction, 1.0 - fraction).prod(-1))   # (N,)
+    labels = torch.stack(labels, -1)                                                  # (C, N, 2^d)
+    weights = torch.stack(weights, -1)                                                # (N, 2^d)
+    same = labels[..., :, None] == labels[..., None, :]                               # (C, N, 2^d, 2^d)
+    total = (same * weights[None, :, None, :]).sum(-1)                                # (C, N, 2^d)
+    values = torch.gather(labels, -1, total.argmax(-1, keepdim=True))[..., 0]
     if padding == "zeros":
         values = torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
     return values

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._optim import make_adam
@@ -26,7 +27,7 @@ from .config import FitConfig
 from .coords import identity_grid, sample_batch
 from .encoders import resolve_backend
 from .fields import MapPair, MapPairs
-from .filters import gaussian_blur_batch
+from .filters import gaussian_blur, gaussian_blur_batch
 from .fused import fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
 from .geometry import Grid, Image
 from .io import as_image
@@ -114,7 +115,7 @@ def level_weights(iteration: int, config: FitConfig, n_levels: int, device) -> t
     return (active - torch.arange(n_levels, device=device, dtype=torch.float32)).clamp(0.0, 1.0)
 
 
-def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, init=None, device=None,
+def fit_pair(moving, fixed, config: FitConfig | None = None, *, spacing=None, init=None, device=None,
              seed: int = 0, progress: bool = True, moving_mask=None, fixed_mask=None) -> RegistrationResult:
     """Register a moving image A to a fixed image B with a pair of neural fields.
 
@@ -124,7 +125,8 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, in
             number of axes (grids may differ). Images and files carry their geometry (world
             space); bare arrays get identity geometry (voxel sizes ``spacing``, no orientation).
             Intensities are rescaled to [0, 1] internally.
-        config: :class:`FitConfig`; defaults are the measured ones printed in the README.
+        config: :class:`FitConfig`; None takes the preset of the images' dimensionality
+            (``FitConfig.preset("2d")`` = ``FitConfig()``, or ``"3d"``), printed in the README.
         spacing: for bare arrays only: voxel size per axis for both images (None: 1), or
             ``(moving_spacing, fixed_spacing)``. The inverse-consistency penalty is measured in
             physical units.
@@ -153,7 +155,7 @@ def fit_pair(moving, fixed, config: FitConfig = FitConfig(), *, spacing=None, in
                 fixed_masks=None if fixed_mask is None else [fixed_mask])[0]
 
 
-def fit_pairs(movings, fixeds, config: FitConfig = FitConfig(), *, spacing=None, init=None, device=None,
+def fit_pairs(movings, fixeds, config: FitConfig | None = None, *, spacing=None, init=None, device=None,
               seed: int = 0, progress: bool = True, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
     """Fit ``B`` pairs in one optimisation: each pair has its own hash tables and MLPs, stored in
     batched tensors, and every step evaluates all pairs together (no loop over pairs).
@@ -222,6 +224,18 @@ def _check_masks(caller: str, kind: str, masks, images: torch.Tensor, grids: lis
             raise ValueError(f"{name}: the mask is empty; nothing would be compared")
         checked.append(tensor)
     return torch.stack(checked)
+
+
+def foreground_mask(image: torch.Tensor, threshold: float = 0.05, dilation: int = 2) -> torch.Tensor:
+    """Where an image (normalised to [0, 1], ``(*spatial)``) is not background: above
+    ``threshold`` after a 1-voxel Gaussian blur (noise and isolated voxels do not count), dilated
+    by ``dilation`` voxels so the borders of the object stay in. The whole image if that leaves
+    fewer than 1 % of the voxels."""
+    blurred = gaussian_blur(image.float(), 1.0)
+    mask = (blurred > threshold).float()[None, None]
+    pool = F.max_pool3d if image.ndim == 3 else F.max_pool2d
+    mask = pool(mask, 2 * dilation + 1, stride=1, padding=dilation)[0, 0] > 0
+    return mask if float(mask.float().mean()) >= 0.01 else torch.ones_like(mask)
 
 
 def _padded_nonzero(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,9 +393,11 @@ def _divergence(values: list[list[float]], names: list[str], config: FitConfig, 
 def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, device, seed: int, progress: bool,
          caller: str, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
     """The optimisation behind fit_pair (B = 1) and fit_pairs."""
-    if not isinstance(config, FitConfig):
-        raise TypeError(f"config: expected a FitConfig, got {type(config).__name__}")
+    if config is not None and not isinstance(config, FitConfig):
+        raise TypeError(f"config: expected a FitConfig or None, got {type(config).__name__}")
     moving_images, fixed_images, known = _as_images(caller, movings, fixeds, spacing)
+    if config is None:                  # the preset of the images' dimensionality
+        config = FitConfig.for_images(moving_images[0].dim)
     init = _check_init(init, known)
     if device is None:
         data = moving_images[0].data
@@ -398,9 +414,13 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, devic
                              f"got {sorted({grid.spacing for grid in grids})}; fit groups of equal grids")
     masks = {"A": _check_masks(caller, "moving", moving_masks, moving_t, moving_grids),
              "B": _check_masks(caller, "fixed", fixed_masks, fixed_t, fixed_grids)}
+    if config.foreground == "auto":
+        for key, images in (("A", moving_t), ("B", fixed_t)):
+            if masks[key] is None:
+                masks[key] = torch.stack([foreground_mask(image) for image in images])
     n_pairs, dim = moving_t.shape[0], moving_t.ndim - 1
     moving_shape, fixed_shape = tuple(moving_t.shape[1:]), tuple(fixed_t.shape[1:])
-    config = config.resolved(fixed_shape)
+    config = config.resolved(fixed_shape, fixed_grids[0].extent)
     backend = resolve_backend(config.backend, device)
 
     start_time = time.perf_counter()

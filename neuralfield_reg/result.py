@@ -193,7 +193,7 @@ class RegistrationResult:
         return self._warp(image, mode, "BA", reference, padding)
 
     def _warp(self, image, mode: str, direction: str, reference, padding: str):
-        check_choice("mode", mode, ("linear", "nearest"))
+        check_choice("mode", mode, ("linear", "nearest", "label"))
         check_choice("padding", padding, ("border", "zeros"))
         map_, source, target = self._direction(direction)
         which = "moving" if direction == "AB" else "fixed"

@@ -54,7 +54,7 @@ def test_fit_and_warp_work_in_world_coordinates(files, tmp_path, capsys):
     assert summary["init"] == "world" and (summary["moving_orientation"], summary["fixed_orientation"]) == ("RAS", "LAS")
     fixed_labels = read_image(files["fixed_labels"])
     moving_labels = read_image(files["moving_labels"])
-    by_world = resample_to(moving_labels, fixed_labels.grid, mode="nearest").data
+    by_world = resample_to(moving_labels, fixed_labels.grid, mode="label").data
     assert summary["dice_before"] == pytest.approx(metrics.mean_dice(by_world, fixed_labels.data))
     assert summary["dice"] > summary["dice_before"] + 0.05 and summary["dice"] > 0.85
     assert summary["folding_fraction"] == 0.0 and 0.5 < summary["world_overlap"] <= 1.0
@@ -67,7 +67,7 @@ def test_fit_and_warp_work_in_world_coordinates(files, tmp_path, capsys):
 
     # nfreg warp: by default onto the fixed grid with its header; --reference another grid; --inverse
     assert main(["warp", str(out / "result.pt"), str(files["moving_labels"]), "-o", str(tmp_path / "w.nii.gz"),
-                 "--nearest"]) == 0
+                 "--interpolation", "label"]) == 0
     again = read_image(tmp_path / "w.nii.gz")
     assert again.grid.same_as(fixed_labels.grid)
     np.testing.assert_array_equal(again.data, warped.data)

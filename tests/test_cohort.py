@@ -142,7 +142,7 @@ def test_cli_fit_warp_and_cohort(tmp_path, capsys):
     assert summary["dice"] > summary["dice_before"] + 0.08            # measured: 0.43 -> 0.57
     assert summary["backend"] in ("native", "torch")
     assert main(["warp", str(out / "result.pt"), str(tmp_path / "moving_labels0.npy"), "-o",
-                 str(tmp_path / "w.npy"), "--nearest"]) == 0
+                 str(tmp_path / "w.npy"), "--interpolation", "label"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "w.npy"), np.load(out / "warped_labels.npy"))
     assert main(["cohort", str(pairs_csv), "-o", str(tmp_path / "cohort"), "--config", str(config),
                  "--quiet"]) == 0

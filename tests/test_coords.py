@@ -93,3 +93,28 @@ def test_batched_sampling_matches_one_image_at_a_time(shape):
             assert torch.allclose(batched[b], sample(images[b], points[b], padding=padding), atol=1e-12)
     with pytest.raises(ValueError, match="images and points"):
         sample_batch(images, points[:2])
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_label_interpolation_is_the_most_likely_label(dim):
+    """Against an independent reference: every label's indicator sampled linearly (grid_sample
+    path), the label with the largest interpolated weight; at voxel centres the labels themselves."""
+    from neuralfield_reg.coords import sample_batch
+    generator = torch.Generator().manual_seed(dim)
+    shape = (7, 6, 5)[:dim]
+    labels = torch.randint(0, 4, shape, generator=generator).to(torch.int16) * 3      # values 0, 3, 6, 9
+    points = torch.rand(500, dim, generator=generator, dtype=torch.float64) * 1.1 - 0.05
+    out = sample(labels, points, mode="label")
+    assert out.dtype == torch.int16
+    values = torch.unique(labels)
+    one_hot = torch.stack([(labels == v).double() for v in values])                   # (L, *shape)
+    weights = sample_batch(one_hot[None], points[None].double())[0]                  # (L, N)
+    expected = values[weights.argmax(0)]
+    clear = weights.topk(2, dim=0).values
+    clear = (clear[0] - clear[1]) > 1e-9                                              # no ties
+    assert clear.float().mean() > 0.9
+    assert torch.equal(out[clear], expected[clear])
+    centres = identity_grid(shape, dtype=torch.float64).reshape(-1, dim)
+    assert torch.equal(sample(labels, centres, mode="label"), labels.reshape(-1))
+    outside = sample(labels, torch.full((1, dim), 1.5, dtype=torch.float64), mode="label", padding="zeros")
+    assert outside.item() == 0

@@ -274,3 +274,53 @@ def test_masked_points_are_drawn_from_the_mask_voxels():
     assert counts.tolist() == [3, 2]
     assert voxels[0].tolist() == [2, 5, 7] and voxels[1, :2].tolist() == [0, 9]
     assert voxels[1, 2].item() in (0, 9)             # padding repeats a mask voxel
+
+
+def test_the_preset_follows_the_dimensionality_and_overrides_apply():
+    flat = nfr.fit_pair(np.random.default_rng(0).random((16, 16)).astype(np.float32),
+                        np.random.default_rng(1).random((16, 16)).astype(np.float32),
+                        dataclasses.replace(nfr.FitConfig(), iterations=2), progress=False)
+    assert flat.config.similarity == nfr.FitConfig().similarity
+    volume = np.zeros((12, 12, 12), np.float32)
+    volume[3:9, 3:9, 3:9] = 1.0
+    preset = nfr.FitConfig.preset("3d")
+    assert preset.similarity == "ncc" and preset.foreground == "auto" and nfr.FitConfig.preset("2d") == nfr.FitConfig()
+    with pytest.raises(ValueError, match="name"):
+        nfr.FitConfig.preset("4d")
+    quick = nfr.FitConfig.from_dict({"iterations": 3, "affine": None}, base=preset)
+    assert quick.iterations == 3 and quick.similarity == "ncc" and quick.affine is None
+    result = nfr.fit_pair(volume, np.roll(volume, 1, 0), quick, progress=False)
+    # the encoding's finest level follows finest_cell_mm: 11 mm of extent / 7 mm -> at least 8
+    assert result.config.encoding is not None and result.config.foreground == "auto"
+
+
+def test_fit_without_a_config_takes_the_3d_preset_for_volumes(monkeypatch):
+    import neuralfield_reg.fit as fit_module
+    volume = np.zeros((12, 12, 12), np.float32)
+    volume[3:9, 3:9, 3:9] = 1.0
+    seen = {}
+    original = fit_module.FitConfig.for_images
+
+    def short(dim):
+        seen["dim"] = dim
+        return dataclasses.replace(original(dim), iterations=2)
+    monkeypatch.setattr(fit_module.FitConfig, "for_images", staticmethod(short))
+    result = nfr.fit_pair(volume, np.roll(volume, 1, 0), progress=False)
+    assert seen["dim"] == 3 and result.config.similarity == "ncc" and result.config.iterations == 2
+
+
+def test_foreground_mask_is_the_object_with_a_margin():
+    from neuralfield_reg.fit import foreground_mask
+    image = torch.zeros(20, 20, 20)
+    image[8:12, 8:12, 8:12] = 1.0
+    mask = foreground_mask(image)
+    assert mask[10, 10, 10] and mask[6, 10, 10] and not mask[2, 10, 10] and not mask[10, 10, 17]
+    assert foreground_mask(torch.full((20, 20), 0.01)).all()          # nothing stands out: all of it
+
+
+def test_hidden_layers_start_with_zero_biases():
+    from neuralfield_reg.fields import DisplacementFields
+    fields = DisplacementFields(3, 2, nfr.HashGridConfig(), (32, 32), backend="torch")
+    for bias in fields.biases:
+        assert torch.count_nonzero(bias) == 0
+    assert torch.count_nonzero(fields.weights[0]) > 0 and torch.count_nonzero(fields.weights[-1]) == 0

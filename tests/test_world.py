@@ -201,7 +201,7 @@ def test_world_maps_affine_part_and_warps_onto_other_grids():
     onto = result.warp(moving_labels, mode="nearest", reference=cropped)
     assert onto.grid is cropped
     assert (onto.data == default[:, :, 4:14]).mean() > 0.99
-    inverse = result.warp_inverse(fixed_labels, mode="nearest")
+    inverse = result.warp_inverse(fixed_labels, mode="label")
     assert inverse.grid is result.moving_grid
     assert metrics.mean_dice(inverse.data, moving_labels.data) > 0.8
 
