@@ -212,6 +212,22 @@ class _Images:
     def blurred(self, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         return gaussian_blur(self.moving, sigma), gaussian_blur(self.fixed, sigma)
 
+    def level(self, sigma: float, max_shrink: int) -> tuple[torch.Tensor, ...]:
+        """``(moving, fixed, grid_moving, grid_fixed)`` blurred by ``sigma`` voxels, then shrunk
+        by the largest power of two <= ``min(sigma, max_shrink)``: a blur of ``sigma`` voxels
+        leaves nothing that a grid ``sigma`` times coarser loses, and a step there costs
+        ``shrink^d`` times less (a resolution pyramid, as ANTs' and Greedy's affine stages run)."""
+        moving, fixed = self.blurred(sigma)
+        shrink = 1
+        while shrink * 2 <= min(sigma, max_shrink):
+            shrink *= 2
+        if shrink == 1:
+            return moving, fixed, self.grid_moving, self.grid_fixed
+        moving = resample(moving, tuple(max(4, -(-n // shrink)) for n in moving.shape))
+        fixed = resample(fixed, tuple(max(4, -(-n // shrink)) for n in fixed.shape))
+        return (moving, fixed, identity_grid(moving.shape, dtype=moving.dtype, device=moving.device),
+                identity_grid(fixed.shape, dtype=fixed.dtype, device=fixed.device))
+
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
     """``(d, d)`` proper rotation of one angle (2D) or a rotation vector (3D, radians)."""
@@ -232,7 +248,7 @@ def _descend(images: _Images, config: AffineConfig, steps: int, parameters: list
     optimizer = make_adam(parameters, config.learning_rate)
     per_stage = max(1, steps // len(config.blur_sigmas))
     for stage, sigma in enumerate(config.blur_sigmas):
-        cost = costs(*images.blurred(sigma))
+        cost = costs(*images.level(sigma, config.max_shrink))
         last = stage == len(config.blur_sigmas) - 1
         for _ in range(max(0, steps - per_stage * stage if last else per_stage)):
             optimizer.zero_grad()
@@ -301,8 +317,8 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
         return AffineTransform(linear, translation * length, tuple(extent_moving), tuple(extent_fixed))
 
     def costs(kind):
-        def build(moving_s, fixed_s):
-            cost = _Cost(moving_s, fixed_s, images.grid_moving, images.grid_fixed, s_A, s_B, kernels, kind)
+        def build(moving_s, fixed_s, grid_moving, grid_fixed):
+            cost = _Cost(moving_s, fixed_s, grid_moving, grid_fixed, s_A, s_B, kernels, kind)
             return lambda linear, translation: cost(linear, translation * length)
         return build
 

@@ -420,7 +420,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, devic
                 masks[key] = torch.stack([foreground_mask(image) for image in images])
     n_pairs, dim = moving_t.shape[0], moving_t.ndim - 1
     moving_shape, fixed_shape = tuple(moving_t.shape[1:]), tuple(fixed_t.shape[1:])
-    config = config.resolved(fixed_shape, fixed_grids[0].extent)
+    config = config.resolved(fixed_shape)
     backend = resolve_backend(config.backend, device)
 
     start_time = time.perf_counter()
@@ -459,7 +459,8 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, devic
 
     grid_A = identity_grid(moving_shape, device=device).reshape(-1, dim)
     grid_B = identity_grid(fixed_shape, device=device).reshape(-1, dim)
-    stages = [(gaussian_blur_batch(moving_t, s)[:, None], gaussian_blur_batch(fixed_t, s)[:, None])
+    stages = [(gaussian_blur_batch(moving_t, config.blur_voxels(s, moving_grids[0].spacing))[:, None],
+               gaussian_blur_batch(fixed_t, config.blur_voxels(s, fixed_grids[0].spacing))[:, None])
               for s in config.blur_sigmas]
     similarity = SIMILARITIES[config.similarity]
     n_levels = config.encoding.n_levels

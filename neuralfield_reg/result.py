@@ -66,6 +66,21 @@ class RegistrationResult:
         self.history = history if history is not None else {}
         self.elapsed_s = float(elapsed_s)
         self.metadata = dict(metadata or {})
+        self._dense: dict = {}           # dense maps and det J on the images' grids, see _cached
+
+    def _cached(self, key, compute):
+        """``compute()``, kept for the next call with the same ``key`` while the maps' parameters
+        and device are unchanged (their version counters tell an in-place change): a pipeline's
+        outputs (warped image and labels, det J, both ITK fields, the inverse-consistency error)
+        then evaluate each map on its grid once. Two entries per direction at most."""
+        state = (self.device, tuple(p._version for p in self.maps.parameters()),
+                 tuple(b._version for b in self.maps.buffers()))
+        entry = self._dense.get(key)
+        if entry is not None and entry[0] == state:
+            return entry[1]
+        value = compute()
+        self._dense[key] = (state, value)
+        return value
 
     @property
     def moving_shape(self) -> tuple[int, ...]:
@@ -110,12 +125,19 @@ class RegistrationResult:
             return self.phi_AB, self.moving_grid, self.fixed_grid
         return self.phi_BA, self.fixed_grid, self.moving_grid
 
-    def _map_grid(self, map_, shape) -> torch.Tensor:
-        """Evaluate a map on every voxel of ``shape``, in chunks: ``(*shape, d)``."""
-        grid = identity_grid(shape, device=self.device).reshape(-1, self.dim)
-        with torch.no_grad():
-            out = torch.cat([map_(chunk) for chunk in grid.split(CHUNK_POINTS)])
-        return out.reshape(*shape, self.dim)
+    def _map_grid(self, map_, shape, direction: str | None = None) -> torch.Tensor:
+        """Evaluate a map on every voxel of ``shape``, in chunks: ``(*shape, d)`` (cached when
+        ``direction`` names the map and ``shape`` is its target grid's; not to be modified in
+        place)."""
+        def compute():
+            grid = identity_grid(shape, device=self.device).reshape(-1, self.dim)
+            with torch.no_grad():
+                out = torch.cat([map_(chunk) for chunk in grid.split(CHUNK_POINTS)])
+            return out.reshape(*shape, self.dim)
+
+        if direction is not None and tuple(shape) == self._direction(direction)[2].shape:
+            return self._cached(("map", direction), compute)
+        return compute()
 
     # -- world coordinates ----------------------------------------------------------------------
     def _unit_affine(self, direction: str) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +186,7 @@ class RegistrationResult:
         target voxel ``i`` the world position the map sends it to minus its own, so that
         ``p_source = p_target + u`` (``"AB"``: on the fixed grid, into the moving image)."""
         map_, source, target = self._direction(direction)
-        mapped = self._map_grid(map_, target.shape).double().cpu().numpy()
+        mapped = self._map_grid(map_, target.shape, direction).double().cpu().numpy()
         own = target.voxel_to_world(np.indices(target.shape, dtype=np.float64).reshape(self.dim, -1).T)
         return source.unit_to_world(mapped).reshape(*target.shape, self.dim) - own.reshape(*target.shape, self.dim)
 
@@ -221,7 +243,7 @@ class RegistrationResult:
         output_grid = _reference_grid(reference, target, self.dim)
         source_device = tensor.device
         if output_grid is target and image_grid is source:
-            points = self._map_grid(map_, target.shape)
+            points = self._map_grid(map_, target.shape, direction)
         else:
             points = self._map_world(map_, output_grid, target, source, image_grid)
         warped = sample(tensor.to(self.device), points.to(tensor.dtype) if tensor.is_floating_point()
@@ -258,7 +280,7 @@ class RegistrationResult:
         """
         map_, source, target = self._direction(direction)
         source_shape, target_shape = source.shape, target.shape
-        mapped = self._map_grid(map_, target_shape)
+        mapped = self._map_grid(map_, target_shape, direction)
         source_voxels = mapped * torch.tensor([n - 1 for n in source_shape], device=self.device)
         target_voxels = identity_grid(target_shape, device=self.device) * \
             torch.tensor([n - 1 for n in target_shape], device=self.device)
@@ -273,6 +295,9 @@ class RegistrationResult:
         the native backend on the CPU by the fused ``fields_jacobian`` kernel (the same numbers,
         about 5x faster on large volumes).
         """
+        return self._cached(("det", direction), lambda: self._jacobian_determinant(direction)).copy()
+
+    def _jacobian_determinant(self, direction: str) -> np.ndarray:
         map_, source, target = self._direction(direction)
         source_extent = torch.tensor(source.extent, device=self.device)
         target_extent = torch.tensor(target.extent, device=self.device)
@@ -305,14 +330,14 @@ class RegistrationResult:
         ``|phi_BA(phi_AB(y)) - y|`` over the fixed grid. NaN if no voxel qualifies.
         """
         errors = []
-        for outer, inner, shape in ((self.phi_AB, self.phi_BA, self.moving_shape),
-                                    (self.phi_BA, self.phi_AB, self.fixed_shape)):
+        for outer, inner, shape, direction in ((self.phi_AB, self.phi_BA, self.moving_shape, "BA"),
+                                               (self.phi_BA, self.phi_AB, self.fixed_shape, "AB")):
             grid = identity_grid(shape, device=self.device).reshape(-1, self.dim)
+            inner_on_grid = self._map_grid(inner, shape, direction).reshape(-1, self.dim)
             scale = torch.tensor([n - 1 for n in shape], device=self.device)
             total, count = 0.0, 0
             with torch.no_grad():
-                for chunk in grid.split(CHUNK_POINTS):
-                    middle = inner(chunk)
+                for chunk, middle in zip(grid.split(CHUNK_POINTS), inner_on_grid.split(CHUNK_POINTS)):
                     inside = ((middle >= 0) & (middle <= 1)).all(-1)
                     if bool(inside.any()):
                         residual = (outer(middle[inside]) - chunk[inside]) * scale

@@ -290,8 +290,23 @@ def test_the_preset_follows_the_dimensionality_and_overrides_apply():
     quick = nfr.FitConfig.from_dict({"iterations": 3, "affine": None}, base=preset)
     assert quick.iterations == 3 and quick.similarity == "ncc" and quick.affine is None
     result = nfr.fit_pair(volume, np.roll(volume, 1, 0), quick, progress=False)
-    # the encoding's finest level follows finest_cell_mm: 11 mm of extent / 7 mm -> at least 8
     assert result.config.encoding is not None and result.config.foreground == "auto"
+    # the finest level's cells are finest_cell_voxels wide (at least 8 cells), the same number of
+    # cells over a 2 mm and a 1 mm scan of one field of view when the preset doubles nothing else
+    from neuralfield_reg.config import default_encoding
+    for shape, cells in (((91, 109, 91), 31), ((181, 217, 181), 62), ((12, 12, 12), 8)):
+        encoding = default_encoding(shape, 3.5)
+        finest = encoding.base_resolution * encoding.per_level_scale ** (encoding.n_levels - 1)
+        assert round(finest) == cells
+    assert result.config.encoding == default_encoding((12, 12, 12), preset.finest_cell_voxels)
+
+
+def test_blur_in_mm_blurs_by_sigma_over_the_spacing():
+    config = nfr.FitConfig(blur_sigmas=(4.0, 0.0), blur_in_mm=True)
+    assert config.blur_voxels(4.0, (2.0, 1.0, 4.0)) == (2.0, 4.0, 1.0)
+    assert nfr.FitConfig(blur_sigmas=(4.0, 0.0)).blur_voxels(4.0, (2.0, 1.0)) == (4.0, 4.0)
+    with pytest.raises(TypeError, match="blur_in_mm"):
+        nfr.FitConfig(blur_in_mm="yes")
 
 
 def test_fit_without_a_config_takes_the_3d_preset_for_volumes(monkeypatch):

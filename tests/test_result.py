@@ -162,7 +162,31 @@ def test_chunked_dense_outputs_equal_unchunked(monkeypatch):
                        result.inverse_consistency_error())
     whole = outputs()
     monkeypatch.setattr(result_module, "CHUNK_POINTS", 97)
+    result._dense.clear()                       # dense maps are cached: compute them again
     chunked = outputs()
     for a, b in zip(whole[:3], chunked[:3]):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert chunked[3] == pytest.approx(whole[3], rel=1e-5)
+
+
+def test_dense_outputs_are_cached_until_the_maps_change():
+    """A pipeline's outputs evaluate each map once on its grid; a change of the parameters (in
+    place, as load_state_dict does) is seen, and a returned det J can be modified freely."""
+    result = affine_result(np.array([[1.05, 0.02], [0.0, 0.97]]), [0.01, -0.02], shape=(12, 14))
+    with torch.no_grad():
+        for parameter in result.maps.parameters():
+            parameter.normal_(0, 0.01)
+    image = np.random.default_rng(0).random((12, 14)).astype(np.float32)
+    first = (result.warp(image), result.jacobian_determinant())
+    first[1][:] = -1.0                          # the caller's copy, not the cache
+    second = (result.warp(image), result.jacobian_determinant(), result.world_displacement("AB"))
+    np.testing.assert_array_equal(first[0], second[0])
+    assert (second[1] > 0).all()
+    assert len(result._dense) == 2              # phi_AB on the fixed grid, det J of AB
+    with torch.no_grad():
+        for parameter in result.maps.parameters():
+            parameter.add_(0.02)
+    third = result.warp(image)
+    assert np.abs(third - second[0]).max() > 1e-4
+    result._dense.clear()
+    np.testing.assert_allclose(result.warp(image), third, rtol=0, atol=0)
