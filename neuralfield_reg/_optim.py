@@ -32,6 +32,10 @@ class Adam:
         self.first = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
         self.second = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
 
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """The learning rate of the next steps (a schedule sets it before each step)."""
+        self.param_groups[0]["lr"] = float(learning_rate)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for parameter in self.parameters:
             if set_to_none:

@@ -10,40 +10,31 @@ iterations. Both maps start from the affine stage (``phi = affine + u``, ``u = 0
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ._optim import make_adam
 from .affine import AffineTransform, fit_affine, moments_start
 from .config import FitConfig
-from .coords import identity_grid, sample_batch
 from .encoders import resolve_backend
+from .engine import FitDivergedError, Guard, Sampler, Schedule, make_objective, optimise
+from .engine.sampler import patch_indices, patch_shape  # noqa: F401  (their home before engine/)
+from .engine.schedule import level_weights  # noqa: F401
 from .fields import MapPair, MapPairs
-from .filters import gaussian_blur, gaussian_blur_batch
-from .fused import fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
+from .filters import gaussian_blur
 from .geometry import Grid, Image
 from .io import as_image
-from .losses import SIMILARITIES, inverse_consistency_terms
 from .result import RegistrationResult
 from .transforms.world import INIT_NAMES, initial_world, orientation, world_to_local
 from .validation import as_tensor, check_image, check_spacing, describe
 
-
-# With on_divergence="rollback", the state is kept every this many iterations.
-_GOOD_STATE_EVERY = 10
-
-
-class FitDivergedError(RuntimeError):
-    """The optimisation diverged: a NaN or Inf, an exploding gradient-ICON penalty, or maps that
-    left the image; the message names the iteration and what went wrong."""
+__all__ = ["FitDivergedError", "fit_pair", "fit_pairs", "foreground_mask", "normalize_intensity"]
 
 
 def _split_spacing(spacing, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -74,45 +65,6 @@ def normalize_intensity(name: str, image: torch.Tensor, clip: tuple[float, float
     if not bool(torch.isfinite(high - low)):
         raise ValueError(f"{name}: the intensity range [{float(low)}, {float(high)}] is too large to rescale")
     return ((image - low) / (high - low)).float()
-
-
-def patch_shape(shape, patch_size: int) -> list[int]:
-    """The patch grid of :func:`patch_indices`: ``patch_size`` voxels per axis, or the whole axis
-    where it is shorter."""
-    return [min(patch_size, n) for n in shape]
-
-
-def patch_indices(shape, n_pairs: int, n_patches: int, patch_size: int, generator: torch.Generator,
-                  centres: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat voxel indices ``(n_pairs, n_patches * p^d)`` of random cubic patches inside a grid of
-    ``shape``: each run of ``p^d`` indices is one patch in C order, ``p = min(patch_size, axis)``
-    per axis (so a patch never leaves the grid).
-
-    Args:
-        centres: optional flat voxel indices ``(n_pairs, n_patches)``; each patch then contains
-            its centre voxel (centred on it, shifted only to stay inside the grid).
-    """
-    device = generator.device
-    patch = patch_shape(shape, patch_size)
-    if centres is None:
-        corners = torch.stack([torch.randint(n - p + 1, (n_pairs, n_patches), generator=generator, device=device)
-                               for n, p in zip(shape, patch)], dim=-1)                  # (B, P, d)
-    else:
-        voxels = torch.stack(torch.unravel_index(centres, tuple(shape)), dim=-1)
-        corners = torch.stack([(voxels[..., a] - p // 2).clamp(0, n - p) for a, (n, p) in enumerate(zip(shape, patch))],
-                              dim=-1)
-    offsets = torch.stack(torch.meshgrid(*[torch.arange(p, device=device) for p in patch], indexing="ij"),
-                          dim=-1).reshape(-1, len(shape))                                # (p^d, d)
-    strides = torch.tensor([math.prod(shape[a + 1:]) for a in range(len(shape))], device=device)
-    return ((corners[:, :, None, :] + offsets) * strides).sum(-1).reshape(n_pairs, -1)
-
-
-def level_weights(iteration: int, config: FitConfig, n_levels: int, device) -> torch.Tensor:
-    """Weights in [0, 1] per hash-grid level: a ramp from ``start_levels`` to all levels."""
-    ramp_iterations = config.level_ramp * config.iterations
-    progress = 1.0 if ramp_iterations <= 0 else min(1.0, iteration / ramp_iterations)
-    active = config.start_levels + progress * (n_levels - config.start_levels)
-    return (active - torch.arange(n_levels, device=device, dtype=torch.float32)).clamp(0.0, 1.0)
 
 
 def fit_pair(moving, fixed, config: FitConfig | None = None, *, spacing=None, init=None, device=None,
@@ -238,15 +190,6 @@ def foreground_mask(image: torch.Tensor, threshold: float = 0.05, dilation: int 
     return mask if float(mask.float().mean()) >= 0.01 else torch.ones_like(mask)
 
 
-def _padded_nonzero(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices of each row's set voxels, ``(B, max count)`` padded with the row's first
-    one, and the counts ``(B,)``."""
-    counts = masks.sum(1)
-    order = torch.argsort((~masks).to(torch.uint8), dim=1, stable=True)[:, :int(counts.max())]
-    column = torch.arange(order.shape[1], device=masks.device)
-    return torch.where(column < counts[:, None], order, order[:, :1]), counts
-
-
 def _check_images(caller: str, movings: list, fixeds: list, device,
                   clip: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked, [0, 1]-normalised images stacked as ``(B, *shape)`` (moving, fixed)."""
@@ -354,45 +297,30 @@ def _start_overlap(world: np.ndarray, grid_A: Grid, grid_B: Grid) -> float:
 _LOW_OVERLAP = 0.2
 
 
-# A gradient-ICON penalty above this (the mean squared Frobenius norm of the residual's Jacobian,
-# dimensionless; working fits stay below 0.1: at most 0.03 on 2D shapes, 0.001 on a brain pair)
-# means the two maps no longer invert each other: the fit diverged although every number is finite.
-_PENALTY_LIMIT = 10.0
-# A displacement field longer than this (unit coordinates: image widths) has left the image by far.
-# (A small pair with a weak affine start legitimately reached 1.04 widths in its background.)
-_DISPLACEMENT_LIMIT = 4.0
 
 
-def _divergence(values: list[list[float]], names: list[str], config: FitConfig, maps: MapPairs,
-                level_weights: torch.Tensor | None, check_maps: bool) -> tuple[int, str, str] | None:
-    """``(pair, what, how)`` of the first sign that the fit diverged, else None: a NaN/Inf term,
-    an exploding gradient-ICON penalty, or (checked every few iterations, and always before a
-    rollback snapshot) displacement fields longer than the image."""
-    for p, row in enumerate(values):
-        for name, value in zip(names, row):
-            if not math.isfinite(value):
-                return p, f"{name} term", f"became {value}"
-        penalty = row[names.index("gradient_icon")]
-        if config.gradient_icon_weight > 0 and penalty > _PENALTY_LIMIT:
-            return p, "gradient_icon term", f"exploded to {penalty:.3g} (working fits stay below 0.1)"
-    if check_maps:
-        dim = maps.dim
-        axis = torch.linspace(0.0, 1.0, 5, device=maps.matrices.device)
-        lattice = torch.stack(torch.meshgrid(*[axis] * dim, indexing="ij"), -1).reshape(-1, dim)
-        with torch.no_grad():
-            fields = maps.fields.forward_batched(lattice.expand(maps.fields.n_fields, *lattice.shape).contiguous(),
-                                                 level_weights)
-        longest = fields.norm(dim=-1).amax(1)                                   # (2B,) unit coordinates
-        field = int(torch.argmax(longest))
-        if not bool(torch.isfinite(longest).all()) or float(longest[field]) > _DISPLACEMENT_LIMIT:
-            return field // 2, "displacement", (f"reached {float(longest[field]):.3g} image widths "
-                                                f"({'phi_AB' if field % 2 == 0 else 'phi_BA'})")
-    return None
+@dataclass(frozen=True)
+class _Inputs:
+    """A fit's checked inputs: ``config`` resolved for the fixed grid, the normalised images
+    ``(B, *shape)``, their grids, the masks by direction (``"A"``: moving, ``"B"``: fixed), the
+    initialisation, whether all inputs carry geometry, the device and the encoder backend."""
+
+    config: FitConfig
+    moving: torch.Tensor
+    fixed: torch.Tensor
+    moving_grids: list[Grid]
+    fixed_grids: list[Grid]
+    masks: dict
+    init: object
+    known: bool
+    device: torch.device
+    backend: str
 
 
-def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, device, seed: int, progress: bool,
-         caller: str, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
-    """The optimisation behind fit_pair (B = 1) and fit_pairs."""
+def _inputs(caller: str, movings: list, fixeds: list, config: FitConfig | None, spacing, init, device,
+            moving_masks, fixed_masks) -> _Inputs:
+    """The inputs of fit_pair / fit_pairs checked, with the preset of the images'
+    dimensionality when ``config`` is None and the automatic foreground masks when asked for."""
     if config is not None and not isinstance(config, FitConfig):
         raise TypeError(f"config: expected a FitConfig or None, got {type(config).__name__}")
     moving_images, fixed_images, known = _as_images(caller, movings, fixeds, spacing)
@@ -418,239 +346,66 @@ def _fit(movings: list, fixeds: list, config: FitConfig, *, spacing, init, devic
         for key, images in (("A", moving_t), ("B", fixed_t)):
             if masks[key] is None:
                 masks[key] = torch.stack([foreground_mask(image) for image in images])
-    n_pairs, dim = moving_t.shape[0], moving_t.ndim - 1
-    moving_shape, fixed_shape = tuple(moving_t.shape[1:]), tuple(fixed_t.shape[1:])
-    config = config.resolved(fixed_shape)
-    backend = resolve_backend(config.backend, device)
+    config = config.resolved(tuple(fixed_t.shape[1:]))
+    return _Inputs(config, moving_t, fixed_t, moving_grids, fixed_grids, masks, init, known, device,
+                   resolve_backend(config.backend, device))
 
-    start_time = time.perf_counter()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    extent_A, extent_B = moving_grids[0].extent, fixed_grids[0].extent
 
-    pairs, starts = [], []
-    for p in range(n_pairs):            # set-up only: the affine stage and the initialisation
-        (affine_AB, affine_BA), world = _start(init, moving_t[p], fixed_t[p], (moving_grids[p], fixed_grids[p]),
-                                               config, backend == "native" and config.fused_kernels, known)
-        starts.append(world)
+def _initial_maps(inputs: _Inputs, caller: str, seed: int) -> tuple[MapPairs, list[float | None]]:
+    """The pairs' maps at their start (the affine stage included), stacked, and the share of each
+    fixed image that its world start maps inside the moving image (None when image-based)."""
+    config, dim = inputs.config, inputs.moving.ndim - 1
+    native = inputs.backend == "native" and config.fused_kernels
+    pairs, overlaps = [], []
+    for p in range(inputs.moving.shape[0]):
+        grids = (inputs.moving_grids[p], inputs.fixed_grids[p])
+        (affine_AB, affine_BA), world = _start(inputs.init, inputs.moving[p], inputs.fixed[p], grids, config,
+                                               native, inputs.known)
+        overlaps.append(None if world is None else _start_overlap(world, *grids))
         with torch.random.fork_rng(devices=[]):      # the maps are initialised on the CPU, then moved
             torch.manual_seed(seed + p)
             pairs.append(MapPair(dim, encoding=config.encoding, hidden_widths=config.hidden_widths,
-                                 output_scale=config.output_scale, backend=backend,
-                                 affine_AB=affine_AB, affine_BA=affine_BA).to(device))
-    overlaps = [None if world is None else _start_overlap(world, moving_grids[p], fixed_grids[p])
-                for p, world in enumerate(starts)]
+                                 output_scale=config.output_scale, backend=inputs.backend,
+                                 affine_AB=affine_AB, affine_BA=affine_BA).to(inputs.device))
     for p, overlap in enumerate(overlaps):
         if overlap is not None and overlap < _LOW_OVERLAP:
             where = f" of pair {p}" if caller == "fit_pairs" else ""
-            warnings.warn(f"{caller}: the start ({init if isinstance(init, str) else 'given transform'}) maps only "
-                          f"{100 * overlap:.0f} % of the fixed image{where} inside the moving image; if the two "
-                          "headers do not share a world frame, use init='centers' or init='moments'", stacklevel=3)
+            start = inputs.init if isinstance(inputs.init, str) else "given transform"
+            warnings.warn(f"{caller}: the start ({start}) maps only {100 * overlap:.0f} % of the fixed image{where} "
+                          "inside the moving image; if the two headers do not share a world frame, use "
+                          "init='centers' or init='moments'", stacklevel=4)
     maps = MapPairs.stack(pairs)
     maps.fields.use_fused = config.fused_kernels
+    return maps, overlaps
+
+
+def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init, device, seed: int,
+         progress: bool, caller: str, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
+    """The optimisation behind fit_pair (B = 1) and fit_pairs: the inputs checked, the maps
+    started, then the field stage (:mod:`neuralfield_reg.engine`)."""
+    inputs = _inputs(caller, movings, fixeds, config, spacing, init, device, moving_masks, fixed_masks)
+    config, n_pairs = inputs.config, inputs.moving.shape[0]
+    start_time = time.perf_counter()
+    generator = torch.Generator(device=inputs.device).manual_seed(seed)
+    maps, overlaps = _initial_maps(inputs, caller, seed)
     optimizer = make_adam(list(maps.parameters()), config.learning_rate)
-    field_parameters = list(maps.fields.parameters())     # in fused_loss_gradients' order
-    learning_rate_scale = 1.0          # lowered by each rollback
-
-    def learning_rate(iteration: int) -> float:
-        """Cosine from ``learning_rate`` to ``learning_rate * learning_rate_decay``."""
-        cosine = 0.5 * (1.0 + math.cos(math.pi * iteration / max(1, config.iterations - 1)))
-        decay = config.learning_rate_decay
-        return learning_rate_scale * config.learning_rate * (decay + (1.0 - decay) * cosine)
-
-    grid_A = identity_grid(moving_shape, device=device).reshape(-1, dim)
-    grid_B = identity_grid(fixed_shape, device=device).reshape(-1, dim)
-    stages = [(gaussian_blur_batch(moving_t, config.blur_voxels(s, moving_grids[0].spacing))[:, None],
-               gaussian_blur_batch(fixed_t, config.blur_voxels(s, fixed_grids[0].spacing))[:, None])
-              for s in config.blur_sigmas]
-    similarity = SIMILARITIES[config.similarity]
-    n_levels = config.encoding.n_levels
-    names = ["loss", "similarity", "gradient_icon"] + (["icon"] if config.icon_weight > 0 else [])
-    history: list[dict[str, list[float]]] = [{name: [] for name in names} for _ in range(n_pairs)]
-
-    # Random similarity points (and LNCC patch centres) are drawn inside the target image's mask
-    # when it has one: the budget goes where the similarity counts (the brain, not the background).
-    mask_voxels = {key: None if mask is None else _padded_nonzero(mask.reshape(n_pairs, -1))
-                   for key, mask in masks.items()}
-
-    def similarity_points(grid, shape, key):
-        """All voxels, random voxels or random LNCC patches: ``(points (B, N, d), flat voxel
-        indices (B, N) or None)`` (patches: see :func:`patch_indices`)."""
-        def at_voxels(index):                      # grid[index], without advanced indexing's cost
-            return grid.index_select(0, index.reshape(-1)).reshape(*index.shape, grid.shape[1])
-
-        def in_mask(count):
-            voxels, counts = mask_voxels[key]
-            draw = torch.rand(n_pairs, count, generator=generator, device=device)
-            return torch.gather(voxels, 1, (draw * counts[:, None]).long().clamp_max(voxels.shape[1] - 1))
-
-        if config.similarity == "lncc":
-            if config.lncc_patches is None:
-                return grid.expand(n_pairs, *grid.shape), None     # whole images (neighbourhoods)
-            centres = None if mask_voxels[key] is None else in_mask(config.lncc_patches)
-            index = patch_indices(shape, n_pairs, config.lncc_patches, config.lncc_patch_size, generator, centres)
-            return at_voxels(index), index
-        if config.similarity_points is None or config.similarity_points >= grid.shape[0]:
-            return grid.expand(n_pairs, *grid.shape), None
-        if mask_voxels[key] is not None:
-            index = in_mask(config.similarity_points)
-        else:
-            index = torch.randint(grid.shape[0], (n_pairs, config.similarity_points), generator=generator,
-                                  device=device)
-        # In voxel order, consecutive points read nearby hash-table rows (the fused CPU kernels
-        # run about 10 % faster than on scattered points); the order does not change the mean.
-        # (numpy's sort of a few thousand indices is ~2x faster than torch's on the CPU.)
-        if index.device.type == "cpu":
-            index = torch.from_numpy(np.sort(index.numpy(), axis=1))
-        return at_voxels(index), index
-
-    def at_points(values, index):
-        """``(B, N)``: ``(B, ...)`` per-voxel values at the flat voxel indices (all when None)."""
-        flat = values.reshape(n_pairs, -1)
-        return flat if index is None else torch.gather(flat, 1, index)
-
-    def similarity_term(sources, targets, mapped, index, mask):
-        """Per pair ``(B,)``: ``sources`` sampled at ``mapped`` against ``targets`` (only where
-        ``mask``, the target image's mask, is set, when there is one)."""
-        warped = sample_batch(sources, mapped)[:, 0]                              # (B, N)
-        target_values = at_points(targets, index)
-        if config.similarity == "lncc":
-            if index is None:
-                return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
-                                  window=config.lncc_window, batched=True, weights=mask)
-            patch = patch_shape(targets.shape[2:], config.lncc_patch_size)
-            # With a mask, every patch holds its (masked) centre voxel, so no patch is all-zero.
-            weights = None if mask is None else torch.gather(mask.reshape(n_pairs, -1), 1, index).reshape(-1, *patch)
-            per_patch = similarity(warped.reshape(-1, *patch), target_values.reshape(-1, *patch),
-                                   window=config.lncc_window, batched=True, weights=weights)
-            return per_patch.reshape(n_pairs, -1).mean(1)
-        # Only where the map lands inside the other image's domain: outside it there is nothing
-        # to compare (padding would invent structure, e.g. streaks from a shape cut by the border).
-        # A pair with fewer than 16 such points compares all of them. (similarity_ssd_fused
-        # computes the same SSD in one native call.)
-        inside = ((mapped >= 0) & (mapped <= 1)).all(-1)
-        inside = inside | (inside.sum(1, keepdim=True) < 16)
-        if mask is not None:
-            inside = inside & at_points(mask, index)
-            inside = inside | ~inside.any(1, keepdim=True)        # no point left: compare all
-        return similarity(warped, target_values, batched=True, weights=inside)
-
-    # With the native backend on the CPU, SSD runs as one fused kernel (maps, sampling, SSD and
-    # its gradient) when both directions have as many points.
-    fused_similarity = config.similarity == "ssd" and maps.fields.fused_for(grid_B)
-
-    def fused_similarity_args(moving_s, fixed_s, drawn):
-        """similarity_ssd_fused's (and fused_loss's) arguments for the drawn points."""
-        (points_B, index_B), (points_A, index_A) = drawn
-
-        def mask_at(key, index):
-            return None if masks[key] is None else at_points(masks[key], index).to(points_B.dtype)
-
-        return ((maps, moving_s[:, 0], fixed_s[:, 0], points_B, at_points(fixed_s, index_B), points_A,
-                 at_points(moving_s, index_A)), {"masks_B": mask_at("B", index_B), "masks_A": mask_at("A", index_A)})
-
-    def similarity_of_both(moving_s, fixed_s, weights, drawn):
-        (points_B, index_B), (points_A, index_A) = drawn
-        if fused_similarity and points_B.shape == points_A.shape:
-            args, kwargs = fused_similarity_args(moving_s, fixed_s, drawn)
-            return similarity_ssd_fused(*args, **kwargs, level_weights=weights)
-        mapped_B, mapped_A = maps(points_B, points_A, weights)      # phi_AB on B's grid, phi_BA on A's
-        return (similarity_term(moving_s, fixed_s, mapped_B, index_B, masks["B"])
-                + similarity_term(fixed_s, moving_s, mapped_A, index_A, masks["A"]))
-
-    good_state, rollbacks = None, []
-    bar = tqdm(total=config.iterations, disable=not progress, desc=caller, leave=False)
-    iteration = 0
-    while iteration < config.iterations:
-        stage = min(iteration * len(stages) // config.iterations, len(stages) - 1)
-        moving_s, fixed_s = stages[stage]
-        weights = level_weights(iteration, config, n_levels, device)
-
-        optimizer.zero_grad(set_to_none=True)
-        drawn = (similarity_points(grid_B, fixed_shape, "B"), similarity_points(grid_A, moving_shape, "A"))
-        points = torch.rand(n_pairs, config.gradient_icon_points, dim, generator=generator, device=device)
-        fused_penalty = config.icon_weight == 0 and maps.fields.fused_for(points)
-        (points_B, _), (points_A, _) = drawn
-        gradients = None               # or the parameters' gradients, computed with the loss
-        if fused_penalty and fused_similarity and points_B.shape == points_A.shape:
-            # both fused CPU kernels, their gradients summed in one set of buffers: no autograd graph
-            args, kwargs = fused_similarity_args(moving_s, fixed_s, drawn)
-            loss, similarity_value, penalty_value, gradients = fused_loss_gradients(
-                *args, points, config.gradient_icon_weight, **kwargs, extent_A=extent_A, extent_B=extent_B,
-                level_weights=weights)
-            terms = {"similarity": similarity_value, "gradient_icon": penalty_value}
-        else:
-            terms = {"similarity": similarity_of_both(moving_s, fixed_s, weights, drawn)}
-            if fused_penalty:
-                # the fused CPU kernel: the same penalty, in one native call
-                terms["gradient_icon"] = gradient_icon_fused(maps, points, extent_A=extent_A, extent_B=extent_B,
-                                                             level_weights=weights)
-            else:
-                consistency = inverse_consistency_terms(lambda a, b: maps(a, b, weights), points,
-                                                        extent_A=extent_A, extent_B=extent_B)
-                terms["gradient_icon"] = consistency["gradient_icon"]
-            loss = terms["similarity"] + config.gradient_icon_weight * terms["gradient_icon"]
-        if config.icon_weight > 0:
-            terms["icon"] = consistency["icon"]
-            loss = loss + config.icon_weight * terms["icon"]
-        terms["loss"] = loss
-        values = torch.stack([terms[name].detach() for name in names], dim=1).tolist()   # (B, terms)
-        bad = _divergence(values, names, config, maps, weights, check_maps=iteration % _GOOD_STATE_EVERY == 0)
-        if bad:
-            p, name, what = bad
-            where = f" of pair {p}" if caller == "fit_pairs" else ""
-            message = f"{caller}: the {name}{where} {what} at iteration {iteration}"
-            if config.on_divergence != "rollback" or good_state is None or len(rollbacks) >= config.max_rollbacks:
-                advice = (f" after {len(rollbacks)} rollbacks; lower FitConfig.learning_rate"
-                          if config.on_divergence == "rollback" else
-                          "; lower FitConfig.learning_rate (or set on_divergence='rollback')")
-                raise FitDivergedError(f"{message}{advice} or check the images")
-            iteration, state, optimizer_state, generator_state = good_state
-            maps.load_state_dict(state)
-            optimizer.load_state_dict(optimizer_state)
-            generator.set_state(generator_state)
-            learning_rate_scale *= config.rollback_factor
-            rollbacks.append({"iteration": iteration, "term": name.split()[0], "learning_rate_scale": learning_rate_scale})
-            for pair_history in history:
-                for values_of_term in pair_history.values():
-                    del values_of_term[iteration:]
-            bar.n = iteration
-            continue
-        if config.on_divergence == "rollback" and iteration % _GOOD_STATE_EVERY == 0:
-            good_state = (iteration, copy.deepcopy(maps.state_dict()), copy.deepcopy(optimizer.state_dict()),
-                          generator.get_state())
-        for pair_history, row in zip(history, values):
-            for name, value in zip(names, row):
-                pair_history[name].append(value)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(iteration)
-        if gradients is None:
-            loss.sum().backward()        # pairs share no parameter: each gets its own gradient
-        else:
-            for parameter, gradient in zip(field_parameters, gradients, strict=True):
-                parameter.grad = gradient
-        optimizer.step()
-        iteration += 1
-        bar.update(1)
-        if progress and iteration % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean([row[0] for row in values]):.4g}")
-    bar.close()
-
-    for name, parameter in maps.named_parameters():
-        if not bool(torch.isfinite(parameter).all()):
-            raise FitDivergedError(f"{caller}: parameter {name} became non-finite in the last step")
-    bad = _divergence([], names, config, maps, None, check_maps=True)
-    if bad:
-        where = f" of pair {bad[0]}" if caller == "fit_pairs" else ""
-        raise FitDivergedError(f"{caller}: the {bad[1]}{where} {bad[2]} at the end; lower FitConfig.learning_rate")
+    sampler = Sampler(config, {"A": tuple(inputs.moving.shape[1:]), "B": tuple(inputs.fixed.shape[1:])},
+                      inputs.masks, n_pairs, generator)
+    schedule = Schedule(config, inputs.moving, inputs.fixed,
+                        (inputs.moving_grids[0].spacing, inputs.fixed_grids[0].spacing))
+    objective = make_objective(config, maps, sampler, inputs.masks,
+                               (inputs.moving_grids[0].extent, inputs.fixed_grids[0].extent))
+    guard = Guard(config, caller, objective.names, maps, optimizer, generator, schedule)
+    history = optimise(config.iterations, sampler, schedule, objective, guard, optimizer,
+                       list(maps.fields.parameters()), progress=progress, desc=caller)
     elapsed = time.perf_counter() - start_time
     results = []
     for p, pair in enumerate(maps.unstack()):
-        metadata = {"seed": seed + p, "device": str(device), "rollbacks": rollbacks,
-                    "init": _init_name(init, config),
-                    "start_overlap": overlaps[p]}
+        metadata = {"seed": seed + p, "device": str(inputs.device), "rollbacks": guard.rollbacks,
+                    "init": _init_name(inputs.init, config), "start_overlap": overlaps[p]}
         if caller == "fit_pairs":
             metadata.update(batch_size=n_pairs, pair_index=p, batch_elapsed_s=elapsed)
         results.append(RegistrationResult(
-            pair, moving_grid=moving_grids[p], fixed_grid=fixed_grids[p], config=config, backend=backend,
-            history=history[p], elapsed_s=elapsed / n_pairs, metadata=metadata))
+            pair, moving_grid=inputs.moving_grids[p], fixed_grid=inputs.fixed_grids[p], config=config,
+            backend=inputs.backend, history=history.per_pair[p], elapsed_s=elapsed / n_pairs, metadata=metadata))
     return results

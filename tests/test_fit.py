@@ -266,7 +266,7 @@ def test_lncc_on_patches_registers_a_volume():
 
 
 def test_masked_points_are_drawn_from_the_mask_voxels():
-    from neuralfield_reg.fit import _padded_nonzero
+    from neuralfield_reg.engine.sampler import padded_nonzero as _padded_nonzero
     masks = torch.zeros(2, 10, dtype=torch.bool)
     masks[0, [2, 5, 7]] = True
     masks[1, [0, 9]] = True
