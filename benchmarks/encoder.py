@@ -36,7 +36,7 @@ from neuralfield_reg.coords import identity_grid, sample_batch
 from neuralfield_reg.encoders import BackendUnavailableError, resolve_backend
 from neuralfield_reg.fields import MapPairs
 from neuralfield_reg.fit import make_adam
-from neuralfield_reg.fused import fused_loss_gradients
+from neuralfield_reg.fused import PenaltyInputs, SimilarityInputs, fused_loss_gradients
 from neuralfield_reg.losses import inverse_consistency_terms
 
 ROWS = {"torch": ("torch", False), "native": ("native", False), "native-fused": ("native", True),
@@ -89,8 +89,8 @@ def make_row(backend: str, fused: bool, device: torch.device, dim: int, points: 
         points_B, points_A = voxels(), voxels()
         penalty_points = torch.rand(1, max(1, points // 8), dim, device=device)
         if fused:                          # as fit_pair: both kernels' loss and gradients, no autograd graph
-            gradients = fused_loss_gradients(maps, image[:, 0], image[:, 0], points_B, zeros, points_A, zeros,
-                                             penalty_points, 0.5)[3]
+            inputs = SimilarityInputs(image[:, 0], image[:, 0], points_B, zeros, points_A, zeros)
+            gradients = fused_loss_gradients(maps, inputs, PenaltyInputs(penalty_points, 0.5))[3]
             for parameter, gradient in zip(maps.fields.parameters(), gradients, strict=True):
                 parameter.grad = gradient
         else:

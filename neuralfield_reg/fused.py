@@ -16,7 +16,7 @@ of small autograd operations (``cuda_ext/fused_cpu.cpp``):
     fused_loss              similarity + weight * penalty (the two above),  scales the stored
                             both kernels' gradients in one set of buffers   gradient
     fused_loss_gradients    fused_loss and its parameter gradients,         none (no graph)
-                            without autograd (fit_pair assigns .grad)
+                            without autograd (the fit assigns .grad)
     fields_jacobian         du_t/dx by forward-mode jets (for dense         none (no graph)
                             Jacobian determinants)
     ======================  ==============================================  =====================
@@ -26,10 +26,15 @@ reverse mode is written out in the kernel, so no double backward is needed. All 
 only (their backward is not differentiable again); the general autograd path
 (``losses.inverse_consistency_terms`` on the native or torch encodings) is the reference the tests
 compare them with.
+
+The similarity's inputs travel as a :class:`SimilarityInputs`, the penalty's as a
+:class:`PenaltyInputs`. Convention: points are unit coordinates (``[0, 1]^d`` over an image's
+domain); field ``2 p`` is pair ``p``'s ``phi_AB`` and ``2 p + 1`` its ``phi_BA``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -45,16 +50,14 @@ def fused_supported(encoding, *tensors: torch.Tensor) -> bool:
 
 
 def _kernel_args(encoding: NativeHashGridEncoding, level_weights: torch.Tensor | None, like: torch.Tensor):
-    config = encoding.config
+    module, geometry = encoding.kernel_setup()
     # The parameter itself, not a reshaped view: the Functions reshape it inside (autograd then
     # sums the kernels' table gradients in place, without a view's backward and an extra copy).
     table = encoding.params
     if level_weights is None:
-        level_weights = torch.ones(config.n_levels, dtype=like.dtype)
+        level_weights = torch.ones(encoding.config.n_levels, dtype=like.dtype)
     level_weights = level_weights.to(like.device, like.dtype).contiguous()
-    geometry = (encoding._geometry, config.n_features_per_level, config.interpolation == "Smoothstep",
-                encoding.layout.total_rows)
-    return encoding._module, table, geometry, level_weights
+    return module, table, geometry, level_weights
 
 
 def _rows(table: torch.Tensor, geometry: tuple) -> torch.Tensor:
@@ -165,47 +168,158 @@ def _handed_over(ctx, grad_per_pair: torch.Tensor) -> tuple:
     return _per_pair_gradients(gradients, grad_per_pair, ctx.table_shape)
 
 
-class _FusedGradientIcon(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, points, scales, matrices, offsets, level_weights, module, geometry, scale, n_layers, table,
-                *params):
-        def kernel(points, scales, matrices, offsets, level_weights, table, *params, need_grad=True):
-            return module.gradient_icon(points, scales, matrices, offsets, _rows(table, geometry), *geometry,
-                                        level_weights, list(params[:n_layers]), list(params[n_layers:]), scale,
-                                        need_grad, 1.0, [])
-
-        return _run_and_keep(ctx, kernel, (points, scales, matrices, offsets, level_weights, table, *params),
-                             any(ctx.needs_input_grad[9:]), table.shape)
+class _FusedKernel(torch.autograd.Function):
+    """A fused kernel as an autograd Function: ``kernel(*inputs, need_grad=...)`` returns
+    ``n_values`` per-pair values (only the first differentiable) and the parameter gradients of
+    the first; ``inputs`` are ``n_leading`` tensors, then the table and the MLP's parameters."""
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_penalty):
-        return (None,) * 9 + _handed_over(ctx, grad_penalty)
-
-
-class _FusedSimilarity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, points, targets, masks, moving, fixed, matrices, offsets, level_weights, module, geometry, scale,
-                n_layers, table, *params):
-        def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params,
-                   need_grad=True):
-            return module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets,
-                                         _rows(table, geometry), *geometry, level_weights, list(params[:n_layers]),
-                                         list(params[n_layers:]), scale, need_grad)
-
-        inputs = (points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params)
-        return _run_and_keep(ctx, kernel, inputs, any(ctx.needs_input_grad[12:]), table.shape)
+    def forward(ctx, kernel, n_values, n_leading, *inputs):
+        ctx.n_leading = n_leading
+        values = _run_and_keep(ctx, kernel, inputs, any(ctx.needs_input_grad[3 + n_leading:]),
+                               inputs[n_leading].shape, n_values=n_values)
+        if n_values > 1:
+            ctx.mark_non_differentiable(*values[1:])
+        return values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_similarity):
-        return (None,) * 12 + _handed_over(ctx, grad_similarity)
+    def backward(ctx, grad_value, *_grad_others):
+        return (None,) * (3 + ctx.n_leading) + _handed_over(ctx, grad_value)
 
 
-def _loss_kernels(module, geometry, scale, n_layers, penalty_weight):
-    """The kernel of fused_loss: both native calls, the penalty's weighted gradients added to the
-    similarity's. ``kernel(*inputs, need_grad=...)`` returns ``[loss, similarity, penalty]`` and,
-    with ``need_grad``, dtable, then dW and db per layer."""
+@dataclass(frozen=True)
+class SimilarityInputs:
+    """The SSD similarity's inputs for ``B`` pairs.
+
+    Attributes:
+        moving, fixed: ``(B, *shape_A)`` and ``(B, *shape_B)`` images.
+        points_B, points_A: ``(B, N, d)`` voxels of B's and A's grids (unit coordinates, equal
+            counts ``N``), where ``moving o phi_AB`` and ``fixed o phi_BA`` are compared.
+        targets_B, targets_A: ``(B, N)`` the fixed image's values at ``points_B`` and the moving
+            image's at ``points_A``.
+        masks_B, masks_A: optional ``(B, N)`` 0/1 weights (the fixed and moving masks there).
+    """
+
+    moving: torch.Tensor
+    fixed: torch.Tensor
+    points_B: torch.Tensor
+    targets_B: torch.Tensor
+    points_A: torch.Tensor
+    targets_A: torch.Tensor
+    masks_B: torch.Tensor | None = None
+    masks_A: torch.Tensor | None = None
+
+    def tensors(self, maps) -> tuple:
+        """The similarity kernel's tensors: points, targets and masks of field 2p (B's voxels,
+        phi_AB) and 2p + 1 (A's voxels, phi_BA) interleaved, the images, and the maps' affine
+        parts."""
+        dtype = self.points_B.dtype
+
+        def interleave(b, a):
+            return torch.stack([b, a], dim=1).reshape(-1, *b.shape[1:]).to(dtype).contiguous()
+
+        if self.masks_B is None and self.masks_A is None:
+            masks = self.points_B.new_zeros(0)
+        else:
+            masks = interleave(self.masks_B if self.masks_B is not None else torch.ones_like(self.targets_B),
+                               self.masks_A if self.masks_A is not None else torch.ones_like(self.targets_A))
+        return (interleave(self.points_B, self.points_A), interleave(self.targets_B, self.targets_A), masks,
+                self.moving.contiguous(), self.fixed.contiguous(), maps.matrices.to(dtype).contiguous(),
+                maps.offsets.to(dtype).contiguous())
+
+
+@dataclass(frozen=True)
+class PenaltyInputs:
+    """The gradient-ICON penalty's inputs: ``points`` ``(B, M, d)`` (unit coordinates of B's
+    domain), its ``weight`` in the loss, and the physical extents (mm per axis) of A's and B's
+    domains, in which the residual's Jacobian is measured (None: 1 per axis)."""
+
+    points: torch.Tensor
+    weight: float = 1.0
+    extent_A: Sequence[float] | None = None
+    extent_B: Sequence[float] | None = None
+
+    def extents(self) -> torch.Tensor:
+        """``(2, d)``: the extent per axis of A's and of B's domain."""
+        dim = self.points.shape[-1]
+        return torch.tensor([list(self.extent_A) if self.extent_A is not None else [1.0] * dim,
+                             list(self.extent_B) if self.extent_B is not None else [1.0] * dim],
+                            dtype=self.points.dtype)
+
+
+def _parameters(fields) -> tuple:
+    return (*fields.weights, *fields.biases)
+
+
+def _gradient_icon_call(maps, penalty: PenaltyInputs, level_weights) -> tuple:
+    """``(kernel, tensors, parameters)`` of :func:`gradient_icon_fused` (see :func:`_loss_call`)."""
+    fields, points = maps.fields, penalty.points
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points)
+    scale, n_layers = float(fields.output_scale), len(fields.weights)
+
+    def kernel(points, scales, matrices, offsets, level_weights, table, *params, need_grad=True):
+        return module.gradient_icon(points, scales, matrices, offsets, _rows(table, geometry), *geometry,
+                                    level_weights, list(params[:n_layers]), list(params[n_layers:]), scale,
+                                    need_grad, 1.0, [])
+
+    tensors = (points.contiguous(), penalty.extents(), maps.matrices.to(points.dtype).contiguous(),
+               maps.offsets.to(points.dtype).contiguous(), level_weights)
+    return kernel, tensors, (table, *_parameters(fields))
+
+
+def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
+                        extent_B: Sequence[float] | None = None,
+                        level_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient-ICON penalty of the ``B`` pairs of a ``MapPairs`` (native encoding), ``(B,)``,
+    at ``(B, N, d)`` points (unit coordinates of B's domain; extents as in
+    :class:`PenaltyInputs`).
+
+    Field ``2 p`` is pair ``p``'s ``phi_AB`` and ``2 p + 1`` its ``phi_BA``, each
+    ``phi(x) = matrices[t] x + offsets[t] + u_t(x)``. The value is that of
+    :func:`~neuralfield_reg.losses.inverse_consistency_terms` ``["gradient_icon"]``.
+    """
+    kernel, tensors, parameters = _gradient_icon_call(maps, PenaltyInputs(points, 1.0, extent_A, extent_B),
+                                                      level_weights)
+    return _FusedKernel.apply(kernel, 1, len(tensors), *tensors, *parameters)
+
+
+def similarity_ssd_fused(maps, inputs: SimilarityInputs, *, level_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The fit's SSD similarity of the ``B`` pairs of a ``MapPairs`` (native encoding), ``(B,)``:
+    ``SSD(moving o phi_AB, fixed)`` at ``points_B`` plus ``SSD(fixed o phi_BA, moving)`` at
+    ``points_A`` (see :class:`SimilarityInputs`).
+
+    Points mapped outside the other image's domain do not count (all count when fewer than 16
+    land inside, or when the mask leaves none), as in the fit's similarity term
+    (``engine.objective.compared_points``).
+    """
+    fields = maps.fields
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, inputs.points_B)
+    scale, n_layers = float(fields.output_scale), len(fields.weights)
+
+    def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params,
+               need_grad=True):
+        return module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets, _rows(table, geometry),
+                                     *geometry, level_weights, list(params[:n_layers]), list(params[n_layers:]),
+                                     scale, need_grad)
+
+    tensors = (*inputs.tensors(maps), level_weights)
+    return _FusedKernel.apply(kernel, 1, len(tensors), *tensors, table, *_parameters(fields))
+
+
+def _loss_call(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, level_weights) -> tuple:
+    """``(kernel, tensors, parameters)`` of the fused loss: both native calls in one kernel (the
+    penalty's weighted gradients added to the similarity's), its leading tensors, and the table
+    and MLP parameters. ``kernel(*tensors, *parameters, need_grad=...)`` returns ``[loss,
+    similarity, penalty]`` and, with ``need_grad``, dtable, then dW and db per layer."""
+    points_B, points = similarity.points_B, penalty.points
+    if points.dim() != 3 or points.shape[::2] != points_B.shape[::2]:
+        raise ValueError(f"penalty.points: expected (B, M, d) points with B and d of points_B "
+                         f"{tuple(points_B.shape)}, got {tuple(points.shape)}")
+    fields = maps.fields
+    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
+    scale, n_layers, weight = float(fields.output_scale), len(fields.weights), float(penalty.weight)
+
     def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
                table, *params, need_grad=True):
         weights, biases, rows = list(params[:n_layers]), list(params[n_layers:]), _rows(table, geometry)
@@ -213,143 +327,33 @@ def _loss_kernels(module, geometry, scale, n_layers, penalty_weight):
                                                        rows, *geometry, level_weights, weights, biases, scale,
                                                        need_grad)
         penalty = module.gradient_icon(penalty_points, scales, matrices, offsets, rows, *geometry, level_weights,
-                                       weights, biases, scale, need_grad, penalty_weight, gradients)[0]
-        return [similarity + penalty_weight * penalty, similarity, penalty, *gradients]
+                                       weights, biases, scale, need_grad, weight, gradients)[0]
+        return [similarity + weight * penalty, similarity, penalty, *gradients]
 
-    return kernel
-
-
-class _FusedLoss(torch.autograd.Function):
-    """similarity + penalty_weight * penalty per pair, both kernels' gradients in one set: the
-    penalty kernel adds its (weighted) gradients to the similarity kernel's, so a step has one
-    table gradient to allocate, fill and hand over instead of two to add up. Takes the kernel and
-    the inputs of _loss_call."""
-
-    @staticmethod
-    def forward(ctx, kernel, *inputs):
-        table = inputs[_LOSS_TABLE]
-        values = _run_and_keep(ctx, kernel, inputs, any(ctx.needs_input_grad[1 + _LOSS_TABLE:]), table.shape,
-                               n_values=3)
-        ctx.mark_non_differentiable(*values[1:])
-        return values
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_similarity, _grad_penalty):
-        return (None,) * (1 + _LOSS_TABLE) + _handed_over(ctx, grad_loss)
+    tensors = (*similarity.tensors(maps), level_weights, points.contiguous(), penalty.extents())
+    return kernel, tensors, (table, *_parameters(fields))
 
 
-def _similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A, masks_B, masks_A) -> tuple:
-    """The similarity kernel's tensors: points, targets and masks of field 2p (B's voxels, phi_AB)
-    and 2p + 1 (A's voxels, phi_BA) interleaved, the images, and the maps' affine parts."""
-    def interleave(b, a):
-        return torch.stack([b, a], dim=1).reshape(-1, *b.shape[1:]).to(points_B.dtype).contiguous()
-
-    masks = (interleave(masks_B if masks_B is not None else torch.ones_like(targets_B),
-                        masks_A if masks_A is not None else torch.ones_like(targets_A))
-             if masks_B is not None or masks_A is not None else points_B.new_zeros(0))
-    return (interleave(points_B, points_A), interleave(targets_B, targets_A), masks, moving.contiguous(),
-            fixed.contiguous(), maps.matrices.to(points_B.dtype).contiguous(),
-            maps.offsets.to(points_B.dtype).contiguous())
-
-
-def _extents(points: torch.Tensor, extent_A, extent_B) -> torch.Tensor:
-    """``(2, d)``: the physical extent per axis of A's and of B's domain (1 when not given)."""
-    dim = points.shape[-1]
-    return torch.tensor([list(extent_A) if extent_A is not None else [1.0] * dim,
-                         list(extent_B) if extent_B is not None else [1.0] * dim], dtype=points.dtype)
-
-
-def fused_loss(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.Tensor, targets_B: torch.Tensor,
-               points_A: torch.Tensor, targets_A: torch.Tensor, penalty_points: torch.Tensor, penalty_weight: float,
-               *, masks_B: torch.Tensor | None = None, masks_A: torch.Tensor | None = None,
-               extent_A: Sequence[float] | None = None, extent_B: Sequence[float] | None = None,
+def fused_loss(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, *,
                level_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fit_pair``'s loss of the ``B`` pairs, ``(loss, similarity, penalty)``, each ``(B,)``:
-    ``loss = similarity + penalty_weight * penalty`` with the similarity of
-    :func:`similarity_ssd_fused` and the penalty of :func:`gradient_icon_fused` (same arguments).
+    """The fit's loss of the ``B`` pairs, ``(loss, similarity, penalty)``, each ``(B,)``:
+    ``loss = similarity + penalty.weight * penalty`` with the similarity of
+    :func:`similarity_ssd_fused` and the penalty of :func:`gradient_icon_fused`.
 
     Only ``loss`` is differentiable (``similarity`` and ``penalty`` are for logging); its
-    gradient is the sum of the two Functions' gradients, computed in one set of buffers (no second
+    gradient is the sum of the two kernels' gradients, computed in one set of buffers (no second
     table gradient to allocate and add)."""
-    return _FusedLoss.apply(*_loss_call(maps, moving, fixed, points_B, targets_B, points_A, targets_A,
-                                        penalty_points, penalty_weight, masks_B, masks_A, extent_A, extent_B,
-                                        level_weights))
+    kernel, tensors, parameters = _loss_call(maps, similarity, penalty, level_weights)
+    return _FusedKernel.apply(kernel, 3, len(tensors), *tensors, *parameters)
 
 
-_LOSS_TABLE = 10       # the table's place in _loss_call's inputs (the MLP's parameters follow it)
-
-
-def _loss_call(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points, penalty_weight,
-               masks_B, masks_A, extent_A, extent_B, level_weights) -> tuple:
-    """``(kernel, *inputs)`` of fused_loss: the kernel of :func:`_loss_kernels`, then its inputs
-    (ten tensors, the table, the MLP's weights and biases)."""
-    if penalty_points.dim() != 3 or penalty_points.shape[::2] != points_B.shape[::2]:
-        raise ValueError(f"penalty_points: expected (B, M, d) points with B and d of points_B "
-                         f"{tuple(points_B.shape)}, got {tuple(penalty_points.shape)}")
-    fields = maps.fields
-    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
-    kernel = _loss_kernels(module, geometry, float(fields.output_scale), len(fields.weights), float(penalty_weight))
-    inputs = (*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A, masks_B, masks_A),
-              level_weights, penalty_points.contiguous(), _extents(penalty_points, extent_A, extent_B), table,
-              *fields.weights, *fields.biases)
-    return (kernel, *inputs)
-
-
-def fused_loss_gradients(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.Tensor,
-                         targets_B: torch.Tensor, points_A: torch.Tensor, targets_A: torch.Tensor,
-                         penalty_points: torch.Tensor, penalty_weight: float, *, masks_B: torch.Tensor | None = None,
-                         masks_A: torch.Tensor | None = None, extent_A: Sequence[float] | None = None,
-                         extent_B: Sequence[float] | None = None, level_weights: torch.Tensor | None = None):
+def fused_loss_gradients(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, *,
+                         level_weights: torch.Tensor | None = None):
     """:func:`fused_loss` without autograd: ``(loss, similarity, penalty, gradients)``, where
     ``gradients`` are the gradients of ``loss.sum()`` with respect to ``maps.fields.parameters()``
-    (in that order), as the kernels computed them with the loss. ``fit_pair`` assigns them to the
+    (in that order), as the kernels computed them with the loss. The fit assigns them to the
     parameters' ``.grad`` and skips the autograd graph, its backward pass and its bookkeeping."""
-    kernel, *inputs = _loss_call(maps, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points,
-                                 penalty_weight, masks_B, masks_A, extent_A, extent_B, level_weights)
+    kernel, tensors, parameters = _loss_call(maps, similarity, penalty, level_weights)
     with torch.no_grad():
-        loss, similarity, penalty, *gradients = kernel(*inputs)
-    return loss, similarity, penalty, list(_in_parameter_order(gradients, inputs[_LOSS_TABLE].shape))
-
-
-def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
-                        extent_B: Sequence[float] | None = None,
-                        level_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The gradient-ICON penalty of the ``B`` pairs of a ``MapPairs`` (native encoding), ``(B,)``,
-    at ``(B, N, d)`` points.
-
-    Field ``2 p`` is pair ``p``'s ``phi_AB`` and ``2 p + 1`` its ``phi_BA``, each
-    ``phi(x) = matrices[t] x + offsets[t] + u_t(x)``. The value is that of
-    :func:`~neuralfield_reg.losses.inverse_consistency_terms` ``["gradient_icon"]``.
-    """
-    fields = maps.fields
-    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points)
-    return _FusedGradientIcon.apply(points.contiguous(), _extents(points, extent_A, extent_B),
-                                    maps.matrices.to(points.dtype).contiguous(),
-                                    maps.offsets.to(points.dtype).contiguous(), level_weights, module, geometry,
-                                    float(fields.output_scale), len(fields.weights), table, *fields.weights,
-                                    *fields.biases)
-
-
-def similarity_ssd_fused(maps, moving: torch.Tensor, fixed: torch.Tensor, points_B: torch.Tensor,
-                         targets_B: torch.Tensor, points_A: torch.Tensor, targets_A: torch.Tensor, *,
-                         masks_B: torch.Tensor | None = None, masks_A: torch.Tensor | None = None,
-                         level_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The fit's SSD similarity of the ``B`` pairs of a ``MapPairs`` (native encoding), ``(B,)``:
-    ``SSD(moving o phi_AB, fixed)`` at ``points_B`` plus ``SSD(fixed o phi_BA, moving)`` at ``points_A``.
-
-    Args:
-        moving, fixed: ``(B, *shape_A)`` and ``(B, *shape_B)`` images.
-        points_B, points_A: ``(B, N, d)`` voxels of B's and A's grids (equal counts ``N``).
-        targets_B, targets_A: ``(B, N)`` the fixed image's values at ``points_B`` and the moving
-            image's at ``points_A``.
-        masks_B, masks_A: optional ``(B, N)`` 0/1 weights (the fixed and moving masks there).
-    Points mapped outside the other image's domain do not count (all count when fewer than 16
-    land inside, or when the mask leaves none), as in ``fit_pair``'s similarity term.
-    """
-    fields = maps.fields
-    module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
-    return _FusedSimilarity.apply(*_similarity_inputs(maps, moving, fixed, points_B, targets_B, points_A, targets_A,
-                                                      masks_B, masks_A),
-                                  level_weights, module, geometry, float(fields.output_scale), len(fields.weights),
-                                  table, *fields.weights, *fields.biases)
+        loss, similarity_value, penalty_value, *gradients = kernel(*tensors, *parameters)
+    return loss, similarity_value, penalty_value, list(_in_parameter_order(gradients, parameters[0].shape))

@@ -13,9 +13,9 @@ from neuralfield_reg.data import shape_pairs
 from neuralfield_reg.encoders import HashGridConfig
 from neuralfield_reg.fields import MapPairs
 from neuralfield_reg.coords import sample_batch
-from neuralfield_reg.fused import (_FusedGradientIcon, _kernel_args, fields_displacement, fields_jacobian,
-                                   fused_loss, fused_loss_gradients, gradient_icon_fused,
-                                   similarity_ssd_fused)
+from neuralfield_reg.fused import (PenaltyInputs, SimilarityInputs, _FusedKernel, _gradient_icon_call,
+                                   fields_displacement, fields_jacobian, fused_loss, fused_loss_gradients,
+                                   gradient_icon_fused, similarity_ssd_fused)
 from neuralfield_reg.losses import inverse_consistency_terms, ssd
 
 CASES = [  # (dim, encoding, hidden widths); every encoding mixes dense and hashed levels
@@ -129,8 +129,8 @@ def test_similarity_matches_the_autograd_path(dim, encoding, widths, dtype, tole
     targets_B, targets_A = torch.rand(2, n_points, dtype=dtype), torch.rand(2, n_points, dtype=dtype)
     masks_B = (torch.rand(2, n_points) > 0.3).to(dtype)
     masks_B[1] = 0                                       # pair 1: the mask leaves no point
-    fused = similarity_ssd_fused(native, moving, fixed, points_B, targets_B, points_A, targets_A, masks_B=masks_B,
-                                 level_weights=level_weights)
+    fused = similarity_ssd_fused(native, SimilarityInputs(moving, fixed, points_B, targets_B, points_A, targets_A,
+                                                          masks_B=masks_B), level_weights=level_weights)
     mapped_B, mapped_A = reference(points_B, points_A, level_weights)
     expected = reference_ssd(moving, mapped_B, targets_B, masks_B) + reference_ssd(fixed, mapped_A, targets_A, None)
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=0)
@@ -156,9 +156,9 @@ def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, w
     masks_A = (torch.rand(2, n_points) > 0.3).to(dtype)
     penalty_points = torch.rand(2, 30, dim, dtype=dtype)
     extent_A, extent_B = [1.0, 2.0, 1.5][:dim], [2.0, 1.0, 0.7][:dim]
-    loss, similarity, penalty = fused_loss(native, moving, fixed, points_B, targets_B, points_A, targets_A,
-                                           penalty_points, weight, masks_A=masks_A, extent_A=extent_A,
-                                           extent_B=extent_B, level_weights=level_weights)
+    inputs = SimilarityInputs(moving, fixed, points_B, targets_B, points_A, targets_A, masks_A=masks_A)
+    penalty_inputs = PenaltyInputs(penalty_points, weight, extent_A, extent_B)
+    loss, similarity, penalty = fused_loss(native, inputs, penalty_inputs, level_weights=level_weights)
     mapped_B, mapped_A = reference(points_B, points_A, level_weights)
     want_similarity = (reference_ssd(moving, mapped_B, targets_B, None)
                        + reference_ssd(fixed, mapped_A, targets_A, masks_A))
@@ -178,16 +178,14 @@ def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, w
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
     # without autograd: the same numbers, the gradients in maps.fields.parameters() order
-    direct = fused_loss_gradients(native, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points,
-                                  weight, masks_A=masks_A, extent_A=extent_A, extent_B=extent_B,
-                                  level_weights=level_weights)
+    direct = fused_loss_gradients(native, inputs, penalty_inputs, level_weights=level_weights)
     for got, want_value in zip(direct[:3], (loss, similarity, penalty)):
         torch.testing.assert_close(got, want_value, rtol=0, atol=0)
     assert list(native.parameters()) == list(native.fields.parameters())      # what fit_pair's Adam gets
     for g, w in zip(direct[3], want_sum, strict=True):
         torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
-    with pytest.raises(ValueError, match=r"penalty_points: expected \(B, M, d\)"):
-        fused_loss(native, moving, fixed, points_B, targets_B, points_A, targets_A, penalty_points[:1], weight)
+    with pytest.raises(ValueError, match=r"penalty.points: expected \(B, M, d\)"):
+        fused_loss(native, inputs, PenaltyInputs(penalty_points[:1], weight))
 
 
 def test_gradient_icon_float64_gradcheck_on_a_tiny_config():
@@ -197,13 +195,10 @@ def test_gradient_icon_float64_gradcheck_on_a_tiny_config():
     fields = native.fields
     points = torch.rand(1, 5, 2, dtype=torch.float64) * 0.8 + 0.1
 
-    module, table, geometry, level_weights = _kernel_args(fields.encoding, None, points)
-    n_layers = len(fields.weights)
+    kernel, tensors, (table, *_) = _gradient_icon_call(native, PenaltyInputs(points), None)
 
     def penalty(table, *mlp):          # the Function itself, with the table as an explicit input
-        return _FusedGradientIcon.apply(points, torch.ones(2, 2, dtype=torch.float64), native.matrices,
-                                        native.offsets, level_weights, module, geometry, fields.output_scale,
-                                        n_layers, table, *mlp)
+        return _FusedKernel.apply(kernel, 1, len(tensors), *tensors, table, *mlp)
 
     params = [table.detach().clone().requires_grad_(True)]
     params += [p.detach().clone().requires_grad_(True) for p in (*fields.weights, *fields.biases)]

@@ -141,6 +141,15 @@ class NativeHashGridEncoding(HashGridEncoding):
             layout.scales, layout.resolutions, layout.table_sizes, layout.offsets, layout.hashed)],
             dtype=torch.float64)
 
+    def kernel_setup(self) -> tuple:
+        """``(module, geometry)`` for the fused kernels that evaluate fields on this encoding
+        (``neuralfield_reg.fused``): the compiled module, and the table geometry they take
+        (per-level scales, resolutions, sizes, offsets and hashing; features per level;
+        smoothstep interpolation; rows of one table)."""
+        config = self.config
+        return self._module, (self._geometry, config.n_features_per_level, config.interpolation == "Smoothstep",
+                              self.layout.total_rows)
+
     def forward(self, points: torch.Tensor, table_index: int | torch.Tensor = 0) -> torch.Tensor:
         """Encode ``(N, dim)`` points -> ``(N, n_levels * n_features_per_level)``."""
         self.check_points(points, table_index)

@@ -18,7 +18,7 @@ import torch
 from ..config import FitConfig
 from ..coords import sample_batch
 from ..fields import MapPairs
-from ..fused import fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
+from ..fused import PenaltyInputs, SimilarityInputs, fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
 from ..losses import SIMILARITIES, inverse_consistency_terms
 from .sampler import Draw, Points, Sampler, patch_shape
 
@@ -93,22 +93,21 @@ class Objective:
         terms["loss"] = loss
         return Step(terms)
 
-    def fused_inputs(self, moving: torch.Tensor, fixed: torch.Tensor, draw: Draw) -> tuple[tuple, dict]:
-        """The fused similarity kernel's arguments for the drawn points."""
+    def fused_inputs(self, moving: torch.Tensor, fixed: torch.Tensor, draw: Draw) -> SimilarityInputs:
+        """The fused similarity kernel's inputs for the drawn points."""
         at_points = self.sampler.at_points
 
         def mask_at(key: str, points: Points):
             mask = self.masks[key]
             return None if mask is None else at_points(mask, points.index).to(points.points.dtype)
 
-        return ((self.maps, moving[:, 0], fixed[:, 0], draw.B.points, at_points(fixed, draw.B.index),
-                 draw.A.points, at_points(moving, draw.A.index)),
-                {"masks_B": mask_at("B", draw.B), "masks_A": mask_at("A", draw.A)})
+        return SimilarityInputs(moving[:, 0], fixed[:, 0], draw.B.points, at_points(fixed, draw.B.index),
+                                draw.A.points, at_points(moving, draw.A.index), masks_B=mask_at("B", draw.B),
+                                masks_A=mask_at("A", draw.A))
 
     def _similarity(self, moving, fixed, weights, draw: Draw) -> torch.Tensor:
         if self.fused_similarity:
-            args, kwargs = self.fused_inputs(moving, fixed, draw)
-            return similarity_ssd_fused(*args, **kwargs, level_weights=weights)
+            return similarity_ssd_fused(self.maps, self.fused_inputs(moving, fixed, draw), level_weights=weights)
         mapped_B, mapped_A = self.maps(draw.B.points, draw.A.points, weights)   # phi_AB on B's grid, phi_BA on A's
         return (self._direction(moving, fixed, mapped_B, draw.B.index, self.masks["B"])
                 + self._direction(fixed, moving, mapped_A, draw.A.index, self.masks["A"]))
@@ -138,10 +137,9 @@ class FusedObjective(Objective):
     set of buffers: no autograd graph, :meth:`Step.backward` assigns the gradients."""
 
     def __call__(self, images, weights, draw: Draw) -> Step:
-        args, kwargs = self.fused_inputs(*images, draw)
-        loss, similarity, penalty, gradients = fused_loss_gradients(
-            *args, draw.penalty, self.config.gradient_icon_weight, **kwargs, extent_A=self.extent_A,
-            extent_B=self.extent_B, level_weights=weights)
+        penalty_inputs = PenaltyInputs(draw.penalty, self.config.gradient_icon_weight, self.extent_A, self.extent_B)
+        loss, similarity, penalty, gradients = fused_loss_gradients(self.maps, self.fused_inputs(*images, draw),
+                                                                    penalty_inputs, level_weights=weights)
         return Step({"similarity": similarity, "gradient_icon": penalty, "loss": loss}, gradients)
 
 
