@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuralfield_reg.coords import identity_grid, sample
+from neuralfield_reg.geometry.coords import identity_grid, sample
 from neuralfield_reg.data.brain import write_brain_pair_nifti
-from neuralfield_reg.filters import gaussian_blur
+from neuralfield_reg.geometry.filters import gaussian_blur
 from neuralfield_reg.geometry import Grid, Image, resample_to, rotation_matrix
-from neuralfield_reg.io import read_image, write_image
+from neuralfield_reg.io.images import read_image, write_image
 
 
 def packaged(folder: Path) -> dict:

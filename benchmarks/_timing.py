@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from neuralfield_reg.benchmark import peak_memory_gib  # noqa: F401  (the benchmark scripts import it from here)
+from neuralfield_reg.app.benchmark_vs_icon import peak_memory_gib  # noqa: F401  (the benchmark scripts import it from here)
 
 
 def step_times(function, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:

@@ -6,7 +6,7 @@
 
 Rows: ``torch`` (the reference), ``native`` (the compiled encoder inside the per-operation autograd
 graph, with the double backward for the penalty), ``native-fused`` (the fused CPU kernels of
-``neuralfield_reg/fused.py``: the SSD similarity of both maps, and the gradient-ICON penalty, each
+``neuralfield_reg/encoders/fused.py``: the SSD similarity of both maps, and the gradient-ICON penalty, each
 with its gradient in one kernel, called as ``fused_loss_gradients``: the gradients summed in one set
 of buffers and assigned to the parameters without an autograd graph; the fit's default with the
 native backend on the CPU) and ``tcnn``.
@@ -32,11 +32,11 @@ import torch
 
 from _timing import step_times  # benchmarks/_timing.py, next to this script
 from neuralfield_reg.config import default_encoding
-from neuralfield_reg.coords import identity_grid, sample_batch
+from neuralfield_reg.geometry.coords import identity_grid, sample_batch
 from neuralfield_reg.encoders import BackendUnavailableError, resolve_backend
-from neuralfield_reg.fields import MapPairs
-from neuralfield_reg.fit import make_adam
-from neuralfield_reg.fused import PenaltyInputs, SimilarityInputs, fused_loss_gradients
+from neuralfield_reg.transforms.fields import MapPairs
+from neuralfield_reg.registration.fit import make_adam
+from neuralfield_reg.encoders.fused import PenaltyInputs, SimilarityInputs, fused_loss_gradients
 from neuralfield_reg.losses import inverse_consistency_terms
 
 ROWS = {"torch": ("torch", False), "native": ("native", False), "native-fused": ("native", True),

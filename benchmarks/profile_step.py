@@ -15,8 +15,8 @@ import time
 import torch
 
 from neuralfield_reg.config import default_encoding
-from neuralfield_reg.coords import sample
-from neuralfield_reg.fields import MapPair
+from neuralfield_reg.geometry.coords import sample
+from neuralfield_reg.transforms.fields import MapPair
 from neuralfield_reg.losses import inverse_consistency_terms
 
 

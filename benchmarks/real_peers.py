@@ -40,7 +40,7 @@ import _brain_pairs  # noqa: E402
 
 from neuralfield_reg import metrics  # noqa: E402
 from neuralfield_reg.geometry import resample_to  # noqa: E402
-from neuralfield_reg.io import read_image  # noqa: E402
+from neuralfield_reg.io.images import read_image  # noqa: E402
 
 THREADS = 2
 
@@ -129,7 +129,7 @@ def _ants(pair: dict, folder: Path) -> dict:
 
 def run_nfreg(pair: dict, folder: Path, config: Path | None = None) -> dict:
     out = folder / f"nfreg_{config.stem if config else 'default'}"
-    command = [sys.executable, "-m", "neuralfield_reg.cli", "fit", str(pair["moving"]), str(pair["fixed"]),
+    command = [sys.executable, "-m", "neuralfield_reg.app.cli", "fit", str(pair["moving"]), str(pair["fixed"]),
                "-o", str(out), "--labels", str(pair["moving_labels"]), "--fixed-labels", str(pair["fixed_labels"]),
                "--quiet"] + (["--config", str(config)] if config else [])
     started = time.perf_counter()

@@ -33,7 +33,7 @@ import numpy as np
 
 from neuralfield_reg.data.brain import write_brain_pair_nifti
 from neuralfield_reg.geometry import Grid, orientation_code, resample_to, rotation_matrix
-from neuralfield_reg.io import read_image, write_image
+from neuralfield_reg.io.images import read_image, write_image
 
 
 def resliced(paths: dict, folder: Path) -> dict:
@@ -86,7 +86,7 @@ def originals(sources: tuple[Path, Path], folder: Path) -> dict:
 
 def run(name: str, paths: dict, folder: Path) -> dict:
     out = folder / f"out_{name}"
-    command = [sys.executable, "-m", "neuralfield_reg.cli", "fit", str(paths["moving"]), str(paths["fixed"]),
+    command = [sys.executable, "-m", "neuralfield_reg.app.cli", "fit", str(paths["moving"]), str(paths["fixed"]),
                "-o", str(out), "--labels", str(paths["moving_labels"]), "--fixed-labels", str(paths["fixed_labels"]),
                "--quiet"]
     start = time.perf_counter()

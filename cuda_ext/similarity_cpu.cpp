@@ -1,6 +1,6 @@
 // Fused SSD similarity of the fit's training step (CPU): both maps of every pair at their random
 // voxels, the other image sampled at the mapped points, the weighted SSD of each direction and, in
-// the same call, its gradient with respect to every parameter. It computes what fit.py's
+// the same call, its gradient with respect to every parameter. It computes what engine/objective.py's
 // similarity term computes with SSD (neuralfield_reg/losses/similarity.py, coords.sample_batch):
 //
 //   field t = 2p (phi_AB of pair p) maps B's voxels into A and samples moving[p];
@@ -13,7 +13,7 @@
 // voxel centres at i / (n - 1), as torch's grid_sample with align_corners=True: outside the image,
 // and exactly on its last voxel, the clamped coordinate has zero derivative.
 //
-// affine_ncc: the affine stage's correlation or SSD (neuralfield_reg/affine.py) of K affine maps
+// affine_ncc: the affine stage's correlation or SSD (neuralfield_reg/registration/affine.py) of K affine maps
 // at once, with its gradient with respect to each map's matrix and offset.
 #include "fused.h"
 
@@ -23,7 +23,7 @@ using namespace fused;
 
 namespace {
 
-// Points that must land inside the other image before the outside ones are left out (fit.py).
+// Points that must land inside the other image before the outside ones are left out (engine/objective.py, compared_points).
 constexpr int64_t kMinInside = 16;
 
 // The image (sizes per axis) at unit coordinates y, and d value / d y: nested linear

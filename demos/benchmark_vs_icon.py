@@ -5,10 +5,10 @@
     python demos/benchmark_vs_icon.py --pairs 4 --train-minutes 1 --out out/quick
 
 The same as ``nfreg benchmark``; the options and what is measured are described in
-``neuralfield_reg/benchmark.py`` (``--help``).
+``neuralfield_reg/app/benchmark_vs_icon.py`` (``--help``).
 """
 
-from neuralfield_reg.benchmark import main
+from neuralfield_reg.app.benchmark_vs_icon import main
 
 if __name__ == "__main__":
     main()

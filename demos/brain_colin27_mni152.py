@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neuralfield_reg.brain_demo import run_brain_demo
+from neuralfield_reg.app.brain_demo import run_brain_demo
 
 
 def main() -> None:

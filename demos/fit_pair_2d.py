@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neuralfield_reg.demo import run_demo
+from neuralfield_reg.app.demo import run_demo
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ The three-line path::
 from ._version import __version__
 from .config import AffineConfig, FitConfig
 from .encoders import BackendUnavailableError, HashGridConfig
-from .fit import FitDivergedError, fit_pair, fit_pairs
+from .registration.fit import FitDivergedError, fit_pair, fit_pairs
 from .geometry import Grid, Image
-from .io import read_image, write_image
-from .result import RegistrationResult
+from .io.images import read_image, write_image
+from .registration.result import RegistrationResult
 
 __all__ = ["AffineConfig", "BackendUnavailableError", "FitConfig", "FitDivergedError", "Grid", "HashGridConfig",
            "Image", "RegistrationResult", "__version__", "fit_pair", "fit_pairs", "read_image", "write_image"]

@@ -24,14 +24,13 @@ def _require(condition: bool, name: str, expected: str, value) -> None:
 
 @dataclass(frozen=True)
 class AffineConfig:
-    """Settings of the affine stage (see ``affine.py``). Blur sigmas are in voxels of the grid
+    """Settings of the affine stage (see ``registration/affine.py``). Blur sigmas are in voxels of the grid
     they apply to: ``search_size`` for the search, ``working_size`` for the refinement (and the
     ``rigid_iterations`` rigid steps that refine a known start before it); a stage blurred by
     ``sigma`` voxels runs on a grid shrunk by the largest power of two <= ``min(sigma,
     max_shrink)`` (1: every stage at ``working_size``). The
     search ranks its candidates by 1 - NCC; ``refinement_cost`` is ``"ncc"`` (1 - NCC) or
-    ``"ssd"``. Measured trade-off of ``"ssd"`` (README): 3D bodies Dice 0.774 against 0.756, but
-    one 2D hollow-shape pair of 20 (seed 2024) failed (Dice 0.80, ICE 65 px)."""
+    ``"ssd"`` (its measured trade-off is in docs/method.md)."""
 
     iterations: int = 200
     learning_rate: float = 0.01
@@ -102,7 +101,7 @@ class FitConfig:
         affine: settings of the global affine stage, or None to start from the identity.
         backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
         fused_kernels: with the native backend on the CPU, run the fields, the SSD similarity
-            and the gradient-ICON penalty in the fused kernels (``neuralfield_reg/fused.py``; the
+            and the gradient-ICON penalty in the fused kernels (``neuralfield_reg/encoders/fused.py``; the
             penalty's is not used with ``icon_weight > 0``) and the affine stage's cost in the
             compiled ``affine_ncc`` kernel; False uses the per-operation autograd path (same
             function, slower; for comparison).

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from neuralfield_reg._cuda_ext import load
-from neuralfield_reg.affine import AffineTransform, _apply, _Cost, fit_affine
+from neuralfield_reg.registration.affine import AffineTransform, _apply, _Cost, fit_affine
 from neuralfield_reg.config import AffineConfig
-from neuralfield_reg.coords import identity_grid, sample
+from neuralfield_reg.geometry.coords import identity_grid, sample
 from neuralfield_reg.data import Shape, shape_pairs
 from neuralfield_reg.losses.similarity import ncc, ssd
 

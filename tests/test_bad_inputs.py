@@ -11,7 +11,7 @@ import torch
 
 import neuralfield_reg as nfr
 from neuralfield_reg import gradicon, metrics
-from neuralfield_reg.coords import identity_grid, sample
+from neuralfield_reg.geometry.coords import identity_grid, sample
 from neuralfield_reg.encoders import make_encoding, resolve_backend
 from neuralfield_reg.losses import gradient_icon_fd, lncc, ssd
 

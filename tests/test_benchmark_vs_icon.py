@@ -6,7 +6,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-from neuralfield_reg.cli import main as nfreg
+from neuralfield_reg.app.cli import main as nfreg
 
 SCRIPT = Path(__file__).resolve().parents[1] / "demos" / "benchmark_vs_icon.py"
 NUMBERS = ("dice_mean", "folds", "abs_det_minus_1", "ice", "seconds_per_pair", "peak_gib")

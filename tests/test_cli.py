@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from neuralfield_reg import metrics
-from neuralfield_reg.cli import main
+from neuralfield_reg.app.cli import main
 from neuralfield_reg.geometry import Grid, Image, resample_to
-from neuralfield_reg.io import read_image, write_image
+from neuralfield_reg.io.images import read_image, write_image
 
 nibabel = pytest.importorskip("nibabel")
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import neuralfield_reg as nfr
-from neuralfield_reg.cohort import read_pairs, run_cohort
+from neuralfield_reg.app.cohort import read_pairs, run_cohort
 from neuralfield_reg.data import shape_pairs
-from neuralfield_reg.io import load_image, save_image
+from neuralfield_reg.io.images import load_image, save_image
 
 QUICK = nfr.FitConfig(iterations=20, similarity_points=256, gradient_icon_points=64,
                       affine=nfr.AffineConfig(iterations=5, search_iterations=5))
@@ -98,8 +98,8 @@ def test_image_files_round_trip_and_errors(tmp_path):
 SCRIPT = textwrap.dedent("""
     import sys
     import neuralfield_reg as nfr
-    from neuralfield_reg.cohort import run_cohort
-    from neuralfield_reg.distributed import shutdown
+    from neuralfield_reg.app.cohort import run_cohort
+    from neuralfield_reg.app.distributed import shutdown
     config = nfr.FitConfig(iterations=10, similarity_points=256, gradient_icon_points=64,
                            affine=nfr.AffineConfig(iterations=5, search_iterations=5))
     run_cohort(sys.argv[1], sys.argv[2], config, progress=False)
@@ -125,7 +125,7 @@ def test_two_torchrun_processes_share_the_pairs(tmp_path):
 
 
 def test_cli_fit_warp_and_cohort(tmp_path, capsys):
-    from neuralfield_reg.cli import main
+    from neuralfield_reg.app.cli import main
     pairs_csv = write_cohort(tmp_path, 2)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"iterations": 20, "similarity_points": 256, "gradient_icon_points": 64,
@@ -191,7 +191,8 @@ def test_known_translation_in_millimetres_on_anisotropic_voxels(tmp_path):
     (2 and 1 voxels). The fit, given the spacings from the affines, recovers +4 / 0 / +3 mm, and
     the ITK field holds it in LPS (x and y negated) on the fixed grid."""
     import nibabel
-    from neuralfield_reg.io import save_displacement_itk, spacing_of, world_displacement
+    from neuralfield_reg.io.images import spacing_of
+    from neuralfield_reg.transforms.itk import save_displacement_itk, world_displacement
     shape, affine = (20, 24, 14), np.diag([2.0, 1.0, 3.0, 1.0])
     affine[:3, 3] = [-20.0, 5.0, 7.0]
     grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, (2.0, 1.0, 3.0))], indexing="ij"))

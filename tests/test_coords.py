@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from neuralfield_reg.coords import (identity_grid, physical_extent, sample, sample_batch, unit_to_voxel,
+from neuralfield_reg.geometry.coords import (identity_grid, physical_extent, sample, sample_batch, unit_to_voxel,
                                     voxel_to_unit)
 
 
@@ -99,7 +99,7 @@ def test_batched_sampling_matches_one_image_at_a_time(shape):
 def test_label_interpolation_is_the_most_likely_label(dim):
     """Against an independent reference: every label's indicator sampled linearly (grid_sample
     path), the label with the largest interpolated weight; at voxel centres the labels themselves."""
-    from neuralfield_reg.coords import sample_batch
+    from neuralfield_reg.geometry.coords import sample_batch
     generator = torch.Generator().manual_seed(dim)
     shape = (7, 6, 5)[:dim]
     labels = torch.randint(0, 4, shape, generator=generator).to(torch.int16) * 3      # values 0, 3, 6, 9

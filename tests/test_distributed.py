@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import sys, torch
     from neuralfield_reg import gradicon
     from neuralfield_reg.data import ShapePairDataset
-    from neuralfield_reg.distributed import init_from_environment, shutdown
+    from neuralfield_reg.app.distributed import init_from_environment, shutdown
 
     rank, world, device = init_from_environment(backend="gloo")
     torch.manual_seed(0)

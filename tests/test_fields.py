@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from neuralfield_reg.encoders import HashGridConfig
-from neuralfield_reg.fields import DisplacementFields, MapPair
+from neuralfield_reg.transforms.fields import DisplacementFields, MapPair
 
 SMALL = HashGridConfig(n_levels=4, log2_hashmap_size=8, base_resolution=4, per_level_scale=1.5)
 

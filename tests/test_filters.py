@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from neuralfield_reg.filters import gaussian_blur, gaussian_kernel1d, resample
+from neuralfield_reg.geometry.filters import gaussian_blur, gaussian_kernel1d, resample
 
 
 def test_kernel_is_normalised_with_the_right_variance():

@@ -215,7 +215,7 @@ def test_masks_restrict_the_similarity(pair64):
 
 
 def test_percentile_clipping_ignores_outliers():
-    from neuralfield_reg.fit import normalize_intensity
+    from neuralfield_reg.registration.fit import normalize_intensity
     image = torch.linspace(0.0, 1.0, 10_000).reshape(100, 100)
     image[0, 0] = 1e6                                     # one hot voxel
     plain = normalize_intensity("image", image)
@@ -230,7 +230,7 @@ def test_percentile_clipping_ignores_outliers():
 
 
 def test_patch_indices_are_whole_cubes_inside_the_grid():
-    from neuralfield_reg.fit import patch_indices
+    from neuralfield_reg.registration.fit import patch_indices
     shape = (7, 20, 9)
     index = patch_indices(shape, 2, 5, 4, torch.Generator().manual_seed(0))
     assert index.shape == (2, 5 * 4 * 4 * 4)
@@ -310,7 +310,7 @@ def test_blur_in_mm_blurs_by_sigma_over_the_spacing():
 
 
 def test_fit_without_a_config_takes_the_3d_preset_for_volumes(monkeypatch):
-    import neuralfield_reg.fit as fit_module
+    import neuralfield_reg.registration.fit as fit_module
     volume = np.zeros((12, 12, 12), np.float32)
     volume[3:9, 3:9, 3:9] = 1.0
     seen = {}
@@ -325,7 +325,7 @@ def test_fit_without_a_config_takes_the_3d_preset_for_volumes(monkeypatch):
 
 
 def test_foreground_mask_is_the_object_with_a_margin():
-    from neuralfield_reg.fit import foreground_mask
+    from neuralfield_reg.registration.fit import foreground_mask
     image = torch.zeros(20, 20, 20)
     image[8:12, 8:12, 8:12] = 1.0
     mask = foreground_mask(image)
@@ -334,7 +334,7 @@ def test_foreground_mask_is_the_object_with_a_margin():
 
 
 def test_hidden_layers_start_with_zero_biases():
-    from neuralfield_reg.fields import DisplacementFields
+    from neuralfield_reg.transforms.fields import DisplacementFields
     fields = DisplacementFields(3, 2, nfr.HashGridConfig(), (32, 32), backend="torch")
     for bias in fields.biases:
         assert torch.count_nonzero(bias) == 0

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (neuralfield_reg/fused.py) against the per-operation autograd path on the
+"""The fused CPU kernels (neuralfield_reg/encoders/fused.py) against the per-operation autograd path on the
 torch backend: displacements, the gradient-ICON penalty, the SSD similarity, and their parameter
 gradients."""
 
@@ -11,9 +11,9 @@ import torch
 import neuralfield_reg as nfr
 from neuralfield_reg.data import shape_pairs
 from neuralfield_reg.encoders import HashGridConfig
-from neuralfield_reg.fields import MapPairs
-from neuralfield_reg.coords import sample_batch
-from neuralfield_reg.fused import (PenaltyInputs, SimilarityInputs, _FusedKernel, _gradient_icon_call,
+from neuralfield_reg.transforms.fields import MapPairs
+from neuralfield_reg.geometry.coords import sample_batch
+from neuralfield_reg.encoders.fused import (PenaltyInputs, SimilarityInputs, _FusedKernel, _gradient_icon_call,
                                    fields_displacement, fields_jacobian, fused_loss, fused_loss_gradients,
                                    gradient_icon_fused, similarity_ssd_fused)
 from neuralfield_reg.losses import inverse_consistency_terms, ssd

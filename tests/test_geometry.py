@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuralfield_reg.geometry import Grid, Image, orientation_code, resample_to, rotation_matrix
-from neuralfield_reg.io import as_image, read_image, write_image
+from neuralfield_reg.io.images import as_image, read_image, write_image
 
 nibabel = pytest.importorskip("nibabel")
 

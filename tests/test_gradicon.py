@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from neuralfield_reg import FitDivergedError, RegistrationResult, gradicon, metrics
-from neuralfield_reg.coords import identity_grid
+from neuralfield_reg.geometry.coords import identity_grid
 from neuralfield_reg.data import ShapePairDataset
-from neuralfield_reg.grid_maps import GridMap, GridMapPair
+from neuralfield_reg.transforms.grid_maps import GridMap, GridMapPair
 from neuralfield_reg.gradicon.losses import gradient_inverse_consistency, inverse_consistency
 from neuralfield_reg.losses import gradient_icon_autograd
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import neuralfield_reg as nfr
-from neuralfield_reg.cli import main
-from neuralfield_reg.cohort import read_pairs, run_cohort
+from neuralfield_reg.app.cli import main
+from neuralfield_reg.app.cohort import read_pairs, run_cohort
 from neuralfield_reg.data import shape_pairs
-from neuralfield_reg.io import save_image
+from neuralfield_reg.io.images import save_image
 
 QUICK = {"iterations": 5, "similarity_points": 128, "gradient_icon_points": 32,
          "affine": {"iterations": 2, "search_iterations": 2}}
@@ -60,7 +60,7 @@ def test_refit_leaves_no_stale_files_and_an_interrupted_run_says_so(pair, tmp_pa
     assert not (out / "warped_labels.npy").exists()
     assert "dice" not in json.loads((out / "summary.json").read_text())
 
-    import neuralfield_reg.viz as viz
+    import neuralfield_reg.app.viz as viz
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -84,7 +84,7 @@ def test_files_follow_the_umask(pair, tmp_path):
 
 
 def test_clear_errors_before_any_fit(pair, tmp_path, capsys, monkeypatch):
-    import neuralfield_reg.cohort as cohort
+    import neuralfield_reg.app.cohort as cohort
 
     def no_fit(*args, **kwargs):
         raise AssertionError("fit_pair should not run")

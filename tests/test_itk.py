@@ -9,7 +9,7 @@ import pytest
 
 import neuralfield_reg as nfr
 from neuralfield_reg.geometry import Grid, Image, rotation_matrix
-from neuralfield_reg.io import write_image
+from neuralfield_reg.io.images import write_image
 from neuralfield_reg.transforms.itk import lps_to_world, read_affine_itk, world_to_lps, write_affine_itk
 
 nibabel = pytest.importorskip("nibabel")

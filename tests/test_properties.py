@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import neuralfield_reg as nfr
 from neuralfield_reg import gradicon, metrics
-from neuralfield_reg.coords import sample
+from neuralfield_reg.geometry.coords import sample
 from neuralfield_reg.losses import lncc, ncc, ssd
 
 DOCUMENTED = (ValueError, TypeError)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from neuralfield_reg import FitConfig, RegistrationResult
-from neuralfield_reg.fields import MapPair
+from neuralfield_reg.transforms.fields import MapPair
 
 
 def affine_result(matrix, offset, shape=(20, 24), moving_shape=None, spacing=(1.0, 1.0)):
@@ -151,7 +151,7 @@ def test_load_errors(tmp_path):
 
 def test_chunked_dense_outputs_equal_unchunked(monkeypatch):
     """A small volume with non-zero fields: every dense output is the same with 97-point chunks."""
-    from neuralfield_reg import result as result_module
+    from neuralfield_reg.registration import result as result_module
     result = affine_result(np.array([[1.05, 0.02, 0.0], [0.0, 0.97, 0.03], [0.01, 0.0, 1.02]]),
                            [0.01, -0.02, 0.0], shape=(9, 10, 11), spacing=(1.0, 1.0, 1.0))
     with torch.no_grad():

@@ -21,7 +21,7 @@ import torch
 
 import neuralfield_reg as nfr
 from neuralfield_reg.encoders import HashGridConfig, TorchHashGridEncoding, resolve_backend
-from neuralfield_reg.fields import MapPair
+from neuralfield_reg.transforms.fields import MapPair
 from neuralfield_reg.losses import inverse_consistency_terms
 
 

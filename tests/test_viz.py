@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from neuralfield_reg import FitConfig, RegistrationResult
-from neuralfield_reg.fields import MapPair
-from neuralfield_reg.viz import overview_figure
+from neuralfield_reg.transforms.fields import MapPair
+from neuralfield_reg.app.viz import overview_figure
 
 
 def test_overview_figure_writes_a_png_for_2d_and_3d(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 import neuralfield_reg as nfr
 from neuralfield_reg import metrics
-from neuralfield_reg.affine import AffineTransform
+from neuralfield_reg.registration.affine import AffineTransform
 from neuralfield_reg.geometry import Grid, Image, orientation_code, resample_to, rotation_matrix
 from neuralfield_reg.transforms.world import initial_world, local_to_world, world_to_local, world_to_unit
 

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from ..io import spacing_of
+from ..io.images import spacing_of
 
 _DATA_DIR = Path(__file__).with_name("brain")
 _PACKAGED = {2: _DATA_DIR / "colin27_mni152_2mm.npz"}
@@ -41,6 +43,13 @@ class BrainPair(NamedTuple):
     affine: np.ndarray           # (4, 4), shared by all four arrays
     spacing: tuple[float, float, float]
     label_names: dict[int, str]
+
+
+def brain_mask(image: np.ndarray, dilation: int = 2) -> np.ndarray:
+    """The non-zero voxels of a skull-stripped image, dilated by ``dilation`` voxels (a cube)."""
+    mask = torch.from_numpy(np.ascontiguousarray(image > 0)).float()[None, None]
+    size = 2 * dilation + 1
+    return (F.max_pool3d(mask, size, stride=1, padding=dilation)[0, 0] > 0).numpy()
 
 
 def load_brain_pair(resolution_mm: int = 2, path: str | Path | None = None) -> BrainPair:
@@ -119,7 +128,7 @@ def prepare_brain_pair(mricron_templates: str | Path, antspyx_data: str | Path, 
     """
     import nibabel as nib
 
-    from .._files import atomic_write
+    from ..io.files import atomic_write
 
     mricron_templates, antspyx_data = Path(mricron_templates), Path(antspyx_data)
     mni = nib.load(antspyx_data / "mni.nii.gz")
@@ -176,7 +185,7 @@ def write_brain_pair_nifti(out_dir: str | Path, pair: BrainPair | None = None) -
         ``{"moving", "moving_labels", "fixed", "fixed_labels"}`` -> paths (``.nii.gz``).
     """
     from ..geometry import Grid, Image
-    from ..io import write_image
+    from ..io.images import write_image
 
     pair = load_brain_pair() if pair is None else pair
     out_dir = Path(out_dir)

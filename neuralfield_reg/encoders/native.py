@@ -143,7 +143,7 @@ class NativeHashGridEncoding(HashGridEncoding):
 
     def kernel_setup(self) -> tuple:
         """``(module, geometry)`` for the fused kernels that evaluate fields on this encoding
-        (``neuralfield_reg.fused``): the compiled module, and the table geometry they take
+        (``neuralfield_reg.encoders.fused``): the compiled module, and the table geometry they take
         (per-level scales, resolutions, sizes, offsets and hashing; features per level;
         smoothstep interpolation; rows of one table)."""
         config = self.config

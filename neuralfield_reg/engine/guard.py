@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..config import FitConfig
-from ..fields import MapPairs
+from ..transforms.fields import MapPairs
 from .schedule import Schedule
 
 # With on_divergence="rollback", the state is kept every this many iterations (the maps are also

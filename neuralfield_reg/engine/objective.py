@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 
 from ..config import FitConfig
-from ..coords import sample_batch
-from ..fields import MapPairs
-from ..fused import PenaltyInputs, SimilarityInputs, fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
+from ..geometry.coords import sample_batch
+from ..transforms.fields import MapPairs
+from ..encoders.fused import PenaltyInputs, SimilarityInputs, fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
 from ..losses import SIMILARITIES, inverse_consistency_terms
 from .sampler import Draw, Points, Sampler, patch_shape
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..config import FitConfig
-from ..coords import identity_grid
+from ..geometry.coords import identity_grid
 
 
 @dataclass(frozen=True)

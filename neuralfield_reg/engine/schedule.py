@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..config import FitConfig
-from ..filters import gaussian_blur_batch
+from ..geometry.filters import gaussian_blur_batch
 
 
 def level_weights(iteration: int, config: FitConfig, n_levels: int, device) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..coords import identity_grid, sample
+from .coords import identity_grid, sample
 from .grid import Grid
 from .image import Image
 

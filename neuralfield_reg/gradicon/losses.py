@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ..coords import sample_batch
-from ..grid_maps import GridMap
+from ..geometry.coords import sample_batch
+from ..transforms.grid_maps import GridMap
 from ..losses import SIMILARITIES
 from ..validation import check_choice
 from .wrappers import RegistrationNetwork, batch_grid
@@ -66,7 +66,7 @@ def registration_loss(network: RegistrationNetwork, moving: torch.Tensor, fixed:
     """Loss terms for a batch: ``{"loss", "similarity", "inverse_consistency"}`` (scalars).
 
     Args:
-        network: maps ``(moving, fixed)`` batches to a :class:`~neuralfield_reg.grid_maps.GridMap`.
+        network: maps ``(moving, fixed)`` batches to a :class:`~neuralfield_reg.transforms.grid_maps.GridMap`.
         moving, fixed: ``(B, 1, *shape)`` image batches on the same grid.
         loss: ``"gradicon"`` or ``"icon"``.
         similarity: ``"ssd"``, ``"ncc"`` or ``"lncc"`` (per pair, then averaged).

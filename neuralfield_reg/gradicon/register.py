@@ -8,10 +8,10 @@ import time
 
 import torch
 
-from ..filters import resample
-from ..fit import FitDivergedError, _check_images, _split_spacing
-from ..grid_maps import GridMapPair
-from ..result import RegistrationResult
+from ..geometry.filters import resample
+from ..registration.fit import FitDivergedError, _check_images, _split_spacing
+from ..transforms.grid_maps import GridMapPair
+from ..registration.result import RegistrationResult
 from .losses import registration_loss
 from .wrappers import RegistrationNetwork
 

@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from .._files import atomic_save, safe_load
+from ..io.files import atomic_save, safe_load
 from .._version import __version__
-from ..fit import FitDivergedError
+from ..registration.fit import FitDivergedError
 from ..validation import as_tensor, describe
 from .losses import DEFAULT_LAMBDA, registration_loss
 from .wrappers import RegistrationNetwork
@@ -122,7 +122,7 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
         progress: show a progress bar.
 
     Distributed: when a ``torch.distributed`` process group is initialised (e.g.
-    :func:`neuralfield_reg.distributed.init_from_environment` under ``torchrun``), the network
+    :func:`neuralfield_reg.app.distributed.init_from_environment` under ``torchrun``), the network
     is wrapped in ``DistributedDataParallel``, each of the N processes trains on
     ``batch_size / N`` pairs of every global batch, the loss terms in the history are averaged
     over the processes, the time budget is that of the slowest process, and only rank 0 writes

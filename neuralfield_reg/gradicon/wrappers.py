@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..coords import identity_grid, sample_batch
-from ..grid_maps import GridMap
+from ..geometry.coords import identity_grid, sample_batch
+from ..transforms.grid_maps import GridMap
 from .networks import UNet
 
 

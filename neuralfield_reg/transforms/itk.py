@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import atomic_write
+from ..geometry import Grid
+from ..io.files import atomic_write
 
 _AFFINE_NAMES = ("AffineTransform", "MatrixOffsetTransformBase")
 
@@ -151,7 +152,7 @@ def _read_matlab(data: bytes) -> list[tuple[str, np.ndarray]]:
 def write_displacement_itk(path, world_displacement: np.ndarray, grid) -> None:
     """Write a displacement field (RAS mm, ``(*grid.shape, d)``, ``p_to = p + u``) as an ITK
     displacement NIfTI on ``grid`` (its 4x4 header), atomically. Needs nibabel."""
-    from ..io import _nibabel, _suffix
+    from ..io.images import _nibabel, _suffix
 
     path = Path(path)
     if _suffix(path) == ".npy":
@@ -168,3 +169,24 @@ def write_displacement_itk(path, world_displacement: np.ndarray, grid) -> None:
     image = nibabel.Nifti1Image(vectors, np.array(grid.affine))
     image.header.set_intent("vector")
     atomic_write(path, lambda temporary: nibabel.save(image, temporary), suffix=_suffix(path))
+
+
+def world_displacement(result, moving_affine=None, fixed_affine=None) -> np.ndarray:
+    """The forward map as a world displacement: ``(*fixed grid, d)`` in mm (RAS, NIfTI's frame),
+    ``p_moving = p_fixed + u(p_fixed)``; by default on the result's own grids, or with the given
+    4x4 voxel-to-world matrices of the two images."""
+    if moving_affine is None and fixed_affine is None:
+        return result.world_displacement("AB")
+    moving = result.moving_grid if moving_affine is None else Grid(result.moving_shape, moving_affine, name="moving_affine")
+    fixed = result.fixed_grid if fixed_affine is None else Grid(result.fixed_shape, fixed_affine, name="fixed_affine")
+    fixed_voxels = np.indices(result.fixed_shape).astype(np.float64)
+    moving_voxels = fixed_voxels + result.displacement("AB")
+    return moving.voxel_to_world(np.moveaxis(moving_voxels, 0, -1)) - fixed.voxel_to_world(np.moveaxis(fixed_voxels, 0, -1))
+
+
+def save_displacement_itk(path, result, moving_affine=None, fixed_affine=None) -> None:
+    """Write the forward map as an ITK/ANTs displacement field (NIfTI vector image) on the fixed
+    grid, ``p_moving = p_fixed + u`` in LPS mm (:func:`write_displacement_itk`);
+    the grids are the result's own unless the images' 4x4 matrices are given."""
+    fixed = result.fixed_grid if fixed_affine is None else Grid(result.fixed_shape, fixed_affine, name="fixed_affine")
+    write_displacement_itk(path, world_displacement(result, moving_affine, fixed_affine), fixed)

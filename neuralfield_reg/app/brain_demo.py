@@ -1,12 +1,12 @@
 """The real-pair demo behind ``demos/brain_colin27_mni152.py`` and ``nfreg demo --brain``:
 Colin27 (moving) to MNI152 (fixed) at 2 mm with the AAL labels (116 structures).
 
-The pair is already in MNI space (world-aligned), so the fit starts from the identity
-(``affine=None``). Both brain masks (the skull-stripped foregrounds, dilated by 2 voxels) focus
-the similarity points on the brain. Writes, to ``out``: ``dice_per_structure.md``/``.csv``
-(before/after per AAL structure), ``summary.json``, ``overview.png`` and, with nibabel, the
-warped image and labels, the Jacobian determinant and the ITK displacement as NIfTI files with
-the pair's affine.
+The two images go in as :class:`~neuralfield_reg.geometry.Image` s with the pair's header, so
+the fit starts from their world alignment and takes the 3D preset (``FitConfig.preset("3d")``,
+the similarity on each image's automatic foreground); the labels are warped by label
+interpolation. Writes, to ``out``: ``dice_per_structure.md``/``.csv`` (before/after per AAL
+structure), ``summary.json``, ``overview.png`` and, with nibabel, the warped image and labels, the
+Jacobian determinant and the ITK displacement as NIfTI files with the pair's affine.
 """
 
 from __future__ import annotations
@@ -17,49 +17,26 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from ._files import atomic_write_text
-from .config import FitConfig
-from .encoders import HashGridConfig
-from .data.brain import load_brain_pair
-from .fit import fit_pair
-from .metrics import dice, folding_fraction
-
-# The settings of the README's table. Against the defaults (made for 2D shapes that need large
-# motion): no affine stage (the pair is world-aligned), a lighter blur schedule (3 voxels at
-# first), a weaker gradient-ICON weight (0.1) and a larger learning rate (0.03); each helped on
-# this pair (mean Dice 0.827 -> 0.881 at 2 mm, 400 iterations, no folds). The hash grid's finest
-# level is fixed at 109 (the 2 mm grid's size; the default would follow the image, 218 at 1 mm):
-# at 1 mm a field as fine as the voxels matched intensity detail with anatomically wrong motion
-# (0.864 against 0.876), and there a stronger gradient-ICON weight (0.3) did better.
-BRAIN_CONFIG = FitConfig(iterations=400, learning_rate=0.03, gradient_icon_weight=0.1,
-                         blur_sigmas=(3.0, 1.5, 0.75, 0.0), affine=None,
-                         encoding=HashGridConfig.from_resolutions(4, 109, 8, log2_hashmap_size=19))
-BRAIN_CONFIG_1MM = dataclasses.replace(BRAIN_CONFIG, gradient_icon_weight=0.3)
-
-
-def brain_mask(image: np.ndarray, dilation: int = 2) -> np.ndarray:
-    """The non-zero voxels of a skull-stripped image, dilated by ``dilation`` voxels (a cube)."""
-    mask = torch.from_numpy(np.ascontiguousarray(image > 0)).float()[None, None]
-    size = 2 * dilation + 1
-    return (F.max_pool3d(mask, size, stride=1, padding=dilation)[0, 0] > 0).numpy()
-
+from ..io.files import atomic_write_text
+from ..config import FitConfig
+from ..data.brain import load_brain_pair
+from ..geometry import Grid, Image
+from ..registration.fit import fit_pair
+from ..metrics import dice, folding_fraction
 
 def run_brain_demo(out=Path("out/brain"), *, config: FitConfig | None = None, seed: int = 0,
                    progress: bool = True, write_nifti: bool = True, pair_file=None) -> dict:
     """Fit the pair, score it per structure, write the files listed in the module docstring and
     return the summary (also printed). ``pair_file``: another resolution made by
     :func:`~neuralfield_reg.data.brain.prepare_brain_pair` (default: the packaged 2 mm pair).
-    ``config`` defaults to :data:`BRAIN_CONFIG` (:data:`BRAIN_CONFIG_1MM` for voxels under 1.5 mm)."""
+    ``config`` defaults to the 3D preset."""
     pair = load_brain_pair(2, path=pair_file)
-    if config is None:
-        config = BRAIN_CONFIG_1MM if pair.spacing[0] < 1.5 else BRAIN_CONFIG
     resolution = f"{pair.spacing[0]:g} mm"
-    result = fit_pair(pair.moving, pair.fixed, config, spacing=pair.spacing, seed=seed, progress=progress,
-                      moving_mask=brain_mask(pair.moving), fixed_mask=brain_mask(pair.fixed))
-    warped_labels = result.warp(pair.moving_labels, mode="nearest")
+    grid = Grid(pair.moving.shape, pair.affine, name="brain pair")
+    result = fit_pair(Image(pair.moving, grid), Image(pair.fixed, grid), config, seed=seed, progress=progress)
+    config = result.config
+    warped_labels = result.warp(pair.moving_labels, mode="label")
     before = dice(pair.moving_labels, pair.fixed_labels)
     after = dice(warped_labels, pair.fixed_labels)
     determinant = result.jacobian_determinant()
@@ -100,7 +77,8 @@ def run_brain_demo(out=Path("out/brain"), *, config: FitConfig | None = None, se
         except ImportError:
             print("nibabel is not installed (pip install neuralfield_reg[nifti]): no NIfTI files written")
         else:
-            from .io import save_displacement_itk, save_image
+            from ..io.images import save_image
+            from ..transforms.itk import save_displacement_itk
             save_image(out / "warped.nii.gz", result.warp(pair.moving), pair.affine)
             save_image(out / "warped_labels.nii.gz", warped_labels, pair.affine)
             save_image(out / "jacobian_determinant.nii.gz", determinant, pair.affine)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .coords import sample_batch
+from ..geometry.coords import sample_batch
 
 
 class GridMap:
@@ -60,7 +60,7 @@ class GridMapPair(nn.Module):
     """The forward and inverse maps of one registered pair as grid chains (unbatched).
 
     ``phi_AB`` and ``phi_BA`` take ``(N, d)`` unit coordinates, like the neural-field maps of
-    :class:`neuralfield_reg.fields.MapPair`, so :class:`~neuralfield_reg.RegistrationResult`
+    :class:`neuralfield_reg.transforms.fields.MapPair`, so :class:`~neuralfield_reg.RegistrationResult`
     serves both. The grids are buffers named ``AB_0, AB_1, ...`` and ``BA_0, ...``.
     """
 

@@ -70,6 +70,28 @@ def safe_load(path, *, format_name: str, what: str) -> dict:
 INCOMPLETE = "INCOMPLETE"
 
 
+_MARKER_TEXT = ("An nfreg run is writing this folder, or was interrupted while it was: its files may be partial. "
+                "Rerun to complete it.\n")
+
+
+def _new_folder_with_marker(folder: Path) -> None:
+    """Create ``folder`` with its ``INCOMPLETE`` marker already inside (made as a hidden sibling,
+    then renamed), so that no interruption leaves a new output folder without its marker."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (staging / INCOMPLETE).write_text(_MARKER_TEXT)
+        os.chmod(staging, 0o777 & ~_umask())             # mkdtemp makes 0700; folders get the usual mode
+        os.rename(staging, folder)
+    except OSError:
+        if not folder.is_dir():                          # not another process creating it meanwhile
+            raise
+    finally:
+        if staging.exists():
+            (staging / INCOMPLETE).unlink(missing_ok=True)
+            staging.rmdir()
+
+
 def begin_outputs(folder, names) -> None:
     """Start replacing a folder's outputs: checks that the folder can be written (before any long
     work), drops its ``summary.json`` and every earlier output among ``names`` (so no stale file
@@ -79,9 +101,9 @@ def begin_outputs(folder, names) -> None:
     ``INCOMPLETE`` (the marker goes once every output is written, then the summary is written)."""
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / INCOMPLETE, "An nfreg run is writing this folder, or was interrupted while it "
-                                               "was: its files may be partial. Rerun to complete it.\n")
+        if not folder.exists():
+            _new_folder_with_marker(folder)
+        atomic_write_text(folder / INCOMPLETE, _MARKER_TEXT)
     except OSError as error:
         raise OSError(f"output folder: {str(folder)!r} cannot be written ({error})") from error
     for name in ("summary.json", *names):

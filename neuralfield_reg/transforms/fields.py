@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .encoders import HashGridConfig, make_encoding
-from .fused import fields_displacement, fused_supported
+from ..encoders import HashGridConfig, make_encoding
+from ..encoders.fused import fields_displacement, fused_supported
 
 Points = Sequence[torch.Tensor | None]
 

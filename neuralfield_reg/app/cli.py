@@ -22,13 +22,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from ._files import atomic_write_text, end_outputs, same_file
-from . import benchmark as benchmark_vs_icon
+from ..io.files import atomic_write_text, end_outputs, same_file
+from . import benchmark_vs_icon
 from .cohort import register_row, run_cohort
-from .config import FitConfig
+from ..config import FitConfig
 from .distributed import shutdown
-from .io import read_image, write_image
-from .result import RegistrationResult
+from ..io.images import read_image, write_image
+from ..registration.result import RegistrationResult
 
 
 def _config(path: str | None) -> dict | None:

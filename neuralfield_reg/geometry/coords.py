@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .validation import check_choice, check_points
+from ..validation import check_choice, check_points
 
 
 def identity_grid(shape: Sequence[int], *, dtype: torch.dtype = torch.float32,

@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # figures are files; no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ._files import atomic_write  # noqa: E402
-from .result import RegistrationResult  # noqa: E402
+from ..io.files import atomic_write  # noqa: E402
+from ..registration.result import RegistrationResult  # noqa: E402
 
 
 def _middle_slice(array: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ from typing import Sequence
 
 import torch
 
-from .encoders.native import NativeHashGridEncoding
+from .native import NativeHashGridEncoding
 
 
 def fused_supported(encoding, *tensors: torch.Tensor) -> bool:

@@ -32,10 +32,10 @@ from typing import Sequence
 
 import torch
 
-from ._optim import make_adam
-from .config import AffineConfig
-from .coords import identity_grid, sample_batch
-from .filters import gaussian_blur, resample
+from .._optim import make_adam
+from ..config import AffineConfig
+from ..geometry.coords import identity_grid, sample_batch
+from ..geometry.filters import gaussian_blur, resample
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
     dtype, device = torch.float64, moving.device
     kernels = None
     if native and device.type == "cpu":
-        from ._cuda_ext import load
+        from .._cuda_ext import load
         kernels = load()
     s_A = torch.tensor(extent_moving, dtype=dtype, device=device)
     s_B = torch.tensor(extent_fixed, dtype=dtype, device=device)

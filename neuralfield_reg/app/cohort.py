@@ -40,15 +40,15 @@ from typing import NamedTuple
 import numpy as np
 import torch.distributed as dist
 
-from . import metrics
-from ._files import atomic_write_text, begin_outputs, end_outputs, same_file
-from .config import FitConfig
+from .. import metrics
+from ..io.files import atomic_write_text, begin_outputs, end_outputs, same_file
+from ..config import FitConfig
 from .distributed import init_from_environment
-from .fit import fit_pair
-from .geometry import Image, orientation_code, resample_to
-from .io import read_image, save_image, write_image
-from .result import RegistrationResult
-from .transforms.itk import write_affine_itk
+from ..registration.fit import fit_pair
+from ..geometry import Image, orientation_code, resample_to
+from ..io.images import read_image, save_image, write_image
+from ..registration.result import RegistrationResult
+from ..transforms.itk import write_affine_itk
 
 COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_mask", "fixed_mask")
 # Every file a pair folder can hold (all of them are replaced, or removed, by a new run).
@@ -148,7 +148,7 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict |
     ``config``: a FitConfig, or None / a dict of fields over the preset of the images'
     dimensionality. Every input is read and checked first (:func:`read_row`), and no input may be one of the
     outputs; then the folder is marked incomplete and its earlier outputs removed
-    (:func:`~neuralfield_reg._files.begin_outputs`): the caller writes ``summary.json`` and calls
+    (:func:`~neuralfield_reg.io.files.begin_outputs`): the caller writes ``summary.json`` and calls
     ``end_outputs`` when it is done. The fit starts from ``init``
     (:func:`~neuralfield_reg.fit_pair`; default the headers' world alignment). Label maps are
     warped with label interpolation (``mode="label"``, as ANTs' genericLabel); ``dice_before``

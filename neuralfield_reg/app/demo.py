@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import shape_pairs
-from .fit import fit_pair
-from .metrics import folding_fraction, mean_dice
+from ..data import shape_pairs
+from ..registration.fit import fit_pair
+from ..metrics import folding_fraction, mean_dice
 
 
 def run_demo(out=Path("out"), *, seed: int = 2, size: int = 128, progress: bool = True) -> dict:

@@ -19,20 +19,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._optim import make_adam
+from .._optim import make_adam
 from .affine import AffineTransform, fit_affine, moments_start
-from .config import FitConfig
-from .encoders import resolve_backend
-from .engine import FitDivergedError, Guard, Sampler, Schedule, make_objective, optimise
-from .engine.sampler import patch_indices, patch_shape  # noqa: F401  (their home before engine/)
-from .engine.schedule import level_weights  # noqa: F401
-from .fields import MapPair, MapPairs
-from .filters import gaussian_blur
-from .geometry import Grid, Image
-from .io import as_image
+from ..config import FitConfig
+from ..encoders import resolve_backend
+from ..engine import FitDivergedError, Guard, Sampler, Schedule, make_objective, optimise
+from ..engine.sampler import patch_indices, patch_shape  # noqa: F401  (their home before engine/)
+from ..engine.schedule import level_weights  # noqa: F401
+from ..transforms.fields import MapPair, MapPairs
+from ..geometry.filters import gaussian_blur
+from ..geometry import Grid, Image
+from ..io.images import as_image
 from .result import RegistrationResult
-from .transforms.world import INIT_NAMES, initial_world, orientation, world_to_local
-from .validation import as_tensor, check_image, check_spacing, describe
+from ..transforms.world import INIT_NAMES, initial_world, orientation, world_to_local
+from ..validation import as_tensor, check_image, check_spacing, describe
 
 __all__ = ["FitDivergedError", "fit_pair", "fit_pairs", "foreground_mask", "normalize_intensity"]
 

@@ -18,20 +18,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._files import atomic_save, safe_load
-from ._version import RESULT_FORMAT_VERSION, __version__
-from .config import FitConfig
-from .coords import identity_grid, sample
-from ._cuda_ext.loader import NativeBuildError
-from .encoders import BackendUnavailableError, HashGridConfig, resolve_backend
-from .fields import DirectionalMap, MapPair
-from .fused import fields_jacobian
-from .geometry import Grid, Image
-from .grid_maps import GridMapPair
-from . import metrics
-from .transforms import world as world_maps
-from .transforms.itk import write_affine_itk, write_displacement_itk
-from .validation import as_tensor, check_choice, describe, to_output
+from ..io.files import atomic_save, safe_load
+from .._version import RESULT_FORMAT_VERSION, __version__
+from ..config import FitConfig
+from ..geometry.coords import identity_grid, sample
+from .._cuda_ext.loader import NativeBuildError
+from ..encoders import BackendUnavailableError, HashGridConfig, resolve_backend
+from ..transforms.fields import DirectionalMap, MapPair
+from ..encoders.fused import fields_jacobian
+from ..geometry import Grid, Image
+from ..transforms.grid_maps import GridMapPair
+from .. import metrics
+from ..transforms import world as world_maps
+from ..transforms.itk import write_affine_itk, write_displacement_itk
+from ..validation import as_tensor, check_choice, describe, to_output
 
 CHUNK_POINTS = 1 << 16
 _FORMAT = "neuralfield_reg.RegistrationResult"
@@ -221,7 +221,7 @@ class RegistrationResult:
         which = "moving" if direction == "AB" else "fixed"
         given = None
         if not isinstance(image, (np.ndarray, torch.Tensor)):
-            from .io import as_image
+            from ..io.images import as_image
             given, _ = as_image("image", image)
             image, image_grid = given.data, given.grid
             if image_grid.dim != self.dim:
@@ -482,7 +482,7 @@ def _reference_grid(reference, target: Grid, dim: int) -> Grid:
     elif isinstance(reference, Grid):
         grid = reference
     else:
-        from .io import as_image
+        from ..io.images import as_image
         grid = as_image("reference", reference)[0].grid
     if grid.dim != dim:
         raise ValueError(f"reference: expected a {dim}D grid, got {grid}")

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._files import atomic_write
-from .geometry import Grid, Image
-from .validation import check_image_shape
+from .files import atomic_write
+from ..geometry import Grid, Image
+from ..validation import check_image_shape
 
 SUFFIXES = (".npy", ".nii", ".nii.gz")
 
@@ -137,26 +137,3 @@ def save_image(path, array, affine=None) -> None:
         def write(temporary):
             nibabel.save(nibabel.Nifti1Image(array, affine), temporary)
     atomic_write(path, write, suffix=suffix)
-
-
-def world_displacement(result, moving_affine=None, fixed_affine=None) -> np.ndarray:
-    """The forward map as a world displacement: ``(*fixed grid, d)`` in mm (RAS, NIfTI's frame),
-    ``p_moving = p_fixed + u(p_fixed)``; by default on the result's own grids, or with the given
-    4x4 voxel-to-world matrices of the two images."""
-    if moving_affine is None and fixed_affine is None:
-        return result.world_displacement("AB")
-    moving = result.moving_grid if moving_affine is None else Grid(result.moving_shape, moving_affine, name="moving_affine")
-    fixed = result.fixed_grid if fixed_affine is None else Grid(result.fixed_shape, fixed_affine, name="fixed_affine")
-    fixed_voxels = np.indices(result.fixed_shape).astype(np.float64)
-    moving_voxels = fixed_voxels + result.displacement("AB")
-    return moving.voxel_to_world(np.moveaxis(moving_voxels, 0, -1)) - fixed.voxel_to_world(np.moveaxis(fixed_voxels, 0, -1))
-
-
-def save_displacement_itk(path, result, moving_affine=None, fixed_affine=None) -> None:
-    """Write the forward map as an ITK/ANTs displacement field (NIfTI vector image) on the fixed
-    grid, ``p_moving = p_fixed + u`` in LPS mm (:func:`~neuralfield_reg.transforms.itk.write_displacement_itk`);
-    the grids are the result's own unless the images' 4x4 matrices are given."""
-    from .transforms.itk import write_displacement_itk
-
-    fixed = result.fixed_grid if fixed_affine is None else Grid(result.fixed_shape, fixed_affine, name="fixed_affine")
-    write_displacement_itk(path, world_displacement(result, moving_affine, fixed_affine), fixed)
