@@ -95,14 +95,18 @@ def test_batched_sampling_matches_one_image_at_a_time(shape):
         sample_batch(images, points[:2])
 
 
+@pytest.mark.parametrize("blocky", [False, True])       # True: most points see one label only
 @pytest.mark.parametrize("dim", [2, 3])
-def test_label_interpolation_is_the_most_likely_label(dim):
+def test_label_interpolation_is_the_most_likely_label(dim, blocky):
     """Against an independent reference: every label's indicator sampled linearly (grid_sample
     path), the label with the largest interpolated weight; at voxel centres the labels themselves."""
     from neuralfield_reg.geometry.coords import sample_batch
     generator = torch.Generator().manual_seed(dim)
     shape = (7, 6, 5)[:dim]
     labels = torch.randint(0, 4, shape, generator=generator).to(torch.int16) * 3      # values 0, 3, 6, 9
+    if blocky:
+        labels = labels.repeat_interleave(3, 0).repeat_interleave(3, 1)
+        shape = tuple(labels.shape)
     points = torch.rand(500, dim, generator=generator, dtype=torch.float64) * 1.1 - 0.05
     out = sample(labels, points, mode="label")
     assert out.dtype == torch.int16

@@ -19,6 +19,23 @@ def test_dice_per_label():
         dice(a, b[:1])
 
 
+@pytest.mark.parametrize("kind", ["int16", "float32", "negative", "large"])
+def test_dice_counts_match_a_label_by_label_reference(kind):
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 12, (9, 8, 7))
+    b = np.where(rng.random(a.shape) < 0.3, rng.integers(0, 12, a.shape), a)
+    a, b = {"int16": (a.astype(np.int16), b.astype(np.int16)), "float32": (a.astype(np.float32), b.astype(np.float32)),
+            "negative": (a - 5, b - 5), "large": (a * 10**7, b * 10**7)}[kind]
+    labels = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
+    expected = {int(v): 2.0 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels}
+    got = dice(a, b)
+    assert got.keys() == expected.keys()
+    for label, value in expected.items():
+        assert got[label] == pytest.approx(value, abs=1e-12)
+    some = [labels[0], labels[-1], 123456]                            # a label in neither map is left out
+    assert dice(a, b, some) == {int(v): expected[int(v)] for v in some[:2]}
+
+
 def test_folding_fraction_and_norm():
     assert folding_fraction(np.array([1.0, 0.5, 0.0, -1.0])) == 0.5
     residual = np.array([[3.0, 4.0], [0.0, 1.0]])

@@ -143,9 +143,16 @@ def _sample_label(image: torch.Tensor, flat: torch.Tensor, spatial: tuple[int, .
         weights.append(torch.where(bits.bool(), fraction, 1.0 - fraction).prod(-1))   # (N,)
     labels = torch.stack(labels, -1)                                                  # (C, N, 2^d)
     weights = torch.stack(weights, -1)                                                # (N, 2^d)
-    same = labels[..., :, None] == labels[..., None, :]                               # (C, N, 2^d, 2^d)
-    total = (same * weights[None, :, None, :]).sum(-1)                                # (C, N, 2^d)
-    values = torch.gather(labels, -1, total.argmax(-1, keepdim=True))[..., 0]
+    values = labels[..., 0].clone()
+    # Where the corners hold different labels (near boundaries: a minority of the voxels), the
+    # weight of each corner's label; elsewhere that one label wins outright.
+    mixed = (labels != labels[..., :1]).any(-1)                                       # (C, N)
+    if bool(mixed.any()):
+        corners = labels[mixed]                                                       # (M, 2^d)
+        corner_weights = weights.expand(*labels.shape)[mixed]
+        same = corners[:, :, None] == corners[:, None, :]                             # (M, 2^d, 2^d)
+        total = (same * corner_weights[:, None, :]).sum(-1)                           # (M, 2^d)
+        values[mixed] = torch.gather(corners, -1, total.argmax(-1, keepdim=True))[:, 0]
     if padding == "zeros":
         values = torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
     return values
