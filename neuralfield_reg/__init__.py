@@ -20,7 +20,8 @@ The three-line path::
 """
 
 from ._version import __version__
-from .config import AffineConfig, FitConfig
+from .config import (AffineConfig, FitConfig, ModelConfig, ObjectiveConfig, RuntimeConfig, SamplingConfig,
+                     ScheduleConfig)
 from .encoders import BackendUnavailableError, HashGridConfig
 from .registration.fit import FitDivergedError, fit_pair, fit_pairs
 from .geometry import Grid, Image
@@ -28,4 +29,5 @@ from .io.images import read_image, write_image
 from .registration.result import RegistrationResult
 
 __all__ = ["AffineConfig", "BackendUnavailableError", "FitConfig", "FitDivergedError", "Grid", "HashGridConfig",
-           "Image", "RegistrationResult", "__version__", "fit_pair", "fit_pairs", "read_image", "write_image"]
+           "Image", "ModelConfig", "ObjectiveConfig", "RegistrationResult", "RuntimeConfig", "SamplingConfig",
+           "ScheduleConfig", "__version__", "fit_pair", "fit_pairs", "read_image", "write_image"]

@@ -1,8 +1,10 @@
 """Settings of a fit, gathered in small frozen dataclasses with measured defaults.
 
-``FitConfig()`` is what ``fit_pair`` uses when no config is given; every field can be changed
-with ``dataclasses.replace(FitConfig(), iterations=1000)``. ``to_dict``/``from_dict`` turn a
-config into plain Python values (for saving results) and back.
+``FitConfig`` gathers the settings of a fit in sections (schedule, objective, sampling, model,
+affine, runtime); ``FitConfig.preset("2d")`` (= ``FitConfig()``) and ``"3d"`` are what
+``fit_pair`` uses when no config is given. Every setting can be changed by its name:
+``dataclasses.replace(FitConfig(), iterations=1000)``. ``to_dict``/``from_dict`` turn a config
+into plain Python values (for saving results) and back.
 """
 
 from __future__ import annotations
@@ -71,101 +73,49 @@ class AffineConfig:
         _require(self.max_shrink >= 1, "AffineConfig.max_shrink", "an integer >= 1", self.max_shrink)
 
 
-@dataclass(frozen=True)
-class FitConfig:
-    """Settings of :func:`neuralfield_reg.fit_pair`.
+_NOT_GIVEN = object()
 
-    Attributes:
-        iterations: Adam steps of the field stage.
-        learning_rate: Adam learning rate for the hash tables and the MLPs.
-        learning_rate_decay: the learning rate follows a cosine from ``learning_rate`` down to
-            ``learning_rate * learning_rate_decay`` at the last iteration (1 keeps it constant).
-        similarity: ``"ssd"``, ``"ncc"`` (global) or ``"lncc"`` (local, ``lncc_window`` voxels).
-        gradient_icon_weight: lambda of the autograd gradient-ICON penalty.
-        gradient_icon_points: random points per iteration for the penalty.
-        icon_weight: weight of an optional plain ICON term (mean squared residual).
-        similarity_points: random fixed/moving voxels per iteration for ``ssd``/``ncc``; None uses
-            every voxel.
-        lncc_patches: None: ``lncc`` compares whole images every iteration; an integer: that many
-            random cubic patches of ``lncc_patch_size`` voxels per axis (per image and pair), so an
-            iteration costs the same for any volume size.
-        blur_sigmas: coarse-to-fine schedule: Gaussian blur of both images, one stage each,
-            stages of equal length; in voxels, or in mm with ``blur_in_mm``.
-        blur_in_mm: ``blur_sigmas`` are in mm (each image blurred by ``sigma / spacing`` voxels
-            per axis), so a scan at 1 mm and at 2 mm gets the same physical schedule.
-        level_ramp: fraction of the iterations over which the hash-grid levels are switched on,
-            coarse to fine, starting from ``start_levels`` levels.
-        encoding: hash-grid settings; None picks them from the image size (finest level at the
-            image resolution).
-        hidden_widths, output_scale: the MLP and the scale of its output (unit coordinates).
-        affine: settings of the global affine stage, or None to start from the identity.
-        backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
-        fused_kernels: with the native backend on the CPU, run the fields, the SSD similarity
-            and the gradient-ICON penalty in the fused kernels (``neuralfield_reg/encoders/fused.py``; the
-            penalty's is not used with ``icon_weight > 0``) and the affine stage's cost in the
-            compiled ``affine_ncc`` kernel; False uses the per-operation autograd path (same
-            function, slower; for comparison).
-        clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
-            rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
-        foreground: ``"auto"``: where the caller gives no masks, the similarity counts (and draws
-            its points) only inside each image's foreground, found by :func:`foreground_mask`;
-            None uses the whole images.
-        finest_cell_voxels: with ``encoding=None``, the cell size of the hash grid's finest
-            level, in voxels of the fixed image (see :func:`default_encoding`); None: one voxel.
-        on_divergence: what a NaN/Inf loss term does: ``"raise"`` stops with
-            :class:`~neuralfield_reg.FitDivergedError`; ``"rollback"`` returns to the last good
-            state (kept every few iterations), multiplies the learning rate by
-            ``rollback_factor`` and goes on, at most ``max_rollbacks`` times, then raises.
-    """
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """What changes over the field stage (see :class:`FitConfig` for each field)."""
 
     iterations: int = 500
     learning_rate: float = 1e-2
     learning_rate_decay: float = 0.01
-    similarity: str = "ssd"
-    lncc_window: int = 9
-    gradient_icon_weight: float = 0.5
-    gradient_icon_points: int = 512
-    icon_weight: float = 0.0
-    similarity_points: int | None = 4096
-    lncc_patches: int | None = None
-    lncc_patch_size: int = 16
     blur_sigmas: tuple[float, ...] = (6.0, 3.0, 1.5, 0.0)
+    blur_in_mm: bool = False
     level_ramp: float = 0.5
     start_levels: int = 2
-    encoding: HashGridConfig | None = None
-    hidden_widths: tuple[int, ...] = (32, 32)
-    output_scale: float = 0.1
-    affine: AffineConfig | None = AffineConfig()
-    backend: str = "auto"
-    fused_kernels: bool = True
-    clip_percentiles: tuple[float, float] | None = None
-    on_divergence: str = "raise"
-    rollback_factor: float = 0.1
-    max_rollbacks: int = 3
-    foreground: str | None = None
-    finest_cell_voxels: float | None = None
-    blur_in_mm: bool = False
 
     def __post_init__(self):
         check_fields(self, {"iterations": "int", "learning_rate": "number", "learning_rate_decay": "number",
-                            "similarity": "str", "lncc_window": "int", "gradient_icon_weight": "number",
-                            "gradient_icon_points": "int", "icon_weight": "number", "similarity_points": "int?",
-                            "lncc_patches": "int?", "lncc_patch_size": "int", "blur_sigmas": "numbers",
-                            "level_ramp": "number", "start_levels": "int", "hidden_widths": "ints",
-                            "output_scale": "number", "backend": "str", "fused_kernels": "bool",
-                            "clip_percentiles": "numbers?", "on_divergence": "str", "rollback_factor": "number",
-                            "max_rollbacks": "int", "foreground": "str?", "finest_cell_voxels": "number?",
-                            "blur_in_mm": "bool"})
-        for name, kind in (("encoding", HashGridConfig), ("affine", AffineConfig)):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, kind):
-                raise TypeError(f"FitConfig.{name}: expected a {kind.__name__} or None, got {value!r}")
-        _require(isinstance(self.iterations, int) and self.iterations >= 1, "FitConfig.iterations",
-                 "an integer >= 1", self.iterations)
+                            "blur_sigmas": "numbers", "blur_in_mm": "bool", "level_ramp": "number",
+                            "start_levels": "int"}, owner_name="FitConfig")
+        _require(self.iterations >= 1, "FitConfig.iterations", "an integer >= 1", self.iterations)
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "FitConfig.learning_rate",
                  "a positive number", self.learning_rate)
         _require(0 < self.learning_rate_decay <= 1, "FitConfig.learning_rate_decay", "a fraction in (0, 1]",
                  self.learning_rate_decay)
+        _require(len(self.blur_sigmas) > 0 and all(s >= 0 for s in self.blur_sigmas),
+                 "FitConfig.blur_sigmas", "one or more sigmas >= 0", self.blur_sigmas)
+        _require(0 <= self.level_ramp <= 1, "FitConfig.level_ramp", "a fraction in [0, 1]", self.level_ramp)
+        _require(self.start_levels >= 1, "FitConfig.start_levels", "an integer >= 1", self.start_levels)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the loss compares and how much each term weighs (see :class:`FitConfig`)."""
+
+    similarity: str = "ssd"
+    lncc_window: int = 9
+    gradient_icon_weight: float = 0.5
+    icon_weight: float = 0.0
+    clip_percentiles: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        check_fields(self, {"similarity": "str", "lncc_window": "int", "gradient_icon_weight": "number",
+                            "icon_weight": "number", "clip_percentiles": "numbers?"}, owner_name="FitConfig")
         _require(self.similarity in SIMILARITY_NAMES, "FitConfig.similarity",
                  f"one of {SIMILARITY_NAMES}", self.similarity)
         _require(self.lncc_window >= 1 and self.lncc_window % 2 == 1, "FitConfig.lncc_window",
@@ -173,39 +123,179 @@ class FitConfig:
         for name in ("gradient_icon_weight", "icon_weight"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, f"FitConfig.{name}", "a number >= 0", value)
-        _require(self.gradient_icon_points >= 1, "FitConfig.gradient_icon_points", "an integer >= 1",
-                 self.gradient_icon_points)
-        _require(self.similarity_points is None or self.similarity_points >= 1,
-                 "FitConfig.similarity_points", "None or an integer >= 1", self.similarity_points)
-        _require(self.lncc_patches is None or self.lncc_patches >= 1, "FitConfig.lncc_patches",
-                 "None or an integer >= 1", self.lncc_patches)
-        _require(self.lncc_patch_size >= 2, "FitConfig.lncc_patch_size", "an integer >= 2", self.lncc_patch_size)
-        _require(len(self.blur_sigmas) > 0 and all(s >= 0 for s in self.blur_sigmas),
-                 "FitConfig.blur_sigmas", "one or more sigmas >= 0", self.blur_sigmas)
-        _require(0 <= self.level_ramp <= 1, "FitConfig.level_ramp", "a fraction in [0, 1]", self.level_ramp)
-        _require(self.start_levels >= 1, "FitConfig.start_levels", "an integer >= 1", self.start_levels)
-        _require(len(self.hidden_widths) > 0 and all(w >= 1 for w in self.hidden_widths),
-                 "FitConfig.hidden_widths", "one or more positive widths", self.hidden_widths)
-        _require(math.isfinite(self.output_scale) and self.output_scale > 0, "FitConfig.output_scale",
-                 "a positive number", self.output_scale)
-        _require(self.backend in ("auto", "torch", "native", "tcnn"), "FitConfig.backend",
-                 "'auto', 'torch', 'native' or 'tcnn'", self.backend)
-        _require(isinstance(self.fused_kernels, bool), "FitConfig.fused_kernels", "True or False",
-                 self.fused_kernels)
         _require(self.clip_percentiles is None or (len(self.clip_percentiles) == 2
                                                    and 0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100),
                  "FitConfig.clip_percentiles", "None or (low, high) with 0 <= low < high <= 100",
                  self.clip_percentiles)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Where each step evaluates the loss (see :class:`FitConfig`)."""
+
+    similarity_points: int | None = 4096
+    gradient_icon_points: int = 512
+    lncc_patches: int | None = None
+    lncc_patch_size: int = 16
+    foreground: str | None = None
+
+    def __post_init__(self):
+        check_fields(self, {"similarity_points": "int?", "gradient_icon_points": "int", "lncc_patches": "int?",
+                            "lncc_patch_size": "int", "foreground": "str?"}, owner_name="FitConfig")
+        _require(self.similarity_points is None or self.similarity_points >= 1,
+                 "FitConfig.similarity_points", "None or an integer >= 1", self.similarity_points)
+        _require(self.gradient_icon_points >= 1, "FitConfig.gradient_icon_points", "an integer >= 1",
+                 self.gradient_icon_points)
+        _require(self.lncc_patches is None or self.lncc_patches >= 1, "FitConfig.lncc_patches",
+                 "None or an integer >= 1", self.lncc_patches)
+        _require(self.lncc_patch_size >= 2, "FitConfig.lncc_patch_size", "an integer >= 2", self.lncc_patch_size)
+        _require(self.foreground in (None, "auto"), "FitConfig.foreground", "None or 'auto'", self.foreground)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The two neural fields (see :class:`FitConfig`)."""
+
+    encoding: HashGridConfig | None = None
+    finest_cell_voxels: float | None = None
+    hidden_widths: tuple[int, ...] = (32, 32)
+    output_scale: float = 0.1
+
+    def __post_init__(self):
+        check_fields(self, {"finest_cell_voxels": "number?", "hidden_widths": "ints", "output_scale": "number"},
+                     owner_name="FitConfig")
+        if self.encoding is not None and not isinstance(self.encoding, HashGridConfig):
+            raise TypeError(f"FitConfig.encoding: expected a HashGridConfig or None, got {self.encoding!r}")
+        _require(self.finest_cell_voxels is None or (math.isfinite(self.finest_cell_voxels)
+                                                     and self.finest_cell_voxels > 0),
+                 "FitConfig.finest_cell_voxels", "None or a positive number of voxels", self.finest_cell_voxels)
+        _require(len(self.hidden_widths) > 0 and all(w >= 1 for w in self.hidden_widths),
+                 "FitConfig.hidden_widths", "one or more positive widths", self.hidden_widths)
+        _require(math.isfinite(self.output_scale) and self.output_scale > 0, "FitConfig.output_scale",
+                 "a positive number", self.output_scale)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How the fit runs and what it does when it diverges (see :class:`FitConfig`)."""
+
+    backend: str = "auto"
+    fused_kernels: bool = True
+    on_divergence: str = "raise"
+    rollback_factor: float = 0.1
+    max_rollbacks: int = 3
+
+    def __post_init__(self):
+        check_fields(self, {"backend": "str", "fused_kernels": "bool", "on_divergence": "str",
+                            "rollback_factor": "number", "max_rollbacks": "int"}, owner_name="FitConfig")
+        _require(self.backend in ("auto", "torch", "native", "tcnn"), "FitConfig.backend",
+                 "'auto', 'torch', 'native' or 'tcnn'", self.backend)
         _require(self.on_divergence in ("raise", "rollback"), "FitConfig.on_divergence",
                  "'raise' or 'rollback'", self.on_divergence)
         _require(0 < self.rollback_factor < 1, "FitConfig.rollback_factor", "a fraction in (0, 1)",
                  self.rollback_factor)
-        _require(isinstance(self.max_rollbacks, int) and self.max_rollbacks >= 0, "FitConfig.max_rollbacks",
-                 "an integer >= 0", self.max_rollbacks)
-        _require(self.foreground in (None, "auto"), "FitConfig.foreground", "None or 'auto'", self.foreground)
-        _require(self.finest_cell_voxels is None or (math.isfinite(self.finest_cell_voxels)
-                                                     and self.finest_cell_voxels > 0),
-                 "FitConfig.finest_cell_voxels", "None or a positive number of voxels", self.finest_cell_voxels)
+        _require(self.max_rollbacks >= 0, "FitConfig.max_rollbacks", "an integer >= 0", self.max_rollbacks)
+
+
+SECTIONS = {"schedule": ScheduleConfig, "objective": ObjectiveConfig, "sampling": SamplingConfig,
+            "model": ModelConfig, "runtime": RuntimeConfig}
+# Each setting's section, by its (flat) name: FitConfig(iterations=...) and config.iterations.
+SECTION_OF = {f.name: section for section, kind in SECTIONS.items() for f in fields(kind)}
+
+
+@dataclass(frozen=True, init=False)
+class FitConfig:
+    """Settings of :func:`neuralfield_reg.fit_pair`, in sections: ``schedule``
+    (:class:`ScheduleConfig`), ``objective`` (:class:`ObjectiveConfig`), ``sampling``
+    (:class:`SamplingConfig`), ``model`` (:class:`ModelConfig`), ``affine``
+    (:class:`AffineConfig` or None) and ``runtime`` (:class:`RuntimeConfig`).
+
+    Every setting is also given and read by its own name: ``FitConfig(iterations=1000)``,
+    ``config.iterations``, ``dataclasses.replace(config, iterations=1000)``; sections can be
+    given whole (``FitConfig(schedule=ScheduleConfig(...))``).
+
+    Schedule:
+        iterations: Adam steps of the field stage.
+        learning_rate: Adam learning rate for the hash tables and the MLPs.
+        learning_rate_decay: the learning rate follows a cosine from ``learning_rate`` down to
+            ``learning_rate * learning_rate_decay`` at the last iteration (1 keeps it constant).
+        blur_sigmas: coarse-to-fine schedule: Gaussian blur of both images, one stage each,
+            stages of equal length; in voxels, or in mm with ``blur_in_mm``.
+        blur_in_mm: ``blur_sigmas`` are in mm (each image blurred by ``sigma / spacing`` voxels
+            per axis), so a scan at 1 mm and at 2 mm gets the same physical schedule.
+        level_ramp: fraction of the iterations over which the hash-grid levels are switched on,
+            coarse to fine, starting from ``start_levels`` levels.
+    Objective:
+        similarity: ``"ssd"``, ``"ncc"`` (global) or ``"lncc"`` (local, ``lncc_window`` voxels).
+        gradient_icon_weight: lambda of the autograd gradient-ICON penalty.
+        icon_weight: weight of an optional plain ICON term (mean squared residual).
+        clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
+            rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
+    Sampling:
+        similarity_points: random fixed/moving voxels per iteration for ``ssd``/``ncc``; None uses
+            every voxel.
+        gradient_icon_points: random points per iteration for the penalty.
+        lncc_patches: None: ``lncc`` compares whole images every iteration; an integer: that many
+            random cubic patches of ``lncc_patch_size`` voxels per axis (per image and pair), so an
+            iteration costs the same for any volume size.
+        foreground: ``"auto"``: where the caller gives no masks, the similarity counts (and draws
+            its points) only inside each image's foreground (``registration.fit.foreground_mask``);
+            None uses the whole images.
+    Model:
+        encoding: hash-grid settings; None picks them from the image size (finest level at the
+            image resolution, or cells of ``finest_cell_voxels`` voxels of the fixed image; see
+            :func:`default_encoding`).
+        hidden_widths, output_scale: the MLP and the scale of its output (unit coordinates).
+    Affine:
+        affine: settings of the global affine stage, or None to start from the identity.
+    Runtime:
+        backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
+        fused_kernels: with the native backend on the CPU, run the fields, the SSD similarity
+            and the gradient-ICON penalty in the fused kernels (``encoders/fused.py``; the
+            penalty's is not used with ``icon_weight > 0``) and the affine stage's cost in the
+            compiled ``affine_ncc`` kernel; False uses the per-operation autograd path (same
+            function, slower; for comparison).
+        on_divergence: what a diverging fit does: ``"raise"`` stops with
+            :class:`~neuralfield_reg.FitDivergedError`; ``"rollback"`` returns to the last good
+            state (kept every few iterations), multiplies the learning rate by
+            ``rollback_factor`` and goes on, at most ``max_rollbacks`` times, then raises.
+    """
+
+    schedule: ScheduleConfig
+    objective: ObjectiveConfig
+    sampling: SamplingConfig
+    model: ModelConfig
+    affine: AffineConfig | None
+    runtime: RuntimeConfig
+
+    def __init__(self, schedule: ScheduleConfig | None = None, objective: ObjectiveConfig | None = None,
+                 sampling: SamplingConfig | None = None, model: ModelConfig | None = None, affine=_NOT_GIVEN,
+                 runtime: RuntimeConfig | None = None, **settings):
+        unknown = sorted(set(settings) - set(SECTION_OF))
+        if unknown:
+            raise TypeError(f"FitConfig: unknown settings {unknown}; expected sections {sorted(SECTIONS)}, "
+                            f"'affine', or settings such as {sorted(SECTION_OF)[:4]}")
+        given = {"schedule": schedule, "objective": objective, "sampling": sampling, "model": model,
+                 "runtime": runtime}
+        for name, kind in SECTIONS.items():
+            section = given[name]
+            if section is None:
+                section = kind()
+            elif not isinstance(section, kind):
+                raise TypeError(f"FitConfig.{name}: expected a {kind.__name__}, got {section!r}")
+            overrides = {key: value for key, value in settings.items() if SECTION_OF[key] == name}
+            object.__setattr__(self, name, replace(section, **overrides) if overrides else section)
+        affine = AffineConfig() if affine is _NOT_GIVEN else affine
+        if affine is not None and not isinstance(affine, AffineConfig):
+            raise TypeError(f"FitConfig.affine: expected a AffineConfig or None, got {affine!r}")
+        object.__setattr__(self, "affine", affine)
+
+    def __getattr__(self, name: str):
+        """A setting by its own name (``config.iterations`` is ``config.schedule.iterations``)."""
+        section = SECTION_OF.get(name)
+        if section is None:
+            raise AttributeError(f"FitConfig has no setting {name!r}")
+        return getattr(object.__getattribute__(self, section), name)
 
     def resolved(self, shape: Sequence[int]) -> "FitConfig":
         """This config with ``encoding`` filled in for a fixed image of ``shape``."""
@@ -233,21 +323,33 @@ class FitConfig:
         return cls.preset("3d" if dim == 3 else "2d")
 
     def to_dict(self) -> dict:
+        """Plain values by section (JSON-ready once tuples become lists)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict, base: "FitConfig | None" = None) -> "FitConfig":
-        """A config from plain values (as :meth:`to_dict` writes, or a ``--config`` file); fields
-        not given keep those of ``base`` (default ``FitConfig()``)."""
+        """A config from plain values: sections (as :meth:`to_dict` writes), settings by their own
+        names (as results and ``--config`` files written before the sections hold), or both;
+        what is not given keeps ``base``'s value (default ``FitConfig()``)."""
         if not isinstance(values, dict):
             raise ValueError(f"config: expected an object of FitConfig fields, got {values!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        unknown = set(values) - set(SECTIONS) - set(SECTION_OF) - {"affine"}
         if unknown:
             raise ValueError(f"config: unknown FitConfig fields {sorted(unknown)}")
-        values = dict(values)
+        settings = {}
+        for key, value in values.items():
+            if key in SECTIONS:
+                if not isinstance(value, dict):
+                    raise ValueError(f"config: {key}: expected an object of {SECTIONS[key].__name__} fields, "
+                                     f"got {value!r}")
+                extra = set(value) - {f.name for f in fields(SECTIONS[key])}
+                if extra:
+                    raise ValueError(f"config: unknown {SECTIONS[key].__name__} fields {sorted(extra)} in {key!r}")
+                settings.update(value)
+            elif key not in settings or key == "affine":
+                settings[key] = value
         for key, kind in (("encoding", HashGridConfig), ("affine", AffineConfig)):
-            section = values.get(key)
+            section = settings.get(key)
             if section is None or isinstance(section, kind):
                 continue
             if not isinstance(section, dict):
@@ -255,8 +357,8 @@ class FitConfig:
             unknown = set(section) - {f.name for f in fields(kind)}
             if unknown:
                 raise ValueError(f"config: unknown {kind.__name__} fields {sorted(unknown)} in {key!r}")
-            values[key] = kind(**section)
-        return replace(base, **values) if base is not None else cls(**values)
+            settings[key] = kind(**section)
+        return replace(base if base is not None else cls(), **settings)
 
 
 def default_encoding(shape: Sequence[int], finest_cell_voxels: float | None = None) -> HashGridConfig:

@@ -121,15 +121,15 @@ def _of_kind(value, kind: str) -> bool:
     return isinstance(value, (tuple, list)) and all(_of_kind(v, kind[:-1]) for v in value)
 
 
-def check_fields(owner, kinds: dict[str, str]) -> None:
+def check_fields(owner, kinds: dict[str, str], *, owner_name: str | None = None) -> None:
     """Check the types of a frozen config dataclass's fields before their values are checked.
 
     ``kinds`` maps a field to ``"int"``, ``"number"``, ``"bool"``, ``"str"``, ``"ints"`` or
     ``"numbers"`` (sequences, stored as tuples), with a trailing ``"?"`` when None is allowed.
     Raises ``TypeError`` naming ``Owner.field`` (``True`` is not an integer, ``2.5`` is not a
-    width, ``"fast"`` is not a learning rate).
+    width, ``"fast"`` is not a learning rate); ``owner_name`` replaces the class's name there.
     """
-    name = type(owner).__name__
+    name = owner_name or type(owner).__name__
     for field, kind in kinds.items():
         value = getattr(owner, field)
         optional = kind.endswith("?")

@@ -1,11 +1,14 @@
 """RegistrationResult: warping, dense outputs and files, against analytic maps."""
 
+import dataclasses
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
 
+import neuralfield_reg as nfr
 from neuralfield_reg import FitConfig, RegistrationResult
 from neuralfield_reg.transforms.fields import MapPair
 
@@ -190,3 +193,43 @@ def test_dense_outputs_are_cached_until_the_maps_change():
     assert np.abs(third - second[0]).max() > 1e-4
     result._dense.clear()
     np.testing.assert_allclose(result.warp(image), third, rtol=0, atol=0)
+
+
+def test_a_result_saved_before_the_config_sections_still_loads(tmp_path):
+    """tests/data/result_flat_config.pt.bin was saved by the code whose FitConfig was one flat
+    dataclass (its config dict holds every setting by name): it loads, with the same settings,
+    and warps as it did when it was saved."""
+    import shutil
+    from pathlib import Path
+    data = Path(__file__).parent / "data"
+    path = tmp_path / "old.pt"
+    shutil.copy(data / "result_flat_config.pt.bin", path)
+    result = RegistrationResult.load(path)
+    expected = FitConfig(iterations=10, similarity_points=128, gradient_icon_points=32, affine=None,
+                         encoding=nfr.HashGridConfig.from_resolutions(4, 16, 3, log2_hashmap_size=8))
+    assert result.config == expected and result.config.schedule.iterations == 10
+    axis = np.linspace(0, 1, 20)
+    grid = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1)
+    moving = (np.linalg.norm(grid - [0.45, 0.5], axis=-1) < 0.3).astype(np.float32)
+    np.testing.assert_allclose(result.warp(moving), np.load(data / "result_flat_config_warped.npy"), atol=1e-6)
+
+
+def test_config_sections_and_settings_by_name():
+    config = FitConfig.preset("3d")
+    assert config.iterations == config.schedule.iterations == 400
+    assert config.foreground == config.sampling.foreground == "auto"
+    changed = dataclasses.replace(config, iterations=7, similarity="ssd", affine=None)
+    assert (changed.schedule.iterations, changed.objective.similarity, changed.affine) == (7, "ssd", None)
+    assert changed.sampling == config.sampling and changed.model == config.model
+    assert FitConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    flat = {"iterations": 3, "similarity": "ncc", "affine": {"iterations": 5}}          # a --config file
+    assert FitConfig.from_dict(flat) == FitConfig(iterations=3, similarity="ncc", affine=nfr.AffineConfig(iterations=5))
+    assert FitConfig.from_dict({"schedule": {"iterations": 4}}, base=config).schedule.iterations == 4
+    with pytest.raises(TypeError, match="FitConfig.iterations"):
+        FitConfig(iterations=2.5)
+    with pytest.raises(TypeError, match="unknown settings"):
+        FitConfig(colour="red")
+    with pytest.raises(ValueError, match="unknown ScheduleConfig fields"):
+        FitConfig.from_dict({"schedule": {"colour": 1}})
+    with pytest.raises(AttributeError):
+        config.colour

@@ -236,8 +236,7 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig | dict | None = None, *, de
     rank, world, rank_device = init_from_environment()
     device = rank_device if device is None else device
     for index in range(rank, len(rows), world):
-        pair_dir = out_dir / "pairs" / f"{index:05d}"
-        pair_dir.mkdir(parents=True, exist_ok=True)
+        pair_dir = out_dir / "pairs" / f"{index:05d}"      # made by register_row, with its INCOMPLETE marker
         summary_path = pair_dir / "summary.json"
         settings = {"config": config.to_dict() if isinstance(config, FitConfig) else config,
                     "init": None if init is None else str(init)}
@@ -254,6 +253,7 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig | dict | None = None, *, de
                 traceback.print_exc()
         if summary["status"] == "ok":
             end_outputs(pair_dir)
+        pair_dir.mkdir(parents=True, exist_ok=True)      # a pair that failed before its outputs began
         atomic_write_text(summary_path, json.dumps(summary, indent=1))      # last: the pair is complete
     if world > 1:
         dist.barrier()
