@@ -96,6 +96,73 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
+def _check_arguments(network, pairs, steps, time_budget_s, batch_size, checkpoint_every, callback_every, lr) -> None:
+    """:func:`train`'s arguments, checked before anything runs."""
+    if not isinstance(network, RegistrationNetwork):
+        raise TypeError(f"network: expected a gradicon RegistrationNetwork, got {type(network).__name__}")
+    if not isinstance(pairs, Dataset) or len(pairs) == 0:
+        raise ValueError(f"pairs: expected a non-empty torch Dataset of (moving, fixed), got {describe(pairs)}")
+    if steps is None and time_budget_s is None:
+        raise ValueError("steps and time_budget_s: give at least one (training would never stop)")
+    if steps is not None and (not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
+    if time_budget_s is not None and not time_budget_s >= 0:
+        raise ValueError(f"time_budget_s: expected a non-negative number of seconds, got {time_budget_s!r}")
+    for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
+                        ("callback_every", callback_every)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
+
+
+def _resume(checkpoint, settings: dict, network, optimizer, generator) -> tuple[dict, int, float]:
+    """``(history, step, seconds)`` of the run saved in ``checkpoint`` (its network, optimizer
+    and generator loaded), or of a fresh run when there is none."""
+    history: dict[str, list[float]] = {"step": [], "seconds": [], **{t: [] for t in _TERMS}}
+    if checkpoint is None or not Path(checkpoint).exists():
+        return history, 0, 0.0
+    state = safe_load(checkpoint, format_name=_FORMAT, what="gradicon training checkpoint")
+    changed = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
+    if changed:
+        raise ValueError(f"checkpoint: {str(checkpoint)!r} was written with other settings "
+                         f"(saved, requested): {changed}")
+    network.load_state_dict(state["network"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return state["history"], state["step"], state["seconds"]
+
+
+def _step(model, optimizer, pairs, stream, generator, step: int, batch_size: int, world: int, rank: int, device,
+          dim: int | None, loss_settings: dict) -> tuple[dict[str, float], float]:
+    """One training step on this rank's share of the global batch: the loss terms (averaged
+    over the processes) and the step's seconds (the slowest process's)."""
+    local_batch = batch_size // world
+    started = time.perf_counter()
+    moving, fixed = _collate(pairs, stream.batch(step, local_batch), device, dim)
+    # Noise for the whole global batch (both directions), then this rank's share of it: the
+    # sampler deals global batch positions round-robin (rank r holds r, r + N, r + 2N, ...).
+    noise = torch.randn(2, batch_size, *moving.shape[2:], moving.ndim - 2, generator=generator)
+    noise = noise[:, rank::world].reshape(2 * local_batch, *noise.shape[2:])
+    terms = registration_loss(model, moving, fixed, noise_samples=noise.to(device), **loss_settings)
+    values = torch.stack([terms[name].detach() for name in _TERMS])
+    if world > 1:
+        dist.all_reduce(values)
+        values /= world
+    values = dict(zip(_TERMS, values.tolist()))
+    for name, value in values.items():     # checked before backward: NaN grids can crash grid_sample
+        if not np.isfinite(value):
+            raise FitDivergedError(f"train: the {name} term became {value} at step {step}; "
+                                   "lower lr or lam, or check the images")
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return values, float(elapsed)
+
+
 def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon",
           similarity: str = "lncc", lam: float | None = None, batch_size: int = 32, lr: float = 1e-3,
           steps: int | None = None, time_budget_s: float | None = None, checkpoint=None,
@@ -132,27 +199,11 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
     Raises:
         FitDivergedError: a loss term became NaN or Inf (names the step and the term).
     """
-    if not isinstance(network, RegistrationNetwork):
-        raise TypeError(f"network: expected a gradicon RegistrationNetwork, got {type(network).__name__}")
-    if not isinstance(pairs, Dataset) or len(pairs) == 0:
-        raise ValueError(f"pairs: expected a non-empty torch Dataset of (moving, fixed), got {describe(pairs)}")
-    if steps is None and time_budget_s is None:
-        raise ValueError("steps and time_budget_s: give at least one (training would never stop)")
-    if steps is not None and (not isinstance(steps, int) or steps < 0):
-        raise ValueError(f"steps: expected a non-negative integer, got {steps!r}")
-    if time_budget_s is not None and not time_budget_s >= 0:
-        raise ValueError(f"time_budget_s: expected a non-negative number of seconds, got {time_budget_s!r}")
-    for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every),
-                        ("callback_every", callback_every)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
+    _check_arguments(network, pairs, steps, time_budget_s, batch_size, checkpoint_every, callback_every, lr)
     lam = DEFAULT_LAMBDA.get(loss, 1.0) if lam is None else float(lam)
     world, rank = _distributed()
     if batch_size % world:
         raise ValueError(f"batch_size: {batch_size} pairs cannot be split evenly over {world} processes")
-    local_batch = batch_size // world
     settings = {"loss": loss, "similarity": similarity, "lam": lam, "batch_size": batch_size,
                 "lr": float(lr), "lncc_window": lncc_window, "seed": seed}
     if device is None:
@@ -165,19 +216,7 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     stream = _IndexStream(pairs, world, rank, seed)
-    history: dict[str, list[float]] = {"step": [], "seconds": [], **{t: [] for t in _TERMS}}
-    step, seconds = 0, 0.0
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = safe_load(checkpoint, format_name=_FORMAT, what="gradicon training checkpoint")
-        changed = {k: (state["settings"].get(k), v) for k, v in settings.items() if state["settings"].get(k) != v}
-        if changed:
-            raise ValueError(f"checkpoint: {str(checkpoint)!r} was written with other settings "
-                             f"(saved, requested): {changed}")
-        network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        history = state["history"]
-        step, seconds = state["step"], state["seconds"]
+    history, step, seconds = _resume(checkpoint, settings, network, optimizer, generator)
 
     def save():
         if checkpoint is not None and rank == 0:
@@ -197,31 +236,10 @@ def train(network: RegistrationNetwork, pairs: Dataset, *, loss: str = "gradicon
 
     bar = tqdm(total=steps, initial=step, disable=not progress or rank != 0, desc=f"train {loss}", leave=False)
     while not done():
-        started = time.perf_counter()
-        moving, fixed = _collate(pairs, stream.batch(step, local_batch), device, _network_dim(network))
-        # Noise for the whole global batch (both directions), then this rank's share of it: the
-        # sampler deals global batch positions round-robin (rank r holds r, r + N, r + 2N, ...).
-        noise = torch.randn(2, batch_size, *moving.shape[2:], moving.ndim - 2, generator=generator)
-        noise = noise[:, rank::world].reshape(2 * local_batch, *noise.shape[2:])
-        terms = registration_loss(model, moving, fixed, loss=loss, similarity=similarity, lam=lam,
-                                  noise_samples=noise.to(device), lncc_window=lncc_window)
-        values = torch.stack([terms[name].detach() for name in _TERMS])
-        if world > 1:
-            dist.all_reduce(values)
-            values /= world
-        values = dict(zip(_TERMS, values.tolist()))
-        for name, value in values.items():     # checked before backward: NaN grids can crash grid_sample
-            if not np.isfinite(value):
-                raise FitDivergedError(f"train: the {name} term became {value} at step {step}; "
-                                       "lower lr or lam, or check the images")
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
+        values, elapsed = _step(model, optimizer, pairs, stream, generator, step, batch_size, world, rank, device,
+                                _network_dim(network), {"loss": loss, "similarity": similarity, "lam": lam, "lncc_window": lncc_window})
         step += 1
-        elapsed = torch.tensor(time.perf_counter() - started, dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        seconds += float(elapsed)
+        seconds += elapsed
         history["step"].append(step)
         history["seconds"].append(seconds)
         for name in _TERMS:
