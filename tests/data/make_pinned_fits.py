@@ -32,8 +32,11 @@ def cases() -> dict:
         "lncc_patches": (moving, fixed, change(base, similarity="lncc", lncc_patches=3, lncc_patch_size=10,
                                                lncc_window=5, foreground="auto"), {}),
         "icon": (moving, fixed, change(base, icon_weight=1.0), {}),
-        "preset_3d": (moving3, fixed3, change(FitConfig.preset("3d"), iterations=8, similarity_points=256,
-                                              gradient_icon_points=32), {}),
+        # the 3D preset of the time the pins were written (the preset itself may change)
+        "preset_3d": (moving3, fixed3, FitConfig(iterations=8, similarity="ncc", blur_sigmas=(4.0, 2.0, 1.0, 0.0),
+                                                 blur_in_mm=True, finest_cell_voxels=3.5, gradient_icon_weight=2.0,
+                                                 foreground="auto", similarity_points=256,
+                                                 gradient_icon_points=32), {}),
         "rollback": (moving, fixed, change(base, learning_rate=3e3, on_divergence="rollback",
                                            rollback_factor=1e-3), {}),
     }
