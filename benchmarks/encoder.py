@@ -35,7 +35,7 @@ from neuralfield_reg.config import default_encoding
 from neuralfield_reg.geometry.coords import identity_grid, sample_batch
 from neuralfield_reg.encoders import BackendUnavailableError, resolve_backend
 from neuralfield_reg.transforms.fields import MapPairs
-from neuralfield_reg.registration.fit import make_adam
+from neuralfield_reg._optim import make_adam
 from neuralfield_reg.encoders.fused import PenaltyInputs, SimilarityInputs, fused_loss_gradients
 from neuralfield_reg.losses import inverse_consistency_terms
 

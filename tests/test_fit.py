@@ -230,7 +230,7 @@ def test_percentile_clipping_ignores_outliers():
 
 
 def test_patch_indices_are_whole_cubes_inside_the_grid():
-    from neuralfield_reg.registration.fit import patch_indices
+    from neuralfield_reg.engine.sampler import patch_indices
     shape = (7, 20, 9)
     index = patch_indices(shape, 2, 5, 4, torch.Generator().manual_seed(0))
     assert index.shape == (2, 5 * 4 * 4 * 4)

@@ -24,8 +24,6 @@ from .affine import AffineTransform, fit_affine, moments_start
 from ..config import FitConfig
 from ..encoders import resolve_backend
 from ..engine import FitDivergedError, Guard, Sampler, Schedule, make_objective, optimise
-from ..engine.sampler import patch_indices, patch_shape  # noqa: F401  (their home before engine/)
-from ..engine.schedule import level_weights  # noqa: F401
 from ..transforms.fields import MapPair, MapPairs
 from ..geometry.filters import gaussian_blur
 from ..geometry import Grid, Image
