@@ -276,10 +276,11 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor&, const at::Tensor&, cons
                                       const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool,
                                       double, const std::vector<at::Tensor>&);
 // similarity_cpu.cpp
-std::vector<at::Tensor> similarity_ssd(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
-                                       const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool);
+std::vector<at::Tensor> similarity(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
+                                   const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool, bool,
+                                   double);
 std::vector<at::Tensor> affine_ncc(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, double, bool);
 
@@ -293,7 +294,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fields_backward", &hashgrid::fields_backward, "fused encoding + MLP: parameter gradients (CPU)");
   m.def("fields_jacobian", &hashgrid::fields_jacobian, "fused encoding + MLP: du/dx of each point's field (CPU)");
   m.def("gradient_icon", &hashgrid::gradient_icon, "fused gradient-ICON penalty and its gradient (CPU)");
-  m.def("similarity_ssd", &hashgrid::similarity_ssd, "fused SSD similarity of both maps and its gradient (CPU)");
+  m.def("similarity", &hashgrid::similarity, "fused SSD or NCC similarity of both maps and its gradient (CPU)");
   m.def("affine_ncc", &hashgrid::affine_ncc, "affine stage: correlation or SSD of K affine maps and its gradient (CPU)");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;

@@ -1,12 +1,15 @@
-// Fused SSD similarity of the fit's training step (CPU): both maps of every pair at their random
-// voxels, the other image sampled at the mapped points, the weighted SSD of each direction and, in
-// the same call, its gradient with respect to every parameter. It computes what engine/objective.py's
-// similarity term computes with SSD (neuralfield_reg/losses/similarity.py, coords.sample_batch):
+// Fused similarity of the fit's training step (CPU): both maps of every pair at their random
+// voxels, the other image sampled at the mapped points, the weighted SSD or global NCC of each
+// direction and, in the same call, its gradient with respect to every parameter. It computes what
+// engine/objective.py's similarity term computes with SSD or NCC (neuralfield_reg/losses/similarity.py,
+// coords.sample_batch):
 //
 //   field t = 2p (phi_AB of pair p) maps B's voxels into A and samples moving[p];
 //   field t = 2p + 1 (phi_BA) maps A's voxels into B and samples fixed[p];
-//   y_n = M_t x_n + o_t + u_t(x_n), r_n = I(y_n) - target_n,
-//   ssd_t = sum_n w_n r_n^2 / sum_n w_n,   similarity_p = ssd_2p + ssd_2p+1,
+//   y_n = M_t x_n + o_t + u_t(x_n), v_n = I(y_n), r_n = v_n - target_n,
+//   ssd_t = sum_n w_n r_n^2 / sum_n w_n,
+//   ncc_t = 1 - cov / sqrt(var_v var_target + eps) with weighted means, variances and covariance,
+//   similarity_p = sim_2p + sim_2p+1,
 //
 // with w_n = 1 where y_n lies in the unit cube (all points when fewer than 16 do), times the
 // optional mask (all points when the mask leaves none). Sampling is linear with border padding and
@@ -107,13 +110,15 @@ std::vector<double> per_map_sums(int64_t K, int64_t P, int64_t width, const Body
 // points (T, N, D) with T = 2B fields (field 2p: B's voxels for phi_AB, 2p + 1: A's voxels for
 // phi_BA), targets (T, N) the target image's values there, masks (T, N) 0/1 or empty; moving
 // (B, *shape_A), fixed (B, *shape_B); matrices (T, D, D), offsets (T, D) the affine parts.
+// ncc: global NCC (with eps, as losses/similarity.py's ncc) instead of SSD.
 // Returns [similarity (B,), then, when need_grad, dtable and (dW, db) per layer].
-std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tensor& targets, const at::Tensor& masks,
-                                       const at::Tensor& moving, const at::Tensor& fixed, const at::Tensor& matrices,
-                                       const at::Tensor& offsets, const at::Tensor& table, const at::Tensor& geometry,
-                                       int64_t n_features, bool smoothstep, int64_t rows_per_table,
-                                       const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
-                                       const std::vector<at::Tensor>& biases, double scale, bool need_grad) {
+std::vector<at::Tensor> similarity(const at::Tensor& points, const at::Tensor& targets, const at::Tensor& masks,
+                                   const at::Tensor& moving, const at::Tensor& fixed, const at::Tensor& matrices,
+                                   const at::Tensor& offsets, const at::Tensor& table, const at::Tensor& geometry,
+                                   int64_t n_features, bool smoothstep, int64_t rows_per_table,
+                                   const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
+                                   const std::vector<at::Tensor>& biases, double scale, bool need_grad, bool ncc,
+                                   double eps) {
   const Common common = check_common(table, geometry, n_features, smoothstep, rows_per_table, level_weight);
   const auto dtype = table.scalar_type();
   TORCH_CHECK(points.dim() == 3 && (points.size(2) == 2 || points.size(2) == 3) && points.is_contiguous() &&
@@ -212,16 +217,49 @@ std::vector<at::Tensor> similarity_ssd(const at::Tensor& points, const at::Tenso
         any = any || kept;
       }
       if (!any) std::fill(w.begin(), w.end(), scalar_t(1));     // the mask leaves none: compare all
-      double total = 0, sum = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        total += w[n];
-        sum += w[n] * static_cast<double>(residual[first + n]) * residual[first + n];
+      double total = 0;
+      for (int64_t n = 0; n < N; ++n) total += w[n];
+      // d sim / d v_n per point, into factor (the SSD's or the NCC's)
+      std::vector<double> factor(need_grad ? N : 0);
+      if (!ncc) {
+        double sum = 0;
+        for (int64_t n = 0; n < N; ++n) sum += w[n] * static_cast<double>(residual[first + n]) * residual[first + n];
+        sim[t / 2] += static_cast<scalar_t>(sum / total);
+        for (int64_t n = 0; n < N && need_grad; ++n) factor[n] = 2 * w[n] * residual[first + n] / total;
+      } else {
+        // v_n = r_n + target_n. Centred sums (a one-pass formula would cancel); with
+        // s = sqrt(var_v var_t + eps): d ncc / d v_n = -w_n (b_n / s - cov var_t a_n / s^3) / W,
+        // a and b the centred values (the means' own derivatives drop out: sum_n w_n a_n = 0).
+        double mean_v = 0, mean_t = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          mean_v += w[n] * (static_cast<double>(residual[first + n]) + target[first + n]);
+          mean_t += w[n] * static_cast<double>(target[first + n]);
+        }
+        mean_v /= total;
+        mean_t /= total;
+        double var_v = 0, var_t = 0, cov = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const double a = static_cast<double>(residual[first + n]) + target[first + n] - mean_v;
+          const double b = static_cast<double>(target[first + n]) - mean_t;
+          var_v += w[n] * a * a;
+          var_t += w[n] * b * b;
+          cov += w[n] * a * b;
+        }
+        var_v /= total;
+        var_t /= total;
+        cov /= total;
+        const double root = std::sqrt(var_v * var_t + eps);
+        sim[t / 2] += static_cast<scalar_t>(1.0 - cov / root);
+        const double along_b = 1.0 / (total * root), along_a = cov * var_t / (total * root * root * root);
+        for (int64_t n = 0; n < N && need_grad; ++n) {
+          const double a = static_cast<double>(residual[first + n]) + target[first + n] - mean_v;
+          const double b = static_cast<double>(target[first + n]) - mean_t;
+          factor[n] = -w[n] * (along_b * b - along_a * a);
+        }
       }
-      sim[t / 2] += static_cast<scalar_t>(sum / total);
-      if (!need_grad) continue;
-      for (int64_t n = 0; n < N; ++n) {
-        const scalar_t factor = static_cast<scalar_t>(2 * w[n] * residual[first + n] / total);
-        for (int k = 0; k < D; ++k) grad_u[(first + n) * D + k] = factor * image_gradient[(first + n) * D + k];
+      for (int64_t n = 0; n < N && need_grad; ++n) {
+        const scalar_t f = static_cast<scalar_t>(factor[n]);
+        for (int k = 0; k < D; ++k) grad_u[(first + n) * D + k] = f * image_gradient[(first + n) * D + k];
       }
     }
     if (!need_grad) return;

@@ -250,8 +250,8 @@ class FitConfig:
         affine: settings of the global affine stage, or None to start from the identity.
     Runtime:
         backend: hash-grid backend, ``"auto" | "torch" | "native" | "tcnn"``.
-        fused_kernels: with the native backend on the CPU, run the fields, the SSD similarity
-            and the gradient-ICON penalty in the fused kernels (``encoders/fused.py``; the
+        fused_kernels: with the native backend on the CPU, run the fields, the SSD or NCC
+            similarity and the gradient-ICON penalty in the fused kernels (``encoders/fused.py``; the
             penalty's is not used with ``icon_weight > 0``) and the affine stage's cost in the
             compiled ``affine_ncc`` kernel; False uses the per-operation autograd path (same
             function, slower; for comparison).

@@ -15,8 +15,8 @@ from neuralfield_reg.transforms.fields import MapPairs
 from neuralfield_reg.geometry.coords import sample_batch
 from neuralfield_reg.encoders.fused import (PenaltyInputs, SimilarityInputs, _FusedKernel, _gradient_icon_call,
                                    fields_displacement, fields_jacobian, fused_loss, fused_loss_gradients,
-                                   gradient_icon_fused, similarity_ssd_fused)
-from neuralfield_reg.losses import inverse_consistency_terms, ssd
+                                   gradient_icon_fused, similarity_fused)
+from neuralfield_reg.losses import inverse_consistency_terms, ncc, ssd
 
 CASES = [  # (dim, encoding, hidden widths); every encoding mixes dense and hashed levels
     (2, HashGridConfig(n_levels=4, log2_hashmap_size=8, base_resolution=3, per_level_scale=2.0), (8, 8)),
@@ -102,22 +102,23 @@ def test_gradient_icon_matches_the_autograd_path(dim, encoding, widths, dtype, t
                                     tolerance)
 
 
-def reference_ssd(images, mapped, targets, masks):
-    """fit_pair's SSD term, written with sample_batch: points mapped outside the unit cube do not
-    count unless fewer than 16 land inside; a mask that leaves no point counts all."""
+def reference_similarity(images, mapped, targets, masks, measure="ssd"):
+    """fit_pair's SSD (or NCC) term, written with sample_batch: points mapped outside the unit
+    cube do not count unless fewer than 16 land inside; a mask that leaves no point counts all."""
     warped = sample_batch(images[:, None], mapped)[:, 0]
     inside = ((mapped >= 0) & (mapped <= 1)).all(-1)
     inside = inside | (inside.sum(1, keepdim=True) < 16)
     if masks is not None:
         inside = inside & (masks != 0)
         inside = inside | ~inside.any(1, keepdim=True)
-    return ssd(warped, targets, batched=True, weights=inside)
+    return {"ssd": ssd, "ncc": ncc}[measure](warped, targets, batched=True, weights=inside)
 
 
+@pytest.mark.parametrize("measure", ["ssd", "ncc"])
 @pytest.mark.parametrize("shift", [0.0, 0.9])        # 0.9: fewer than 16 points land inside
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("dim,encoding,widths", CASES)
-def test_similarity_matches_the_autograd_path(dim, encoding, widths, dtype, tolerance, shift):
+def test_similarity_matches_the_autograd_path(dim, encoding, widths, dtype, tolerance, shift, measure):
     native, reference, level_weights = parity_case(dim, encoding, widths, dtype)
     with torch.no_grad():
         for maps in (native, reference):
@@ -129,10 +130,11 @@ def test_similarity_matches_the_autograd_path(dim, encoding, widths, dtype, tole
     targets_B, targets_A = torch.rand(2, n_points, dtype=dtype), torch.rand(2, n_points, dtype=dtype)
     masks_B = (torch.rand(2, n_points) > 0.3).to(dtype)
     masks_B[1] = 0                                       # pair 1: the mask leaves no point
-    fused = similarity_ssd_fused(native, SimilarityInputs(moving, fixed, points_B, targets_B, points_A, targets_A,
-                                                          masks_B=masks_B), level_weights=level_weights)
+    fused = similarity_fused(native, SimilarityInputs(moving, fixed, points_B, targets_B, points_A, targets_A,
+                                                      masks_B=masks_B, measure=measure), level_weights=level_weights)
     mapped_B, mapped_A = reference(points_B, points_A, level_weights)
-    expected = reference_ssd(moving, mapped_B, targets_B, masks_B) + reference_ssd(fixed, mapped_A, targets_A, None)
+    expected = (reference_similarity(moving, mapped_B, targets_B, masks_B, measure)
+                + reference_similarity(fixed, mapped_A, targets_A, None, measure))
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=0)
     inside = ((mapped_B >= 0) & (mapped_B <= 1)).all(-1).sum(1)
     # shift 0: some pair leaves out the points mapped outside; 0.9: every pair falls back to all
@@ -141,9 +143,10 @@ def test_similarity_matches_the_autograd_path(dim, encoding, widths, dtype, tole
                                     tolerance)
 
 
+@pytest.mark.parametrize("measure", ["ssd", "ncc"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("dim,encoding,widths", CASES)
-def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, widths, dtype, tolerance):
+def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, widths, dtype, tolerance, measure):
     """fused_loss (both kernels, the penalty's gradient added to the similarity's in the kernel)
     against the autograd path's similarity + weight * penalty: values and parameter gradients, on a
     first backward and on a second one (retain_graph: the kernels run again)."""
@@ -156,12 +159,13 @@ def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, w
     masks_A = (torch.rand(2, n_points) > 0.3).to(dtype)
     penalty_points = torch.rand(2, 30, dim, dtype=dtype)
     extent_A, extent_B = [1.0, 2.0, 1.5][:dim], [2.0, 1.0, 0.7][:dim]
-    inputs = SimilarityInputs(moving, fixed, points_B, targets_B, points_A, targets_A, masks_A=masks_A)
+    inputs = SimilarityInputs(moving, fixed, points_B, targets_B, points_A, targets_A, masks_A=masks_A,
+                              measure=measure)
     penalty_inputs = PenaltyInputs(penalty_points, weight, extent_A, extent_B)
     loss, similarity, penalty = fused_loss(native, inputs, penalty_inputs, level_weights=level_weights)
     mapped_B, mapped_A = reference(points_B, points_A, level_weights)
-    want_similarity = (reference_ssd(moving, mapped_B, targets_B, None)
-                       + reference_ssd(fixed, mapped_A, targets_A, masks_A))
+    want_similarity = (reference_similarity(moving, mapped_B, targets_B, None, measure)
+                       + reference_similarity(fixed, mapped_A, targets_A, masks_A, measure))
     want_penalty = inverse_consistency_terms(lambda a, b: reference(a, b, level_weights), penalty_points,
                                              extent_A=extent_A, extent_B=extent_B)["gradient_icon"]
     for got, want in ((similarity, want_similarity), (penalty, want_penalty),
@@ -223,12 +227,13 @@ def test_points_that_need_a_gradient_use_the_autograd_path():
     torch.testing.assert_close(grad_native, grad_reference, rtol=1e-5, atol=1e-5)
 
 
-def test_fit_with_fused_kernels_follows_the_autograd_path():
+@pytest.mark.parametrize("similarity", ["ssd", "ncc"])
+def test_fit_with_fused_kernels_follows_the_autograd_path(similarity):
     # Same seed, same points: the fused and per-operation paths compute one function, so a short fit
     # follows the same trajectory up to float32 rounding.
     pair = shape_pairs(1, size=48, seed=5)[0]
     config = nfr.FitConfig(iterations=40, affine=None, similarity_points=1024, gradient_icon_points=128,
-                           backend="native")
+                           backend="native", similarity=similarity)
     fused = nfr.fit_pair(pair.moving, pair.fixed, config, progress=False)
     plain = nfr.fit_pair(pair.moving, pair.fixed, dataclasses.replace(config, fused_kernels=False), progress=False)
     # Float32 rounding differences grow along the trajectory (units near their ReLU kink switch on

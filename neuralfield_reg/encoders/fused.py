@@ -10,9 +10,9 @@ of small autograd operations (``cuda_ext/fused_cpu.cpp``):
                                                                             dL/db (not dL/dx)
     gradient_icon_fused     the gradient-ICON penalty of every pair and,    scales the stored
                             in the same pass, its parameter gradient        gradient
-    similarity_ssd_fused    the SSD of both maps of every pair at random    scales the stored
-                            voxels (sampling the other image included) and  gradient
-                            its parameter gradient
+    similarity_fused        the SSD or NCC of both maps of every pair at    scales the stored
+                            random voxels (sampling the other image         gradient
+                            included) and its parameter gradient
     fused_loss              similarity + weight * penalty (the two above),  scales the stored
                             both kernels' gradients in one set of buffers   gradient
     fused_loss_gradients    fused_loss and its parameter gradients,         none (no graph)
@@ -39,6 +39,7 @@ from typing import Sequence
 
 import torch
 
+from ..losses.similarity import NCC_EPS
 from .native import NativeHashGridEncoding
 
 
@@ -188,9 +189,12 @@ class _FusedKernel(torch.autograd.Function):
         return (None,) * (3 + ctx.n_leading) + _handed_over(ctx, grad_value)
 
 
+MEASURES = ("ssd", "ncc")
+
+
 @dataclass(frozen=True)
 class SimilarityInputs:
-    """The SSD similarity's inputs for ``B`` pairs.
+    """The similarity's inputs for ``B`` pairs.
 
     Attributes:
         moving, fixed: ``(B, *shape_A)`` and ``(B, *shape_B)`` images.
@@ -199,6 +203,8 @@ class SimilarityInputs:
         targets_B, targets_A: ``(B, N)`` the fixed image's values at ``points_B`` and the moving
             image's at ``points_A``.
         masks_B, masks_A: optional ``(B, N)`` 0/1 weights (the fixed and moving masks there).
+        measure: ``"ssd"`` (mean squared difference) or ``"ncc"`` (``1 -`` global normalised
+            cross-correlation), as ``losses.ssd`` / ``losses.ncc`` with those weights.
     """
 
     moving: torch.Tensor
@@ -209,6 +215,11 @@ class SimilarityInputs:
     targets_A: torch.Tensor
     masks_B: torch.Tensor | None = None
     masks_A: torch.Tensor | None = None
+    measure: str = "ssd"
+
+    def __post_init__(self):
+        if self.measure not in MEASURES:
+            raise ValueError(f"measure: expected one of {MEASURES}, got {self.measure!r}")
 
     def tensors(self, maps) -> tuple:
         """The similarity kernel's tensors: points, targets and masks of field 2p (B's voxels,
@@ -284,10 +295,10 @@ def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float]
     return _FusedKernel.apply(kernel, 1, len(tensors), *tensors, *parameters)
 
 
-def similarity_ssd_fused(maps, inputs: SimilarityInputs, *, level_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The fit's SSD similarity of the ``B`` pairs of a ``MapPairs`` (native encoding), ``(B,)``:
-    ``SSD(moving o phi_AB, fixed)`` at ``points_B`` plus ``SSD(fixed o phi_BA, moving)`` at
-    ``points_A`` (see :class:`SimilarityInputs`).
+def similarity_fused(maps, inputs: SimilarityInputs, *, level_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The fit's similarity of the ``B`` pairs of a ``MapPairs`` (native encoding), ``(B,)``:
+    ``sim(moving o phi_AB, fixed)`` at ``points_B`` plus ``sim(fixed o phi_BA, moving)`` at
+    ``points_A``, ``sim`` the inputs' measure (see :class:`SimilarityInputs`).
 
     Points mapped outside the other image's domain do not count (all count when fewer than 16
     land inside, or when the mask leaves none), as in the fit's similarity term
@@ -295,13 +306,13 @@ def similarity_ssd_fused(maps, inputs: SimilarityInputs, *, level_weights: torch
     """
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, inputs.points_B)
-    scale, n_layers = float(fields.output_scale), len(fields.weights)
+    scale, n_layers, ncc = float(fields.output_scale), len(fields.weights), inputs.measure == "ncc"
 
     def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params,
                need_grad=True):
-        return module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets, _rows(table, geometry),
-                                     *geometry, level_weights, list(params[:n_layers]), list(params[n_layers:]),
-                                     scale, need_grad)
+        return module.similarity(points, targets, masks, moving, fixed, matrices, offsets, _rows(table, geometry),
+                                 *geometry, level_weights, list(params[:n_layers]), list(params[n_layers:]), scale,
+                                 need_grad, ncc, NCC_EPS)
 
     tensors = (*inputs.tensors(maps), level_weights)
     return _FusedKernel.apply(kernel, 1, len(tensors), *tensors, table, *_parameters(fields))
@@ -319,13 +330,14 @@ def _loss_call(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, level
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
     scale, n_layers, weight = float(fields.output_scale), len(fields.weights), float(penalty.weight)
+    ncc = similarity.measure == "ncc"
 
     def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
                table, *params, need_grad=True):
         weights, biases, rows = list(params[:n_layers]), list(params[n_layers:]), _rows(table, geometry)
-        similarity, *gradients = module.similarity_ssd(points, targets, masks, moving, fixed, matrices, offsets,
-                                                       rows, *geometry, level_weights, weights, biases, scale,
-                                                       need_grad)
+        similarity, *gradients = module.similarity(points, targets, masks, moving, fixed, matrices, offsets, rows,
+                                                   *geometry, level_weights, weights, biases, scale, need_grad, ncc,
+                                                   NCC_EPS)
         penalty = module.gradient_icon(penalty_points, scales, matrices, offsets, rows, *geometry, level_weights,
                                        weights, biases, scale, need_grad, weight, gradients)[0]
         return [similarity + weight * penalty, similarity, penalty, *gradients]
@@ -338,7 +350,7 @@ def fused_loss(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, *,
                level_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fit's loss of the ``B`` pairs, ``(loss, similarity, penalty)``, each ``(B,)``:
     ``loss = similarity + penalty.weight * penalty`` with the similarity of
-    :func:`similarity_ssd_fused` and the penalty of :func:`gradient_icon_fused`.
+    :func:`similarity_fused` and the penalty of :func:`gradient_icon_fused`.
 
     Only ``loss`` is differentiable (``similarity`` and ``penalty`` are for logging); its
     gradient is the sum of the two kernels' gradients, computed in one set of buffers (no second

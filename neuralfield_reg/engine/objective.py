@@ -18,7 +18,8 @@ import torch
 from ..config import FitConfig
 from ..geometry.coords import sample_batch
 from ..transforms.fields import MapPairs
-from ..encoders.fused import PenaltyInputs, SimilarityInputs, fused_loss_gradients, gradient_icon_fused, similarity_ssd_fused
+from ..encoders.fused import (MEASURES, PenaltyInputs, SimilarityInputs, fused_loss_gradients, gradient_icon_fused,
+                              similarity_fused)
 from ..losses import SIMILARITIES, inverse_consistency_terms
 from .sampler import Draw, Points, Sampler, patch_shape
 
@@ -64,8 +65,8 @@ def compared_points(mapped: torch.Tensor, mask_values: torch.Tensor | None) -> t
 
 
 class Objective:
-    """The step's loss computed with autograd; the similarity (SSD) and the penalty each go to
-    their fused kernel (an autograd Function) when ``fused_similarity`` / ``fused_penalty``."""
+    """The step's loss computed with autograd; the similarity (SSD or NCC) and the penalty each go
+    to their fused kernel (an autograd Function) when ``fused_similarity`` / ``fused_penalty``."""
 
     def __init__(self, config: FitConfig, maps: MapPairs, sampler: Sampler, masks: dict, extents: tuple,
                  fused_similarity: bool = False, fused_penalty: bool = False):
@@ -103,11 +104,11 @@ class Objective:
 
         return SimilarityInputs(moving[:, 0], fixed[:, 0], draw.B.points, at_points(fixed, draw.B.index),
                                 draw.A.points, at_points(moving, draw.A.index), masks_B=mask_at("B", draw.B),
-                                masks_A=mask_at("A", draw.A))
+                                masks_A=mask_at("A", draw.A), measure=self.config.similarity)
 
     def _similarity(self, moving, fixed, weights, draw: Draw) -> torch.Tensor:
         if self.fused_similarity:
-            return similarity_ssd_fused(self.maps, self.fused_inputs(moving, fixed, draw), level_weights=weights)
+            return similarity_fused(self.maps, self.fused_inputs(moving, fixed, draw), level_weights=weights)
         mapped_B, mapped_A = self.maps(draw.B.points, draw.A.points, weights)   # phi_AB on B's grid, phi_BA on A's
         return (self._direction(moving, fixed, mapped_B, draw.B.index, self.masks["B"])
                 + self._direction(fixed, moving, mapped_A, draw.A.index, self.masks["A"]))
@@ -133,7 +134,7 @@ class Objective:
 
 
 class FusedObjective(Objective):
-    """SSD and the gradient-ICON penalty in the fused CPU kernels, their gradients summed in one
+    """The similarity (SSD or NCC) and the gradient-ICON penalty in the fused CPU kernels, their gradients summed in one
     set of buffers: no autograd graph, :meth:`Step.backward` assigns the gradients."""
 
     def __call__(self, images, weights, draw: Draw) -> Step:
@@ -145,9 +146,10 @@ class FusedObjective(Objective):
 
 def make_objective(config: FitConfig, maps: MapPairs, sampler: Sampler, masks: dict, extents: tuple) -> Objective:
     """The objective of a fit: fused kernels wherever they apply (the native backend on the CPU;
-    SSD with as many points in both directions; the penalty without plain ICON), else autograd."""
+    SSD or NCC with as many points in both directions; the penalty without plain ICON), else
+    autograd."""
     fusable = maps.fields.fused_for(sampler.grids["B"][:1])
-    fused_similarity = fusable and config.similarity == "ssd" and sampler.count("A") == sampler.count("B")
+    fused_similarity = fusable and config.similarity in MEASURES and sampler.count("A") == sampler.count("B")
     fused_penalty = fusable and config.icon_weight == 0
     kind: Callable = FusedObjective if fused_similarity and fused_penalty else Objective
     return kind(config, maps, sampler, masks, extents, fused_similarity=fused_similarity, fused_penalty=fused_penalty)

@@ -55,7 +55,10 @@ def ssd(warped: torch.Tensor, target: torch.Tensor, *, batched: bool = False,
     return _finish(_weighted_mean(_rows((warped - target) ** 2, batched), w), batched)
 
 
-def ncc(warped: torch.Tensor, target: torch.Tensor, eps: float = 1e-8, *, batched: bool = False,
+NCC_EPS = 1e-8        # ncc's default: the fused kernels (encoders/fused.py) use the same
+
+
+def ncc(warped: torch.Tensor, target: torch.Tensor, eps: float = NCC_EPS, *, batched: bool = False,
         weights: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - `` global normalised cross-correlation (0 for images equal up to gain and offset)."""
     _check_pair(warped, target)
