@@ -9,8 +9,11 @@ kind of CPU, and redone when a source changes. ``load()`` raises
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -54,6 +57,24 @@ def _cpu_tag() -> str:
     return hashlib.sha1(description.encode()).hexdigest()[:8]
 
 
+@contextlib.contextmanager
+def _this_environments_ninja():
+    """PATH with this Python environment's scripts folder first while the build runs, when ninja
+    is installed there (the ``native`` extra): ninja is then the same one whether or not the
+    environment is activated. (Two ninja versions read each other's build log as out of date, so a
+    system ninja on PATH in one shell and the environment's in another would rebuild every time.)"""
+    scripts = sysconfig.get_path("scripts")
+    if not scripts or shutil.which("ninja", path=scripts) is None:
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = scripts + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def _is_built(cpp_extension, name: str) -> bool:
     """Whether a build of ``name`` is in PyTorch's extension cache (it may still be redone when a
     source changed; then the build runs without the notice)."""
@@ -88,9 +109,10 @@ def load(verbose: bool = False):
             print("neuralfield_reg: building the compiled kernels for this machine (once, about a minute; "
                   "NEURALFIELD_REG_QUIET=1 hides this)...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        _module = cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
-                                     extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCE_DIR)],
-                                     verbose=verbose, **extra)
+        with _this_environments_ninja():
+            _module = cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
+                                         extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCE_DIR)],
+                                         verbose=verbose, **extra)
         if announce:
             print(f"neuralfield_reg: kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)

@@ -140,3 +140,26 @@ def test_native_fit_matches_torch_fit():
 def dataclasses_replace(config, **changes):
     import dataclasses
     return dataclasses.replace(config, **changes)
+
+
+def test_the_build_runs_this_environments_ninja(monkeypatch, tmp_path):
+    """With ninja in this environment's scripts folder, the build finds that one first even when the
+    environment is not activated (another ninja on PATH would read the build log as out of date and
+    rebuild); PATH is restored afterwards."""
+    import os
+    import shutil
+    import sysconfig
+
+    from neuralfield_reg._cuda_ext import loader
+
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja", path=scripts) is None:
+        pytest.skip("ninja is not installed in this environment's scripts folder")
+    other = tmp_path / "ninja"                         # a stand-in for a system ninja earlier on PATH
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert shutil.which("ninja") == str(other)
+    with loader._this_environments_ninja():
+        assert os.path.dirname(shutil.which("ninja")) == scripts
+    assert shutil.which("ninja") == str(other)
