@@ -36,3 +36,22 @@ def test_resample_keeps_the_unit_domain():
     small = resample(grid, (5, 3))
     expected = torch.linspace(0, 1, 5)[:, None] + 2 * torch.linspace(0, 1, 3)[None, :]
     torch.testing.assert_close(small, expected)
+
+
+@pytest.mark.parametrize("shape,sigma", [((9, 31), (0.7, 2.5)), ((6, 11, 8), (1.0, 0.0, 3.0)), ((3, 5, 4), 2.0)])
+def test_blur_is_the_separable_convolution_with_replicated_edges(shape, sigma):
+    """Against numpy: edge-padded np.convolve along every axis (axes shorter than the kernel
+    included)."""
+    import numpy as np
+
+    image = torch.rand(shape, dtype=torch.float64)
+    expected = image.numpy()
+    sigmas = [sigma] * len(shape) if isinstance(sigma, float) else sigma
+    for axis, s in enumerate(sigmas):
+        if s == 0:
+            continue
+        kernel = gaussian_kernel1d(s, dtype=torch.float64).numpy()
+        radius = len(kernel) // 2
+        expected = np.apply_along_axis(
+            lambda row: np.convolve(np.pad(row, radius, mode="edge"), kernel[::-1], mode="valid"), axis, expected)
+    np.testing.assert_allclose(gaussian_blur(image, sigma).numpy(), expected, rtol=1e-12, atol=1e-12)

@@ -206,3 +206,46 @@ def test_divergence_that_stays_finite_is_detected():
     config = nfr.FitConfig(iterations=60, learning_rate=0.3, output_scale=1.0, affine=None, on_divergence="rollback")
     result = nfr.fit_pair(shapes.moving, shapes.fixed, config, progress=False)
     assert result.metadata["rollbacks"] and max(result.history["gradient_icon"]) < 10.0
+
+
+def test_background_writes_finish_before_the_block_ends_and_report_a_failed_write(tmp_path):
+    import threading
+
+    from neuralfield_reg.io.files import atomic_write, atomic_write_text, background_writes
+
+    release = threading.Event()
+    writers = set()
+
+    def slow(temporary):
+        writers.add(threading.current_thread().name)
+        release.wait(5)                                 # held until the caller has moved on
+        with open(temporary, "w") as stream:
+            stream.write("slow")
+
+    with background_writes():
+        atomic_write(tmp_path / "slow.txt", slow)
+        assert not (tmp_path / "slow.txt").exists()     # the call returned before the file was written
+        atomic_write_text(tmp_path / "fast.txt", "fast")
+        release.set()
+    assert (tmp_path / "slow.txt").read_text() == "slow" and (tmp_path / "fast.txt").read_text() == "fast"
+    assert writers and threading.current_thread().name not in writers
+
+    def broken(temporary):
+        raise OSError("disk full")
+
+    (tmp_path / "kept.txt").write_text("before")
+    with pytest.raises(OSError, match="disk full"):
+        with background_writes():
+            atomic_write(tmp_path / "kept.txt", broken)
+            atomic_write_text(tmp_path / "other.txt", "written")
+    assert (tmp_path / "kept.txt").read_text() == "before"                  # never half-written
+    assert (tmp_path / "other.txt").read_text() == "written"                # the other writes went on
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.txt", "kept.txt", "other.txt", "slow.txt"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):          # a missing folder: at the call
+        with background_writes():
+            atomic_write_text(tmp_path / "missing" / "x.txt", "x")
+    with pytest.raises(KeyError):                      # the block's own error, after its writes finished
+        with background_writes():
+            atomic_write(tmp_path / "late.txt", slow)
+            raise KeyError("body")
+    assert (tmp_path / "late.txt").read_text() == "slow"

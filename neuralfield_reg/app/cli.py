@@ -22,7 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..io.files import atomic_write_text, end_outputs, same_file
+from ..io.files import atomic_write_text, background_writes, end_outputs, same_file
 from . import benchmark_vs_icon
 from .cohort import register_row, run_cohort
 from ..config import FitConfig
@@ -64,14 +64,15 @@ def _fit(args) -> dict:
     row = {"moving": args.moving, "fixed": args.fixed, "moving_labels": args.labels or "",
            "fixed_labels": args.fixed_labels or "", "moving_mask": args.moving_mask or "",
            "fixed_mask": args.fixed_mask or ""}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        registered = register_row(row, out, _config(args.config), args.device, not args.quiet, init=args.init,
-                                  names=_OPTION_NAMES)
-    for warning in caught:
-        print(f"nfreg fit: warning: {warning.message}", file=sys.stderr)
-    from .viz import overview_figure                  # matplotlib only when a figure is drawn
-    overview_figure(registered.result, registered.moving.data, registered.fixed.data, out / "overview.png")
+    with background_writes():        # files are compressed and written while the next output is computed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            registered = register_row(row, out, _config(args.config), args.device, not args.quiet,
+                                      init=args.init, names=_OPTION_NAMES)
+        for warning in caught:
+            print(f"nfreg fit: warning: {warning.message}", file=sys.stderr)
+        from .viz import overview_figure              # matplotlib only when a figure is drawn
+        overview_figure(registered.result, registered.moving.data, registered.fixed.data, out / "overview.png")
     summary = {**registered.numbers, "backend": registered.result.backend, "moving": args.moving,
                "fixed": args.fixed}
     end_outputs(out)

@@ -41,7 +41,7 @@ import numpy as np
 import torch.distributed as dist
 
 from .. import metrics
-from ..io.files import atomic_write_text, begin_outputs, end_outputs, same_file
+from ..io.files import atomic_write_text, background_writes, begin_outputs, end_outputs, same_file
 from ..config import FitConfig
 from .distributed import init_from_environment
 from ..registration.fit import fit_pair
@@ -245,7 +245,8 @@ def run_cohort(pairs_csv, out_dir, config: FitConfig | dict | None = None, *, de
         summary = {"pair": index, "moving": rows[index]["moving"], "fixed": rows[index]["fixed"], "rank": rank,
                    "inputs": rows[index], "settings": settings}
         try:
-            summary.update(register_row(rows[index], pair_dir, config, device, progress, init=init).numbers)
+            with background_writes():                    # every output written before the summary
+                summary.update(register_row(rows[index], pair_dir, config, device, progress, init=init).numbers)
             summary["status"] = "ok"
         except Exception as error:                       # recorded; the other pairs go on
             summary.update(status="failed", error=f"{type(error).__name__}: {error}")

@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+# The writer threads of the innermost background_writes block (None: write at once).
+_WRITERS: contextvars.ContextVar = contextvars.ContextVar("neuralfield_reg_writers", default=None)
+
+
+@contextlib.contextmanager
+def background_writes(workers: int = 2) -> Iterator[None]:
+    """Within this block, :func:`atomic_write` hands each file to one of ``workers`` threads and
+    returns at once, so that writing (chiefly the zlib compression of ``.nii.gz`` files, which
+    releases the GIL) runs beside the caller's next computation. Leaving the block waits for every
+    write; then the block's own error is raised if it had one, else the first failed write's.
+    What a write is given must not change after the call (the library's outputs are fresh arrays)."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="nfreg-write")
+    futures: list[Future] = []
+    token = _WRITERS.set((pool, futures))
+    try:
+        yield
+    finally:
+        _WRITERS.reset(token)
+        pool.shutdown(wait=True)
+    for future in futures:
+        future.result()                  # the first failed write's error
 
 
 def atomic_write(path, write: Callable[[str], None], *, suffix: str = ".tmp") -> None:
     """Write ``path`` through a temporary file in the same folder, renamed into place: an
-    existing file is replaced whole or left as it was, never half-written.
+    existing file is replaced whole or left as it was, never half-written. Inside
+    :func:`background_writes` the write runs on a writer thread (a missing folder still raises here).
 
     Args:
         write: called with the temporary file's name; writes the whole file there.
@@ -21,13 +47,23 @@ def atomic_write(path, write: Callable[[str], None], *, suffix: str = ".tmp") ->
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"path: the folder {str(path.parent)!r} does not exist")
+    mode = 0o666 & ~_umask()         # read here, in the calling thread (umask is process-wide)
+    writers = _WRITERS.get()
+    if writers is None:
+        _write_and_rename(path, write, suffix, mode)
+    else:
+        pool, futures = writers
+        futures.append(pool.submit(_write_and_rename, path, write, suffix, mode))
+
+
+def _write_and_rename(path: Path, write: Callable[[str], None], suffix: str, mode: int) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())          # mkstemp makes 0600; files get the usual mode
+        os.chmod(temporary, mode)          # mkstemp makes 0600; files get the usual mode
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
