@@ -391,5 +391,5 @@ PRESETS = {
     "2d": FitConfig(),
     "3d": FitConfig(iterations=400, similarity="ncc", blur_sigmas=(4.0, 2.0, 1.0, 0.0), blur_in_mm=True,
                     finest_cell_voxels=3.5, gradient_icon_weight=2.0, foreground="auto",
-                    affine=AffineConfig(iterations=100, rigid_iterations=50)),
+                    affine=AffineConfig(iterations=100, rigid_iterations=50, working_size=48)),
 }

@@ -331,6 +331,17 @@ def test_foreground_mask_is_the_object_with_a_margin():
     mask = foreground_mask(image)
     assert mask[10, 10, 10] and mask[6, 10, 10] and not mask[2, 10, 10] and not mask[10, 10, 17]
     assert foreground_mask(torch.full((20, 20), 0.01)).all()          # nothing stands out: all of it
+    # the dilation is the box of 5 voxels around every voxel above the threshold (after the blur)
+    import torch.nn.functional as F
+    from neuralfield_reg.geometry.filters import gaussian_blur
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((23, 17, 30), (31, 26)):
+        image = (torch.rand(shape, generator=generator) > 0.995).float()
+        above = (gaussian_blur(image, 1.0) > 0.05).float()[None, None]
+        pool = F.max_pool3d if len(shape) == 3 else F.max_pool2d
+        expected = pool(above, 5, stride=1, padding=2)[0, 0] > 0
+        assert 0.05 < expected.float().mean() < 0.95
+        assert torch.equal(foreground_mask(image), expected)
 
 
 def test_hidden_layers_start_with_zero_biases():

@@ -64,6 +64,10 @@ def test_fields_match_the_autograd_path(dim, encoding, widths, dtype, tolerance)
     fused = fields_displacement(native.fields, points.reshape(-1, dim), field, level_weights)
     expected = reference.fields.forward_batched(points, level_weights).reshape(-1, dim)
     torch.testing.assert_close(fused, expected, rtol=tolerance, atol=tolerance)
+    with torch.no_grad():                    # without a graph: the kernel alone, the same numbers
+        bare = fields_displacement(native.fields, points.reshape(-1, dim), field, level_weights)
+    assert not bare.requires_grad
+    torch.testing.assert_close(bare, fused.detach(), rtol=0, atol=0)
 
     assert_same_parameter_gradients(fused, expected, torch.randn_like(expected), native, reference, tolerance)
 

@@ -95,6 +95,12 @@ def fields_displacement(fields, points: torch.Tensor, field: torch.Tensor,
     ``field[n]``: the same function as its autograd path (ReLU MLP on the clamped points'
     encoding), differentiable in the parameters but not in the points."""
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points)
+    if not torch.is_grad_enabled():
+        # no graph (dense maps, warps): the kernel alone, without keeping what a backward would need
+        # (the activations and corner records of every point: three times the time)
+        return module.fields_forward(points.contiguous(), field.contiguous(), _rows(table.detach(), geometry),
+                                     *geometry, level_weights, [w.detach() for w in fields.weights],
+                                     [b.detach() for b in fields.biases], float(fields.output_scale), False)[0]
     return _FusedFields.apply(points.contiguous(), field.contiguous(), level_weights, module, geometry,
                               float(fields.output_scale), len(fields.weights), table, *fields.weights,
                               *fields.biases)

@@ -184,7 +184,11 @@ def foreground_mask(image: torch.Tensor, threshold: float = 0.05, dilation: int 
     blurred = gaussian_blur(image.float(), 1.0)
     mask = (blurred > threshold).float()[None, None]
     pool = F.max_pool3d if image.ndim == 3 else F.max_pool2d
-    mask = pool(mask, 2 * dilation + 1, stride=1, padding=dilation)[0, 0] > 0
+    for axis in range(image.ndim):       # the box dilation, one axis at a time (the same mask, faster)
+        size = [1] * image.ndim
+        size[axis] = 2 * dilation + 1
+        mask = pool(mask, size, stride=1, padding=[n // 2 for n in size])
+    mask = mask[0, 0] > 0
     return mask if float(mask.float().mean()) >= 0.01 else torch.ones_like(mask)
 
 
