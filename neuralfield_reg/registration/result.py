@@ -372,7 +372,8 @@ class RegistrationResult:
         * ``affine.mat`` (as ANTs writes) and ``affine.txt`` (ITK text): the affine part of
           ``phi_AB`` alone.
 
-        Returns the paths by name. The displacement fields need nibabel.
+        Returns the paths by name. The displacement fields need nibabel; they are gzip files
+        without compression (float vectors barely compress).
         """
         folder = Path(folder)
         paths = {"displacement": folder / "displacement_itk.nii.gz",
