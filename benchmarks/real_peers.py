@@ -177,13 +177,15 @@ def main() -> None:
             rows.append({"pair": pair_name, "method": method, "dice": mean, "dice_min": worst,
                          "folds": outcome["folds"], "seconds": outcome["seconds"]})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| pair | method | Dice | lowest label | folds % | seconds | time / Greedy |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| pair | method | Dice | lowest label | folds % | seconds | time / Greedy | time / ANTs |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        greedy = next((r["seconds"] for r in rows if r["pair"] == row["pair"] and r["method"] == "greedy"), None)
-        ratio = f"{row['seconds'] / greedy:.2f}" if greedy and row["method"] != "start" else ""
+        ratios = []
+        for anchor in ("greedy", "ants"):     # the same pair's time of that tool, in this run
+            seconds = next((r["seconds"] for r in rows if r["pair"] == row["pair"] and r["method"] == anchor), None)
+            ratios.append(f"{row['seconds'] / seconds:.2f}" if seconds and row["method"] != "start" else "")
         print(f"| {row['pair']} | {row['method']} | {row['dice']:.3f} | {row['dice_min']:.3f} | "
-              f"{100 * row['folds']:.3f} | {row['seconds']:.1f} | {ratio} |")
+              f"{100 * row['folds']:.3f} | {row['seconds']:.1f} | {ratios[0]} | {ratios[1]} |")
     if temporary is not None:
         temporary.cleanup()
 
