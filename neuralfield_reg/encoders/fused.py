@@ -68,9 +68,12 @@ def _rows(table: torch.Tensor, geometry: tuple) -> torch.Tensor:
 
 class _FusedFields(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, points, field, level_weights, module, geometry, scale, n_layers, table, *params):
+    def forward(ctx, points, field, level_weights, module, geometry, scale, n_layers, graph, table, *params):
         weights, biases = list(params[:n_layers]), list(params[n_layers:])
-        save = any(ctx.needs_input_grad[7:])
+        # Keep what the backward needs (every point's activations and corner records) only when a
+        # graph is being built (``graph``: grad mode at the call) through a parameter that needs
+        # it: without, the kernel runs about three times faster (dense maps, warps).
+        save = graph and any(ctx.needs_input_grad[8:])
         ctx.table_shape, table = table.shape, _rows(table, geometry)
         displacement, saved, saved_corners = module.fields_forward(points, field, table, *geometry, level_weights,
                                                                    weights, biases, scale, save)
@@ -86,7 +89,7 @@ class _FusedFields(torch.autograd.Function):
         grads = ctx.module.fields_backward(grad_out.contiguous(), saved, saved_corners, points, field, table,
                                            *ctx.geometry, level_weights, list(params[:n_layers]),
                                            list(params[n_layers:]), ctx.scale)
-        return (None,) * 7 + _in_parameter_order(grads, ctx.table_shape)
+        return (None,) * 8 + _in_parameter_order(grads, ctx.table_shape)
 
 
 def fields_displacement(fields, points: torch.Tensor, field: torch.Tensor,
@@ -95,15 +98,9 @@ def fields_displacement(fields, points: torch.Tensor, field: torch.Tensor,
     ``field[n]``: the same function as its autograd path (ReLU MLP on the clamped points'
     encoding), differentiable in the parameters but not in the points."""
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points)
-    if not torch.is_grad_enabled():
-        # no graph (dense maps, warps): the kernel alone, without keeping what a backward would need
-        # (the activations and corner records of every point: three times the time)
-        return module.fields_forward(points.contiguous(), field.contiguous(), _rows(table.detach(), geometry),
-                                     *geometry, level_weights, [w.detach() for w in fields.weights],
-                                     [b.detach() for b in fields.biases], float(fields.output_scale), False)[0]
     return _FusedFields.apply(points.contiguous(), field.contiguous(), level_weights, module, geometry,
-                              float(fields.output_scale), len(fields.weights), table, *fields.weights,
-                              *fields.biases)
+                              float(fields.output_scale), len(fields.weights), torch.is_grad_enabled(), table,
+                              *fields.weights, *fields.biases)
 
 
 def fields_jacobian(fields, points: torch.Tensor, field: int) -> torch.Tensor:
