@@ -283,6 +283,9 @@ std::vector<at::Tensor> similarity(const at::Tensor&, const at::Tensor&, const a
                                    double);
 std::vector<at::Tensor> affine_ncc(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, double, bool);
+// optim_cpu.cpp
+void adam_step(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+               const std::vector<at::Tensor>&, const std::vector<int64_t>&, double, double, double, double);
 
 }  // namespace hashgrid
 
@@ -296,6 +299,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gradient_icon", &hashgrid::gradient_icon, "fused gradient-ICON penalty and its gradient (CPU)");
   m.def("similarity", &hashgrid::similarity, "fused SSD or NCC similarity of both maps and its gradient (CPU)");
   m.def("affine_ncc", &hashgrid::affine_ncc, "affine stage: correlation or SSD of K affine maps and its gradient (CPU)");
+  m.def("adam_step", &hashgrid::adam_step, "one Adam step of a list of tensors, one pass over each (CPU)");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -95,8 +95,9 @@ def load(verbose: bool = False):
     try:
         from torch.utils import cpp_extension
 
-        sources = [str(SOURCE_DIR / source) for source in ("hashgrid_cpu.cpp", "fused_cpu.cpp", "similarity_cpu.cpp")]
-        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+        sources = [str(SOURCE_DIR / source) for source in ("hashgrid_cpu.cpp", "fused_cpu.cpp", "similarity_cpu.cpp",
+                                                                 "optim_cpu.cpp")]
+        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
         name = f"{NAME}_{_cpu_tag()}"
         extra = {}
         if _with_cuda():

@@ -237,7 +237,7 @@ def test_fit_with_fused_kernels_follows_the_autograd_path(similarity):
     # follows the same trajectory up to float32 rounding.
     pair = shape_pairs(1, size=48, seed=5)[0]
     config = nfr.FitConfig(iterations=40, affine=None, similarity_points=1024, gradient_icon_points=128,
-                           backend="native", similarity=similarity)
+                           backend="native", similarity=similarity, hidden_widths=(32, 32))
     fused = nfr.fit_pair(pair.moving, pair.fixed, config, progress=False)
     plain = nfr.fit_pair(pair.moving, pair.fixed, dataclasses.replace(config, fused_kernels=False), progress=False)
     # Float32 rounding differences grow along the trajectory (units near their ReLU kink switch on

@@ -203,7 +203,8 @@ def test_divergence_that_stays_finite_is_detected():
     with pytest.raises(nfr.FitDivergedError, match="displacement.*image widths"):
         nfr.fit_pair(shapes.moving, shapes.fixed, unconstrained, progress=False)
     # asked to, the fit rolls back and finishes with a smaller learning rate
-    config = nfr.FitConfig(iterations=60, learning_rate=0.3, output_scale=1.0, affine=None, on_divergence="rollback")
+    config = nfr.FitConfig(iterations=60, learning_rate=0.3, output_scale=1.0, affine=None, on_divergence="rollback",
+                           hidden_widths=(32, 32))
     result = nfr.fit_pair(shapes.moving, shapes.fixed, config, progress=False)
     assert result.metadata["rollbacks"] and max(result.history["gradient_icon"]) < 10.0
 

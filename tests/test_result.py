@@ -206,7 +206,7 @@ def test_a_result_saved_before_the_config_sections_still_loads(tmp_path):
     shutil.copy(data / "result_flat_config.pt.bin", path)
     result = RegistrationResult.load(path)
     expected = FitConfig(iterations=10, similarity_points=128, gradient_icon_points=32, affine=None,
-                         encoding=nfr.HashGridConfig.from_resolutions(4, 16, 3, log2_hashmap_size=8))
+                         hidden_widths=(32, 32), encoding=nfr.HashGridConfig.from_resolutions(4, 16, 3, log2_hashmap_size=8))
     assert result.config == expected and result.config.schedule.iterations == 10
     axis = np.linspace(0, 1, 20)
     grid = np.stack(np.meshgrid(axis, axis, indexing="ij"), -1)

@@ -15,7 +15,7 @@ from neuralfield_reg.registration.affine import AffineTransform
 from neuralfield_reg.geometry import Grid, Image, orientation_code, resample_to, rotation_matrix
 from neuralfield_reg.transforms.world import initial_world, local_to_world, world_to_local, world_to_unit
 
-QUICK = nfr.FitConfig(iterations=40, similarity_points=1024, gradient_icon_points=128,
+QUICK = nfr.FitConfig(iterations=40, similarity_points=1024, gradient_icon_points=128, hidden_widths=(32, 32),
                       affine=nfr.AffineConfig(iterations=20, rigid_iterations=10, working_size=24))
 
 

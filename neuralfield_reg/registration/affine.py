@@ -240,12 +240,12 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def _descend(images: _Images, config: AffineConfig, steps: int, parameters: list[torch.Tensor], current,
-             costs, project=None) -> None:
+             costs, project=None, kernels=None) -> None:
     """Adam on ``parameters`` over the refinement's blur schedule, ``steps`` in all (stages of equal
     length, the last takes the remainder). ``current()`` gives the ``(linear, translation / length)``
     being fitted, ``costs(moving, fixed)`` builds the cost of one stage, ``project()`` (optional)
-    runs after each step."""
-    optimizer = make_adam(parameters, config.learning_rate)
+    runs after each step; ``kernels``: the compiled module for native Adam steps, or None."""
+    optimizer = make_adam(parameters, config.learning_rate, kernels)
     per_stage = max(1, steps // len(config.blur_sigmas))
     for stage, sigma in enumerate(config.blur_sigmas):
         cost = costs(*images.level(sigma, config.max_shrink))
@@ -336,7 +336,8 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
             return linear0 @ _rotation(angles), translation0 + shift
 
         if config.rigid_iterations > 0:
-            _descend(images, config, config.rigid_iterations, [angles, shift], rigid, costs(config.refinement_cost))
+            _descend(images, config, config.rigid_iterations, [angles, shift], rigid, costs(config.refinement_cost),
+                     kernels=kernels)
         with torch.no_grad():
             linear, translation = (value.detach().clone() for value in rigid())
     # The refinement keeps each singular value of the linear part within a factor of 2 of the
@@ -355,7 +356,7 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
         linear.requires_grad_(True)
         translation.requires_grad_(True)
         _descend(images, config, config.iterations, [linear, translation], lambda: (linear, translation),
-                 costs(config.refinement_cost), bound_singular_values)
+                 costs(config.refinement_cost), bound_singular_values, kernels=kernels)
     return transform(linear.detach(), translation.detach())
 
 
@@ -395,7 +396,7 @@ def _search(moving64, fixed64, s_A, s_B, config: AffineConfig, kernels, length: 
         images = _Images(moving64, fixed64, config.search_size)
         cost = _Cost(*images.blurred(config.search_sigma), images.grid_moving, images.grid_fixed, s_A, s_B,
                      kernels)
-        optimizer = make_adam([log_scale, angle, translation], config.search_learning_rate)
+        optimizer = make_adam([log_scale, angle, translation], config.search_learning_rate, kernels)
         for _ in range(config.search_iterations):
             optimizer.zero_grad()
             linear, physical = similarity(log_scale, angle, translation)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._cuda_ext import load as load_kernels
 from .._optim import make_adam
 from .affine import AffineTransform, fit_affine, moments_start
 from ..config import FitConfig
@@ -390,7 +391,8 @@ def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init
     start_time = time.perf_counter()
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
     maps, overlaps = _initial_maps(inputs, caller, seed)
-    optimizer = make_adam(list(maps.parameters()), config.learning_rate)
+    native = inputs.backend == "native" and config.fused_kernels and inputs.device.type == "cpu"
+    optimizer = make_adam(list(maps.parameters()), config.learning_rate, load_kernels() if native else None)
     sampler = Sampler(config, {"A": tuple(inputs.moving.shape[1:]), "B": tuple(inputs.fixed.shape[1:])},
                       inputs.masks, n_pairs, generator)
     schedule = Schedule(config, inputs.moving, inputs.fixed,

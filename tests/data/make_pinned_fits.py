@@ -13,16 +13,25 @@ from neuralfield_reg import FitConfig, fit_pair, fit_pairs
 
 
 def disc(n: int, centre, radius: float, dim: int = 2) -> np.ndarray:
+    """A disc (ball) with bumps of radius 0.4 and 0.25 of its own on axis 1 (and, in 3D, 2), plus
+    a ramp along axis 0: a shape no rotation maps onto itself, so that the affine stage's search
+    has one winner (on a plain disc its candidates tie, and rounding picks one)."""
     axis = np.linspace(0, 1, n)
     grid = np.stack(np.meshgrid(*[axis] * dim, indexing="ij"), -1)
-    inside = np.linalg.norm(grid - np.asarray(centre[:dim]), axis=-1) < radius
+    centre = np.asarray(centre[:dim], dtype=float)
+    inside = np.linalg.norm(grid - centre, axis=-1) < radius
+    for k, size in ((1, 0.4), (2, 0.25))[:dim - 1]:
+        bump = centre.copy()
+        bump[k] += radius
+        inside |= np.linalg.norm(grid - bump, axis=-1) < size * radius
     return inside.astype(np.float32) + 0.05 * np.sin(7 * grid[..., 0]).astype(np.float32)
 
 
 def cases() -> dict:
     moving, fixed = disc(24, (0.45, 0.5), 0.25), disc(24, (0.55, 0.5), 0.3)
     moving3, fixed3 = disc(12, (0.45, 0.5, 0.5), 0.3, 3), disc(12, (0.55, 0.5, 0.5), 0.3, 3)
-    base = FitConfig(iterations=12, similarity_points=128, gradient_icon_points=32)
+    # the MLP given explicitly: the cases pin the fit engine, not FitConfig()'s defaults
+    base = FitConfig(iterations=12, similarity_points=128, gradient_icon_points=32, hidden_widths=(32, 32))
     change = dataclasses.replace
     return {
         "ssd_native": (moving, fixed, base, {}),
@@ -36,7 +45,7 @@ def cases() -> dict:
         "preset_3d": (moving3, fixed3, FitConfig(iterations=8, similarity="ncc", blur_sigmas=(4.0, 2.0, 1.0, 0.0),
                                                  blur_in_mm=True, finest_cell_voxels=3.5, gradient_icon_weight=2.0,
                                                  foreground="auto", similarity_points=256,
-                                                 gradient_icon_points=32), {}),
+                                                 gradient_icon_points=32, hidden_widths=(32, 32)), {}),
         "rollback": (moving, fixed, change(base, learning_rate=3e3, on_divergence="rollback",
                                            rollback_factor=1e-3), {}),
     }
