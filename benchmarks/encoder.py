@@ -90,7 +90,7 @@ def make_row(backend: str, fused: bool, device: torch.device, dim: int, points: 
         penalty_points = torch.rand(1, max(1, points // 8), dim, device=device)
         if fused:                          # as fit_pair: both kernels' loss and gradients, no autograd graph
             inputs = SimilarityInputs(image[:, 0], image[:, 0], points_B, zeros, points_A, zeros)
-            gradients = fused_loss_gradients(maps, inputs, PenaltyInputs(penalty_points, 0.5))[3]
+            gradients = fused_loss_gradients(maps, inputs, PenaltyInputs(penalty_points, 0.5))[-1]
             for parameter, gradient in zip(maps.fields.parameters(), gradients, strict=True):
                 parameter.grad = gradient
         else:

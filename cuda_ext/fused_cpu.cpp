@@ -7,8 +7,10 @@
 //                        (no dL/dx: the points are data)
 //   fields_jacobian      du/dx of every point's field (forward-mode jets; no gradient)
 //   gradient_icon        the penalty 0.5 * sum_dir mean_n ||S (J_f(g(x)) J_g(x) - I) S^-1||_F^2 of
-//                        every pair and, in the same pass, its gradient with respect to all
-//                        parameters (see neuralfield_reg/losses/inverse_consistency.py)
+//                        every pair, the diffusion 0.5 * sum_dir mean_n ||S_out (J_g(x) - M_g) S_in^-1||_F^2
+//                        of its inner maps at the same points and, in the same pass, the gradient
+//                        of a weighted sum of the two with respect to all parameters (see
+//                        neuralfield_reg/losses/inverse_consistency.py)
 #include "fused.h"
 
 namespace hashgrid {
@@ -119,16 +121,19 @@ at::Tensor fields_jacobian(const at::Tensor& points, const at::Tensor& field, co
 // points (B, N, D): the penalty's sample points of each pair. scales (2, D): the physical extent per
 // axis of A's domain (direction A: x in A, r = phi_AB(phi_BA(x)) - x) and of B's domain.
 // matrices (2B, D, D) and offsets (2B, D): the fixed affine parts; field 2p is phi_AB of pair p and
-// 2p + 1 is phi_BA. Returns [penalty (B,), then, when need_grad, dtable and (dW, db) per layer],
-// the gradients of gradient_scale * sum of the penalties. With accumulate ([dtable, then dW, db per
-// layer], shaped like the table and the parameters), they are added to those tensors instead and
-// only the penalty is returned.
+// 2p + 1 is phi_BA. Returns [penalty (B,), diffusion (B,), then, when need_grad, dtable and (dW, db)
+// per layer], the gradients of the sum over pairs of gradient_scale * penalty + diffusion_scale *
+// diffusion. The diffusion measures the displacements' Jacobians (J_g - M_g) of both maps (the inner
+// maps of the two directions) in physical units: output extent over input extent. With accumulate
+// ([dtable, then dW, db per layer], shaped like the table and the parameters), the gradients are
+// added to those tensors instead and only the two values are returned.
 std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor& scales, const at::Tensor& matrices,
                                       const at::Tensor& offsets, const at::Tensor& table, const at::Tensor& geometry,
                                       int64_t n_features, bool smoothstep, int64_t rows_per_table,
                                       const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
                                       const std::vector<at::Tensor>& biases, double scale, bool need_grad,
-                                      double gradient_scale, const std::vector<at::Tensor>& accumulate) {
+                                      double gradient_scale, double diffusion_scale,
+                                      const std::vector<at::Tensor>& accumulate) {
   const Common common = check_common(table, geometry, n_features, smoothstep, rows_per_table, level_weight);
   TORCH_CHECK(points.dim() == 3 && (points.size(2) == 2 || points.size(2) == 3) && points.is_contiguous() &&
                   points.scalar_type() == table.scalar_type() && points.device().is_cpu(),
@@ -151,7 +156,9 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
   }
   std::vector<at::Tensor> out;
   auto penalty = at::zeros({B}, points.options());
+  auto diffusion = at::zeros({B}, points.options());
   out.push_back(penalty);
+  out.push_back(diffusion);
   dispatch_dim(table, dim, [&](auto scalar, auto dimension) {
     using scalar_t = decltype(scalar);
     constexpr int D = decltype(dimension)::value;
@@ -173,9 +180,10 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
     const int64_t L = levels.n_levels, K = int64_t(1) << D;
     Record* records = scratch<Record>(0, need_grad ? 2 * items * L * K : 0);
     scalar_t* adj_encoding = scratch<scalar_t>(6, need_grad ? 2 * items * C * LF : 0);
-    scalar_t* item_loss = scratch<scalar_t>(7, items);
+    scalar_t* item_loss = scratch<scalar_t>(7, 2 * items);   // penalty, then diffusion, per item
     const scalar_t weight = scalar_t(0.5) / static_cast<scalar_t>(N);
     const scalar_t gradient_weight = weight * static_cast<scalar_t>(gradient_scale);
+    const scalar_t diffusion_weight = weight * static_cast<scalar_t>(diffusion_scale);
     at::parallel_for(0, items, kGrain, [&](int64_t begin, int64_t end) {
       const int thread = at::get_thread_num();
       std::vector<scalar_t> acts_inner(C * mlp.activation_count()), acts_outer(C * mlp.activation_count());
@@ -186,7 +194,8 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
         const int64_t pair = item / (2 * N), direction = (item / N) % 2, n = item % N;
         const int64_t inner = 2 * pair + (direction == 0 ? 1 : 0), outer = 2 * pair + direction;
         const scalar_t* point = x + (pair * N + n) * D;
-        const scalar_t* s = S + direction * D;
+        const scalar_t* s = S + direction * D;               // the inner map's input domain
+        const scalar_t* s_out = S + (1 - direction) * D;     // and its output's
         // Inner map g at x: J_g = M_g + dU, y = M_g x + o_g + u.
         const Clamped<scalar_t, D> x_clamped(point);
         find_cells<scalar_t, D>(x_clamped, inner, levels, tab, lw, cells_inner);
@@ -226,7 +235,19 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
             G[k][j] = gradient_weight * 2 * r * ratio * ratio;   // dL/dR
           }
         }
+        // Diffusion of the inner map: (J_g - M_g)_kj s_out_k / s_j, and its dL/dJg.
+        scalar_t H[D][D];
+        scalar_t smoothness = 0;
+        for (int k = 0; k < D; ++k) {
+          for (int j = 0; j < D; ++j) {
+            const scalar_t du = jet_inner[(1 + j) * D + k];
+            const scalar_t ratio = s_out[k] / s[j];
+            smoothness += du * du * ratio * ratio;
+            H[k][j] = diffusion_weight * 2 * du * ratio * ratio;
+          }
+        }
         item_loss[item] = loss;
+        item_loss[items + item] = smoothness;
         if (!need_grad) continue;
         scalar_t* grad_w = gradients.weight[thread].data();
         scalar_t* grad_b = gradients.bias[thread].data();
@@ -250,7 +271,7 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
           for (int j = 0; j < D; ++j) {
             scalar_t sum = 0;
             for (int m = 0; m < D; ++m) sum += Jf[m][k] * G[m][j];
-            adj[(1 + j) * D + k] = sum;
+            adj[(1 + j) * D + k] = sum + H[k][j];
           }
         }
         mlp_backward<scalar_t, C, true>(mlp, inner, 0, vectors_inner, channels<scalar_t, C>(adj, D).data(),
@@ -263,7 +284,11 @@ std::vector<at::Tensor> gradient_icon(const at::Tensor& points, const at::Tensor
       }
     });
     scalar_t* pen = penalty.data_ptr<scalar_t>();
-    for (int64_t item = 0; item < items; ++item) pen[item / (2 * N)] += weight * item_loss[item];
+    scalar_t* dif = diffusion.data_ptr<scalar_t>();
+    for (int64_t item = 0; item < items; ++item) {
+      pen[item / (2 * N)] += weight * item_loss[item];
+      dif[item / (2 * N)] += weight * item_loss[items + item];
+    }
     if (need_grad) {
       auto grad_table = accumulate.empty() ? at::zeros_like(table) : accumulate[0];
       scatter_records<scalar_t, D, C>(records, 2 * items, adj_encoding, levels, lw,

@@ -274,7 +274,7 @@ at::Tensor fields_jacobian(const at::Tensor&, const at::Tensor&, const at::Tenso
 std::vector<at::Tensor> gradient_icon(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
                                       const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool,
-                                      double, const std::vector<at::Tensor>&);
+                                      double, double, const std::vector<at::Tensor>&);
 // similarity_cpu.cpp
 std::vector<at::Tensor> similarity(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -124,6 +124,7 @@ def test_integer_images_are_accepted(pair64):
 
 
 @pytest.mark.parametrize("field,value", [("iterations", 0), ("learning_rate", -1.0), ("gradient_icon_weight", -0.1),
+                                         ("diffusion_weight", float("nan")), ("diffusion_weight", -1.0),
                                          ("similarity", "mi"), ("blur_sigmas", ()), ("backend", "gpu"),
                                          ("similarity_points", 0), ("lncc_window", 4),
                                          ("learning_rate_decay", 0.0), ("on_divergence", "ignore"),

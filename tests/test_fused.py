@@ -13,10 +13,10 @@ from neuralfield_reg.data import shape_pairs
 from neuralfield_reg.encoders import HashGridConfig
 from neuralfield_reg.transforms.fields import MapPairs
 from neuralfield_reg.geometry.coords import sample_batch
-from neuralfield_reg.encoders.fused import (PenaltyInputs, SimilarityInputs, _FusedKernel, _gradient_icon_call,
+from neuralfield_reg.encoders.fused import (PenaltyInputs, SimilarityInputs, _FusedKernel, _penalty_call,
                                    fields_displacement, fields_jacobian, fused_loss, fused_loss_gradients,
-                                   gradient_icon_fused, similarity_fused)
-from neuralfield_reg.losses import inverse_consistency_terms, ncc, ssd
+                                   gradient_icon_fused, penalty_fused, similarity_fused)
+from neuralfield_reg.losses import diffusion, inverse_consistency_terms, ncc, ssd
 
 CASES = [  # (dim, encoding, hidden widths); every encoding mixes dense and hashed levels
     (2, HashGridConfig(n_levels=4, log2_hashmap_size=8, base_resolution=3, per_level_scale=2.0), (8, 8)),
@@ -106,6 +106,29 @@ def test_gradient_icon_matches_the_autograd_path(dim, encoding, widths, dtype, t
                                     tolerance)
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("dim,encoding,widths", CASES)
+def test_penalty_with_diffusion_matches_the_autograd_path(dim, encoding, widths, dtype, tolerance):
+    """penalty_fused's weighted sum of gradient-ICON and diffusion (one pass of the kernel) against
+    the autograd path's: both values and the parameter gradients of the sum."""
+    native, reference, level_weights = parity_case(dim, encoding, widths, dtype)
+    points = torch.rand(2, 40, dim, dtype=dtype)
+    extent_A, extent_B = [1.0, 2.0, 1.5][:dim], [2.0, 1.0, 0.7][:dim]
+    weight, diffusion_weight = 0.3, 0.7
+    total, penalty, smoothness = penalty_fused(native, PenaltyInputs(points, weight, extent_A, extent_B,
+                                                                     diffusion_weight), level_weights=level_weights)
+    pair = lambda a, b: reference(a, b, level_weights)  # noqa: E731
+    want_penalty = inverse_consistency_terms(pair, points, extent_A=extent_A, extent_B=extent_B)["gradient_icon"]
+    want_smoothness = diffusion(pair, points, reference.matrices[0::2], reference.matrices[1::2],
+                                extent_A=extent_A, extent_B=extent_B)
+    want_total = weight * want_penalty + diffusion_weight * want_smoothness
+    for got, want in ((penalty, want_penalty), (smoothness, want_smoothness), (total, want_total)):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=0)
+    assert want_smoothness.min() > 1e-3 and total.requires_grad and not smoothness.requires_grad
+    assert_same_parameter_gradients(total, want_total, torch.tensor([0.7, 1.3], dtype=dtype), native, reference,
+                                    tolerance)
+
+
 def reference_similarity(images, mapped, targets, masks, measure="ssd"):
     """fit_pair's SSD (or NCC) term, written with sample_batch: points mapped outside the unit
     cube do not count unless fewer than 16 land inside; a mask that leaves no point counts all."""
@@ -155,7 +178,7 @@ def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, w
     against the autograd path's similarity + weight * penalty: values and parameter gradients, on a
     first backward and on a second one (retain_graph: the kernels run again)."""
     native, reference, level_weights = parity_case(dim, encoding, widths, dtype)
-    n_points, weight = 50, 0.37
+    n_points, weight, diffusion_weight = 50, 0.37, 0.21
     shape_A, shape_B = [(13, 9), (7, 11, 6)][dim - 2], [(10, 14), (9, 5, 8)][dim - 2]
     moving, fixed = torch.rand(2, *shape_A, dtype=dtype), torch.rand(2, *shape_B, dtype=dtype)
     points_B, points_A = torch.rand(2, n_points, dim, dtype=dtype), torch.rand(2, n_points, dim, dtype=dtype)
@@ -165,32 +188,34 @@ def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, w
     extent_A, extent_B = [1.0, 2.0, 1.5][:dim], [2.0, 1.0, 0.7][:dim]
     inputs = SimilarityInputs(moving, fixed, points_B, targets_B, points_A, targets_A, masks_A=masks_A,
                               measure=measure)
-    penalty_inputs = PenaltyInputs(penalty_points, weight, extent_A, extent_B)
-    loss, similarity, penalty = fused_loss(native, inputs, penalty_inputs, level_weights=level_weights)
+    penalty_inputs = PenaltyInputs(penalty_points, weight, extent_A, extent_B, diffusion_weight)
+    loss, similarity, penalty, smoothness = fused_loss(native, inputs, penalty_inputs, level_weights=level_weights)
     mapped_B, mapped_A = reference(points_B, points_A, level_weights)
     want_similarity = (reference_similarity(moving, mapped_B, targets_B, None, measure)
                        + reference_similarity(fixed, mapped_A, targets_A, masks_A, measure))
-    want_penalty = inverse_consistency_terms(lambda a, b: reference(a, b, level_weights), penalty_points,
-                                             extent_A=extent_A, extent_B=extent_B)["gradient_icon"]
-    for got, want in ((similarity, want_similarity), (penalty, want_penalty),
-                      (loss, want_similarity + weight * want_penalty)):
+    pair = lambda a, b: reference(a, b, level_weights)  # noqa: E731
+    want_penalty = inverse_consistency_terms(pair, penalty_points, extent_A=extent_A,
+                                             extent_B=extent_B)["gradient_icon"]
+    want_smoothness = diffusion(pair, penalty_points, reference.matrices[0::2], reference.matrices[1::2],
+                                extent_A=extent_A, extent_B=extent_B)
+    want_loss = want_similarity + weight * want_penalty + diffusion_weight * want_smoothness
+    for got, want in ((similarity, want_similarity), (penalty, want_penalty), (smoothness, want_smoothness),
+                      (loss, want_loss)):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=0)
     assert not similarity.requires_grad and not penalty.requires_grad and loss.requires_grad
     upstream = torch.tensor([0.7, 1.3], dtype=dtype)
-    want_sum = torch.autograd.grad((want_similarity + weight * want_penalty).sum(),
-                                   list(reference.fields.parameters()), retain_graph=True)
-    want = torch.autograd.grad(((want_similarity + weight * want_penalty) * upstream).sum(),
-                               list(reference.fields.parameters()))
+    want_sum = torch.autograd.grad(want_loss.sum(), list(reference.fields.parameters()), retain_graph=True)
+    want = torch.autograd.grad((want_loss * upstream).sum(), list(reference.fields.parameters()))
     for _ in range(2):                   # the forward's gradients, then the kernels' rerun
         got = torch.autograd.grad((loss * upstream).sum(), list(native.fields.parameters()), retain_graph=True)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
     # without autograd: the same numbers, the gradients in maps.fields.parameters() order
     direct = fused_loss_gradients(native, inputs, penalty_inputs, level_weights=level_weights)
-    for got, want_value in zip(direct[:3], (loss, similarity, penalty)):
+    for got, want_value in zip(direct[:4], (loss, similarity, penalty, smoothness)):
         torch.testing.assert_close(got, want_value, rtol=0, atol=0)
     assert list(native.parameters()) == list(native.fields.parameters())      # what fit_pair's Adam gets
-    for g, w in zip(direct[3], want_sum, strict=True):
+    for g, w in zip(direct[4], want_sum, strict=True):
         torch.testing.assert_close(g, w, rtol=tolerance, atol=tolerance * w.abs().max().item())
     with pytest.raises(ValueError, match=r"penalty.points: expected \(B, M, d\)"):
         fused_loss(native, inputs, PenaltyInputs(penalty_points[:1], weight))
@@ -203,10 +228,10 @@ def test_gradient_icon_float64_gradcheck_on_a_tiny_config():
     fields = native.fields
     points = torch.rand(1, 5, 2, dtype=torch.float64) * 0.8 + 0.1
 
-    kernel, tensors, (table, *_) = _gradient_icon_call(native, PenaltyInputs(points), None)
+    kernel, tensors, (table, *_) = _penalty_call(native, PenaltyInputs(points, 0.6, diffusion_weight=0.4), None)
 
     def penalty(table, *mlp):          # the Function itself, with the table as an explicit input
-        return _FusedKernel.apply(kernel, 1, len(tensors), *tensors, table, *mlp)
+        return _FusedKernel.apply(kernel, 3, len(tensors), *tensors, table, *mlp)[0]
 
     params = [table.detach().clone().requires_grad_(True)]
     params += [p.detach().clone().requires_grad_(True) for p in (*fields.weights, *fields.biases)]
@@ -231,13 +256,14 @@ def test_points_that_need_a_gradient_use_the_autograd_path():
     torch.testing.assert_close(grad_native, grad_reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("similarity", ["ssd", "ncc"])
-def test_fit_with_fused_kernels_follows_the_autograd_path(similarity):
+@pytest.mark.parametrize("similarity,diffusion_weight", [("ssd", 0.0), ("ncc", 0.0), ("ssd", 0.5)])
+def test_fit_with_fused_kernels_follows_the_autograd_path(similarity, diffusion_weight):
     # Same seed, same points: the fused and per-operation paths compute one function, so a short fit
     # follows the same trajectory up to float32 rounding.
     pair = shape_pairs(1, size=48, seed=5)[0]
     config = nfr.FitConfig(iterations=40, affine=None, similarity_points=1024, gradient_icon_points=128,
-                           backend="native", similarity=similarity, hidden_widths=(32, 32))
+                           backend="native", similarity=similarity, hidden_widths=(32, 32),
+                           diffusion_weight=diffusion_weight)
     fused = nfr.fit_pair(pair.moving, pair.fixed, config, progress=False)
     plain = nfr.fit_pair(pair.moving, pair.fixed, dataclasses.replace(config, fused_kernels=False), progress=False)
     # Float32 rounding differences grow along the trajectory (units near their ReLU kink switch on
@@ -246,6 +272,12 @@ def test_fit_with_fused_kernels_follows_the_autograd_path(similarity):
     np.testing.assert_allclose(fused.history["similarity"], plain.history["similarity"], rtol=1e-2, atol=1e-7)
     np.testing.assert_allclose(np.mean(fused.history["gradient_icon"][-10:]),
                                np.mean(plain.history["gradient_icon"][-10:]), rtol=0.1)
+    if diffusion_weight > 0:
+        np.testing.assert_allclose(np.mean(fused.history["diffusion"][-10:]),
+                                   np.mean(plain.history["diffusion"][-10:]), rtol=0.1)
+        assert np.mean(fused.history["diffusion"][-10:]) > 1e-4
+    else:
+        assert "diffusion" not in fused.history
     np.testing.assert_allclose(fused.displacement("AB"), plain.displacement("AB"), atol=0.25)
     np.testing.assert_allclose(fused.displacement("BA"), plain.displacement("BA"), atol=0.25)
     assert np.abs(fused.displacement("AB")).max() > 0.5          # and they did move

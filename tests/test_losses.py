@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from neuralfield_reg.losses import (as_pair, gradient_icon_autograd, gradient_icon_fd, icon,
-                                    inverse_consistency_residual, inverse_consistency_terms, lncc, ncc,
-                                    residual_jacobians, ssd)
+from neuralfield_reg.losses import (as_pair, diffusion, gradient_icon_autograd, gradient_icon_fd, icon,
+                                   inverse_consistency_residual, inverse_consistency_terms, lncc, map_jacobians,
+                                   ncc, residual_jacobians, ssd)
 
 
 def affine_pair(dim, dtype=torch.float64):
@@ -175,3 +175,40 @@ def test_residual_definition():
     phi_BA = lambda x: 2 * x  # noqa: E731
     points = torch.rand(5, 2)
     torch.testing.assert_close(inverse_consistency_residual(phi_AB, phi_BA, points), points + 0.1)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_diffusion_matches_the_analytic_gradient_of_the_displacement(dim):
+    # phi(x) = M x + c + a sin(2 pi x) componentwise: J - M = diag(2 pi a cos(2 pi x)); in physical
+    # units entry (k, j) is scaled by out_k / in_j (only the diagonal is non-zero here).
+    torch.manual_seed(0)
+    a, c = 0.03, 0.05
+    linear = torch.eye(dim, dtype=torch.float64) + 0.1 * torch.randn(dim, dim, dtype=torch.float64)
+    extent_A = torch.tensor([1.0, 2.0, 1.5][:dim], dtype=torch.float64)
+    extent_B = torch.tensor([2.0, 1.0, 0.7][:dim], dtype=torch.float64)
+
+    def phi_AB(x):
+        return x @ linear.T + c + a * torch.sin(2 * math.pi * x)
+
+    points = torch.rand(50, dim, dtype=torch.float64)
+    eye = torch.eye(dim, dtype=torch.float64)
+    value = diffusion(as_pair(phi_AB, lambda x: x), points, linear, eye, extent_A=extent_A.tolist(),
+                      extent_B=extent_B.tolist())
+    gradient = 2 * math.pi * a * torch.cos(2 * math.pi * points) * (extent_A / extent_B)
+    torch.testing.assert_close(value, 0.5 * (gradient ** 2).sum(1).mean())
+    jacobian_AB, jacobian_BA = map_jacobians(as_pair(phi_AB, lambda x: x), points)
+    torch.testing.assert_close(jacobian_BA, eye.expand(50, dim, dim))
+    # against central differences of the map
+    step = 1e-5
+    columns = [(phi_AB(points + step * eye[j]) - phi_AB(points - step * eye[j])) / (2 * step) for j in range(dim)]
+    torch.testing.assert_close(jacobian_AB, torch.stack(columns, -1), rtol=1e-7, atol=1e-8)
+    # an affine map is not penalised, whatever its linear part
+    assert diffusion(as_pair(lambda x: x @ linear.T + c, lambda x: x), points, linear, eye).item() < 1e-24
+
+
+def test_diffusion_is_differentiable_in_parameters():
+    points = torch.rand(20, 2, dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    weight = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda w: diffusion(as_pair(lambda x: x + w * torch.sin(3 * x), lambda x: x), points, eye, eye), (weight,))

@@ -10,10 +10,13 @@ of small autograd operations (``cuda_ext/fused_cpu.cpp``):
                                                                             dL/db (not dL/dx)
     gradient_icon_fused     the gradient-ICON penalty of every pair and,    scales the stored
                             in the same pass, its parameter gradient        gradient
+    penalty_fused           weight * gradient-ICON + diffusion_weight *     scales the stored
+                            diffusion (both maps' displacement gradients    gradient
+                            at the same points), from the same pass
     similarity_fused        the SSD or NCC of both maps of every pair at    scales the stored
                             random voxels (sampling the other image         gradient
                             included) and its parameter gradient
-    fused_loss              similarity + weight * penalty (the two above),  scales the stored
+    fused_loss              similarity + the weighted penalty terms,        scales the stored
                             both kernels' gradients in one set of buffers   gradient
     fused_loss_gradients    fused_loss and its parameter gradients,         none (no graph)
                             without autograd (the fit assigns .grad)
@@ -245,14 +248,16 @@ class SimilarityInputs:
 
 @dataclass(frozen=True)
 class PenaltyInputs:
-    """The gradient-ICON penalty's inputs: ``points`` ``(B, M, d)`` (unit coordinates of B's
-    domain), its ``weight`` in the loss, and the physical extents (mm per axis) of A's and B's
-    domains, in which the residual's Jacobian is measured (None: 1 per axis)."""
+    """The penalty's inputs: ``points`` ``(B, M, d)`` (unit coordinates of B's domain), the
+    gradient-ICON ``weight`` in the loss, the physical extents (mm per axis) of A's and B's
+    domains, in which the Jacobians are measured (None: 1 per axis), and the weight of the
+    diffusion term (:func:`~neuralfield_reg.losses.diffusion`, at the same points)."""
 
     points: torch.Tensor
     weight: float = 1.0
     extent_A: Sequence[float] | None = None
     extent_B: Sequence[float] | None = None
+    diffusion_weight: float = 0.0
 
     def extents(self) -> torch.Tensor:
         """``(2, d)``: the extent per axis of A's and of B's domain."""
@@ -266,20 +271,34 @@ def _parameters(fields) -> tuple:
     return (*fields.weights, *fields.biases)
 
 
-def _gradient_icon_call(maps, penalty: PenaltyInputs, level_weights) -> tuple:
-    """``(kernel, tensors, parameters)`` of :func:`gradient_icon_fused` (see :func:`_loss_call`)."""
+def _penalty_call(maps, penalty: PenaltyInputs, level_weights) -> tuple:
+    """``(kernel, tensors, parameters)`` of :func:`penalty_fused` (see :func:`_loss_call`);
+    ``kernel`` returns ``[weighted sum, gradient_icon, diffusion]`` and the sum's gradients."""
     fields, points = maps.fields, penalty.points
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points)
     scale, n_layers = float(fields.output_scale), len(fields.weights)
+    weight, diffusion_weight = float(penalty.weight), float(penalty.diffusion_weight)
 
     def kernel(points, scales, matrices, offsets, level_weights, table, *params, need_grad=True):
-        return module.gradient_icon(points, scales, matrices, offsets, _rows(table, geometry), *geometry,
-                                    level_weights, list(params[:n_layers]), list(params[n_layers:]), scale,
-                                    need_grad, 1.0, [])
+        value, smoothness, *gradients = module.gradient_icon(
+            points, scales, matrices, offsets, _rows(table, geometry), *geometry, level_weights,
+            list(params[:n_layers]), list(params[n_layers:]), scale, need_grad, weight, diffusion_weight, [])
+        return [weight * value + diffusion_weight * smoothness, value, smoothness, *gradients]
 
     tensors = (points.contiguous(), penalty.extents(), maps.matrices.to(points.dtype).contiguous(),
                maps.offsets.to(points.dtype).contiguous(), level_weights)
     return kernel, tensors, (table, *_parameters(fields))
+
+
+def penalty_fused(maps, penalty: PenaltyInputs, *, level_weights: torch.Tensor | None = None):
+    """``(total, gradient_icon, diffusion)``, each ``(B,)``: the penalty terms of the ``B`` pairs
+    of a ``MapPairs`` (native encoding) at ``penalty.points``, from one native pass, and
+    ``total = penalty.weight * gradient_icon + penalty.diffusion_weight * diffusion``; only
+    ``total`` is differentiable (the others are for logging). The values are those of
+    :func:`~neuralfield_reg.losses.inverse_consistency_terms` ``["gradient_icon"]`` and
+    :func:`~neuralfield_reg.losses.diffusion` (with the maps' matrices as linear parts)."""
+    kernel, tensors, parameters = _penalty_call(maps, penalty, level_weights)
+    return _FusedKernel.apply(kernel, 3, len(tensors), *tensors, *parameters)
 
 
 def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float] | None = None,
@@ -293,9 +312,7 @@ def gradient_icon_fused(maps, points: torch.Tensor, *, extent_A: Sequence[float]
     ``phi(x) = matrices[t] x + offsets[t] + u_t(x)``. The value is that of
     :func:`~neuralfield_reg.losses.inverse_consistency_terms` ``["gradient_icon"]``.
     """
-    kernel, tensors, parameters = _gradient_icon_call(maps, PenaltyInputs(points, 1.0, extent_A, extent_B),
-                                                      level_weights)
-    return _FusedKernel.apply(kernel, 1, len(tensors), *tensors, *parameters)
+    return penalty_fused(maps, PenaltyInputs(points, 1.0, extent_A, extent_B), level_weights=level_weights)[0]
 
 
 def similarity_fused(maps, inputs: SimilarityInputs, *, level_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,14 +342,16 @@ def _loss_call(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, level
     """``(kernel, tensors, parameters)`` of the fused loss: both native calls in one kernel (the
     penalty's weighted gradients added to the similarity's), its leading tensors, and the table
     and MLP parameters. ``kernel(*tensors, *parameters, need_grad=...)`` returns ``[loss,
-    similarity, penalty]`` and, with ``need_grad``, dtable, then dW and db per layer."""
+    similarity, gradient_icon, diffusion]`` and, with ``need_grad``, dtable, then dW and db per
+    layer."""
     points_B, points = similarity.points_B, penalty.points
     if points.dim() != 3 or points.shape[::2] != points_B.shape[::2]:
         raise ValueError(f"penalty.points: expected (B, M, d) points with B and d of points_B "
                          f"{tuple(points_B.shape)}, got {tuple(points.shape)}")
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
-    scale, n_layers, weight = float(fields.output_scale), len(fields.weights), float(penalty.weight)
+    scale, n_layers = float(fields.output_scale), len(fields.weights)
+    weight, diffusion_weight = float(penalty.weight), float(penalty.diffusion_weight)
     ncc = similarity.measure == "ncc"
 
     def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
@@ -341,34 +360,39 @@ def _loss_call(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, level
         similarity, *gradients = module.similarity(points, targets, masks, moving, fixed, matrices, offsets, rows,
                                                    *geometry, level_weights, weights, biases, scale, need_grad, ncc,
                                                    NCC_EPS)
-        penalty = module.gradient_icon(penalty_points, scales, matrices, offsets, rows, *geometry, level_weights,
-                                       weights, biases, scale, need_grad, weight, gradients)[0]
-        return [similarity + weight * penalty, similarity, penalty, *gradients]
+        value, smoothness = module.gradient_icon(penalty_points, scales, matrices, offsets, rows, *geometry,
+                                                 level_weights, weights, biases, scale, need_grad, weight,
+                                                 diffusion_weight, gradients)
+        return [similarity + weight * value + diffusion_weight * smoothness, similarity, value, smoothness,
+                *gradients]
 
     tensors = (*similarity.tensors(maps), level_weights, points.contiguous(), penalty.extents())
     return kernel, tensors, (table, *_parameters(fields))
 
 
 def fused_loss(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, *,
-               level_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fit's loss of the ``B`` pairs, ``(loss, similarity, penalty)``, each ``(B,)``:
-    ``loss = similarity + penalty.weight * penalty`` with the similarity of
-    :func:`similarity_fused` and the penalty of :func:`gradient_icon_fused`.
+               level_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The fit's loss of the ``B`` pairs, ``(loss, similarity, gradient_icon, diffusion)``, each
+    ``(B,)``: ``loss = similarity + penalty.weight * gradient_icon + penalty.diffusion_weight *
+    diffusion`` with the similarity of :func:`similarity_fused` and the terms of
+    :func:`penalty_fused`.
 
-    Only ``loss`` is differentiable (``similarity`` and ``penalty`` are for logging); its
-    gradient is the sum of the two kernels' gradients, computed in one set of buffers (no second
-    table gradient to allocate and add)."""
+    Only ``loss`` is differentiable (the others are for logging); its gradient is the sum of the
+    two kernels' gradients, computed in one set of buffers (no second table gradient to allocate
+    and add)."""
     kernel, tensors, parameters = _loss_call(maps, similarity, penalty, level_weights)
-    return _FusedKernel.apply(kernel, 3, len(tensors), *tensors, *parameters)
+    return _FusedKernel.apply(kernel, 4, len(tensors), *tensors, *parameters)
 
 
 def fused_loss_gradients(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, *,
                          level_weights: torch.Tensor | None = None):
-    """:func:`fused_loss` without autograd: ``(loss, similarity, penalty, gradients)``, where
-    ``gradients`` are the gradients of ``loss.sum()`` with respect to ``maps.fields.parameters()``
-    (in that order), as the kernels computed them with the loss. The fit assigns them to the
-    parameters' ``.grad`` and skips the autograd graph, its backward pass and its bookkeeping."""
+    """:func:`fused_loss` without autograd: ``(loss, similarity, gradient_icon, diffusion,
+    gradients)``, where ``gradients`` are the gradients of ``loss.sum()`` with respect to
+    ``maps.fields.parameters()`` (in that order), as the kernels computed them with the loss. The
+    fit assigns them to the parameters' ``.grad`` and skips the autograd graph, its backward pass
+    and its bookkeeping."""
     kernel, tensors, parameters = _loss_call(maps, similarity, penalty, level_weights)
     with torch.no_grad():
-        loss, similarity_value, penalty_value, *gradients = kernel(*tensors, *parameters)
-    return loss, similarity_value, penalty_value, list(_in_parameter_order(gradients, parameters[0].shape))
+        loss, similarity_value, penalty_value, diffusion_value, *gradients = kernel(*tensors, *parameters)
+    return (loss, similarity_value, penalty_value, diffusion_value,
+            list(_in_parameter_order(gradients, parameters[0].shape)))

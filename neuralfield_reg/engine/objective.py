@@ -1,7 +1,7 @@
 """The loss of a fit step, per pair: its terms and the gradients of the parameters.
 
     loss = sim(A o phi_AB, B) + sim(B o phi_BA, A) + gradient_icon_weight * gradient_icon
-           (+ icon_weight * icon)
+           (+ icon_weight * icon) (+ diffusion_weight * diffusion)
 
 :func:`make_objective` picks once per fit how it is computed: by the fused CPU kernels
 (similarity, penalty and their gradients in native calls, no autograd graph), or by autograd,
@@ -18,9 +18,8 @@ import torch
 from ..config import FitConfig
 from ..geometry.coords import sample_batch
 from ..transforms.fields import MapPairs
-from ..encoders.fused import (MEASURES, PenaltyInputs, SimilarityInputs, fused_loss_gradients, gradient_icon_fused,
-                              similarity_fused)
-from ..losses import SIMILARITIES, inverse_consistency_terms
+from ..encoders.fused import MEASURES, PenaltyInputs, SimilarityInputs, fused_loss_gradients, penalty_fused, similarity_fused
+from ..losses import SIMILARITIES, diffusion, inverse_consistency_terms
 from .sampler import Draw, Points, Sampler, patch_shape
 
 # A direction with fewer points mapped inside the other image than this compares all of them.
@@ -74,24 +73,36 @@ class Objective:
         self.extent_A, self.extent_B = extents
         self.fused_similarity, self.fused_penalty = fused_similarity, fused_penalty
         self.similarity = SIMILARITIES[config.similarity]
-        self.names = ["loss", "similarity", "gradient_icon"] + (["icon"] if config.icon_weight > 0 else [])
+        self.names = (["loss", "similarity", "gradient_icon"] + (["icon"] if config.icon_weight > 0 else [])
+                      + (["diffusion"] if config.diffusion_weight > 0 else []))
+
+    def penalty_inputs(self, draw: Draw) -> PenaltyInputs:
+        config = self.config
+        return PenaltyInputs(draw.penalty, config.gradient_icon_weight, self.extent_A, self.extent_B,
+                             config.diffusion_weight)
 
     def __call__(self, images: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor, draw: Draw) -> Step:
         moving, fixed = images
+        config = self.config
         terms = {"similarity": self._similarity(moving, fixed, weights, draw)}
         if self.fused_penalty:
-            terms["gradient_icon"] = gradient_icon_fused(self.maps, draw.penalty, extent_A=self.extent_A,
-                                                         extent_B=self.extent_B, level_weights=weights)
+            penalty, terms["gradient_icon"], terms["diffusion"] = penalty_fused(
+                self.maps, self.penalty_inputs(draw), level_weights=weights)
         else:
-            consistency = inverse_consistency_terms(lambda a, b: self.maps(a, b, weights), draw.penalty,
-                                                    extent_A=self.extent_A, extent_B=self.extent_B)
+            pair = lambda a, b: self.maps(a, b, weights)      # noqa: E731
+            consistency = inverse_consistency_terms(pair, draw.penalty, extent_A=self.extent_A,
+                                                    extent_B=self.extent_B)
             terms["gradient_icon"] = consistency["gradient_icon"]
-            if self.config.icon_weight > 0:
+            penalty = config.gradient_icon_weight * terms["gradient_icon"]
+            if config.icon_weight > 0:
                 terms["icon"] = consistency["icon"]
-        loss = terms["similarity"] + self.config.gradient_icon_weight * terms["gradient_icon"]
-        if self.config.icon_weight > 0:
-            loss = loss + self.config.icon_weight * terms["icon"]
-        terms["loss"] = loss
+                penalty = penalty + config.icon_weight * terms["icon"]
+            if config.diffusion_weight > 0:
+                matrices = self.maps.matrices
+                terms["diffusion"] = diffusion(pair, draw.penalty, matrices[0::2], matrices[1::2],
+                                               extent_A=self.extent_A, extent_B=self.extent_B)
+                penalty = penalty + config.diffusion_weight * terms["diffusion"]
+        terms["loss"] = terms["similarity"] + penalty
         return Step(terms)
 
     def fused_inputs(self, moving: torch.Tensor, fixed: torch.Tensor, draw: Draw) -> SimilarityInputs:
@@ -134,14 +145,14 @@ class Objective:
 
 
 class FusedObjective(Objective):
-    """The similarity (SSD or NCC) and the gradient-ICON penalty in the fused CPU kernels, their gradients summed in one
+    """The similarity (SSD or NCC) and the penalty terms (gradient-ICON, diffusion) in the fused CPU kernels, their gradients summed in one
     set of buffers: no autograd graph, :meth:`Step.backward` assigns the gradients."""
 
     def __call__(self, images, weights, draw: Draw) -> Step:
-        penalty_inputs = PenaltyInputs(draw.penalty, self.config.gradient_icon_weight, self.extent_A, self.extent_B)
-        loss, similarity, penalty, gradients = fused_loss_gradients(self.maps, self.fused_inputs(*images, draw),
-                                                                    penalty_inputs, level_weights=weights)
-        return Step({"similarity": similarity, "gradient_icon": penalty, "loss": loss}, gradients)
+        loss, similarity, penalty, smoothness, gradients = fused_loss_gradients(
+            self.maps, self.fused_inputs(*images, draw), self.penalty_inputs(draw), level_weights=weights)
+        return Step({"similarity": similarity, "gradient_icon": penalty, "diffusion": smoothness, "loss": loss},
+                    gradients)
 
 
 def make_objective(config: FitConfig, maps: MapPairs, sampler: Sampler, masks: dict, extents: tuple) -> Objective:

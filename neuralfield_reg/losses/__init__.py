@@ -1,10 +1,10 @@
 """Losses: image similarity and inverse consistency, as plain functions."""
 
-from .inverse_consistency import (as_pair, gradient_icon_autograd, gradient_icon_fd, icon,
-                                  inverse_consistency_residual, inverse_consistency_terms,
+from .inverse_consistency import (as_pair, diffusion, gradient_icon_autograd, gradient_icon_fd, icon,
+                                  inverse_consistency_residual, inverse_consistency_terms, map_jacobians,
                                   residual_jacobians)
 from .similarity import SIMILARITIES, lncc, ncc, ssd
 
-__all__ = ["SIMILARITIES", "as_pair", "gradient_icon_autograd", "gradient_icon_fd", "icon",
-           "inverse_consistency_residual", "inverse_consistency_terms", "lncc", "ncc",
+__all__ = ["SIMILARITIES", "as_pair", "diffusion", "gradient_icon_autograd", "gradient_icon_fd", "icon",
+           "inverse_consistency_residual", "inverse_consistency_terms", "lncc", "map_jacobians", "ncc",
            "residual_jacobians", "ssd"]

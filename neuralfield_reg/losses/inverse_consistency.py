@@ -10,7 +10,11 @@ residual and its Jacobian are measured in physical units (the Jacobian becomes
 divided by the largest extent so that it stays a fraction of the domain).
 
 Normalisation: both gradient penalties return the mean over points of the squared Frobenius
-norm of ``dr/dx``. (The GradICON reference code sums, over axes, the mean over points *and
+norm of ``dr/dx``.
+
+:func:`diffusion` is not an inverse-consistency term: it penalises the spatial gradient of each
+map's displacement from its affine part (``J_phi - M``, in physical units), the diffusion
+regulariser of classical registration, computed with autograd at the same kind of points. (The GradICON reference code sums, over axes, the mean over points *and
 components* of the squared difference quotient, which is this value divided by ``d``.)
 """
 
@@ -78,6 +82,46 @@ def residual_jacobians(pair: PairMap, points: torch.Tensor, *, create_graph: boo
     jacobian_A = grad_x.reshape(*batch, dim, n, dim).transpose(-3, -2)
     jacobian_B = grad_y.reshape(*batch, dim, n, dim).transpose(-3, -2)
     return residual_A[..., :n, :], residual_B[..., :n, :], jacobian_A, jacobian_B
+
+
+def map_jacobians(pair: PairMap, points: torch.Tensor, *, create_graph: bool = True):
+    """``(jacobian_AB, jacobian_BA)``: the ``(..., N, d, d)`` Jacobians ``J[n, k, j] = d phi_k / d x_j``
+    of ``phi_AB`` and ``phi_BA`` at the same ``(..., N, d)`` unit-cube points (as B's and as A's
+    points), by ``torch.autograd.grad`` (rows in one backward pass, as in :func:`residual_jacobians`)."""
+    *batch, n, dim = points.shape
+    repeats = [1] * len(batch) + [dim, 1]
+    x = points.detach().repeat(*repeats).requires_grad_(True)
+    y = points.detach().repeat(*repeats).requires_grad_(True)
+    with torch.enable_grad():
+        phi_AB_y, phi_BA_x = pair(y, x)
+        select = torch.eye(dim, dtype=points.dtype, device=points.device).repeat_interleave(n, dim=0)
+        select = select.expand(*batch, n * dim, dim)
+        grad_y, grad_x = torch.autograd.grad([phi_AB_y, phi_BA_x], [y, x], grad_outputs=[select, select],
+                                             create_graph=create_graph)
+    return (grad_y.reshape(*batch, dim, n, dim).transpose(-3, -2),
+            grad_x.reshape(*batch, dim, n, dim).transpose(-3, -2))
+
+
+def diffusion(pair: PairMap, points: torch.Tensor, linear_AB: torch.Tensor, linear_BA: torch.Tensor, *,
+              extent_A: Sequence[float] | None = None, extent_B: Sequence[float] | None = None) -> torch.Tensor:
+    """The diffusion regulariser of both maps: ``0.5 * sum_maps mean_n ||S_out (J - M) S_in^-1||_F^2``.
+
+    ``J`` is a map's Jacobian at the ``(..., N, d)`` points (:func:`map_jacobians`), ``M`` its
+    linear part (``linear_AB``, ``linear_BA``: ``(..., d, d)``, e.g. the affine stage's matrices),
+    so only the displacement's gradient is penalised; ``S_in`` and ``S_out`` are the extents of the
+    map's input and output domains (``phi_AB`` maps B's to A's). Differentiable in the maps'
+    parameters (autograd double backward). Returns ``(...)``: one value per pair of maps.
+    """
+    jacobian_AB, jacobian_BA = map_jacobians(pair, points)
+    dim = points.shape[-1]
+    scale_A = _scales(extent_A, points) if extent_A is not None else points.new_ones(dim)
+    scale_B = _scales(extent_B, points) if extent_B is not None else points.new_ones(dim)
+    total = 0.0
+    for jacobian, linear, out, into in ((jacobian_AB, linear_AB, scale_A, scale_B),
+                                        (jacobian_BA, linear_BA, scale_B, scale_A)):
+        gradient = (jacobian - linear.to(jacobian.dtype).unsqueeze(-3)) * out[:, None] / into[None, :]
+        total = total + (gradient ** 2).sum((-2, -1)).mean(-1)
+    return 0.5 * total
 
 
 def inverse_consistency_terms(pair: PairMap, points: torch.Tensor, *,
