@@ -18,7 +18,8 @@ import torch
 from ..config import FitConfig
 from ..geometry.coords import sample_batch
 from ..transforms.fields import MapPairs
-from ..encoders.fused import MEASURES, PenaltyInputs, SimilarityInputs, fused_loss_gradients, penalty_fused, similarity_fused
+from ..encoders.fused import (MEASURES, PenaltyInputs, SimilarityInputs, fused_loss_gradients, penalty_fused,
+                              similarity_fused)
 from ..losses import SIMILARITIES, diffusion, inverse_consistency_terms
 from .sampler import Draw, Points, Sampler, patch_shape
 
@@ -77,6 +78,7 @@ class Objective:
                       + (["diffusion"] if config.diffusion_weight > 0 else []))
 
     def penalty_inputs(self, draw: Draw) -> PenaltyInputs:
+        """The fused penalty kernel's inputs: the drawn points, both weights, the extents."""
         config = self.config
         return PenaltyInputs(draw.penalty, config.gradient_icon_weight, self.extent_A, self.extent_B,
                              config.diffusion_weight)
@@ -145,8 +147,9 @@ class Objective:
 
 
 class FusedObjective(Objective):
-    """The similarity (SSD or NCC) and the penalty terms (gradient-ICON, diffusion) in the fused CPU kernels, their gradients summed in one
-    set of buffers: no autograd graph, :meth:`Step.backward` assigns the gradients."""
+    """The similarity (SSD or NCC) and the penalty terms (gradient-ICON, diffusion) in the fused CPU
+    kernels, their gradients summed in one set of buffers: no autograd graph, :meth:`Step.backward`
+    assigns the gradients."""
 
     def __call__(self, images, weights, draw: Draw) -> Step:
         loss, similarity, penalty, smoothness, gradients = fused_loss_gradients(

@@ -10,12 +10,12 @@ residual and its Jacobian are measured in physical units (the Jacobian becomes
 divided by the largest extent so that it stays a fraction of the domain).
 
 Normalisation: both gradient penalties return the mean over points of the squared Frobenius
-norm of ``dr/dx``.
+norm of ``dr/dx``. (The GradICON reference code sums, over axes, the mean over points *and
+components* of the squared difference quotient, which is this value divided by ``d``.)
 
 :func:`diffusion` is not an inverse-consistency term: it penalises the spatial gradient of each
 map's displacement from its affine part (``J_phi - M``, in physical units), the diffusion
-regulariser of classical registration, computed with autograd at the same kind of points. (The GradICON reference code sums, over axes, the mean over points *and
-components* of the squared difference quotient, which is this value divided by ``d``.)
+regulariser of classical registration, computed with autograd at the same kind of points.
 """
 
 from __future__ import annotations
