@@ -390,10 +390,11 @@ def default_encoding(shape: Sequence[int], finest_cell_voxels: float | None = No
 # matched intensity detail with anatomically wrong motion; 3.5 mm at 1 mm); a diffusion term of
 # weight 0.2 beside gradient-ICON 0.5 (mean Dice over five 2 mm pairs 0.882 against 0.871 with
 # gradient-ICON 2 alone, 0.930 against 0.913 at 1 mm, no folds; diffusion 0.1, 0.3 and 0.4 and
-# gradient-ICON 0.25-1 were no better); the similarity on the images' foreground; 400 iterations (300 and 500 gave the same mean Dice over six pairs); a
-# shorter affine stage than 2D's (50 rigid and 100 affine steps: the same Dice on five 2 mm pairs
-# and at 1 mm as 100 and 200, in half the time); two hidden layers of 32 and 4096 points per
-# direction (2D's one layer of 16 and 2048 points are not measured on brains).
+# gradient-ICON 0.25-1 were no better); the similarity on the images' foreground; 400 iterations
+# (300 and 500 gave the same mean Dice over six pairs); a shorter affine stage than 2D's (50 rigid
+# and 100 affine steps: the same Dice on five 2 mm pairs and at 1 mm as 100 and 200, in half the
+# time); two hidden layers of 32 and 4096 points per direction (2D's one layer of 16 and 2048
+# points are not measured on brains).
 # The 2D defaults (benchmarks/shapes_2d.py, 20 pairs each of two seeds of the generator): one hidden
 # layer of 16 and 2048 points per direction give the Dice of two layers of 32 and 4096 points
 # (0.9862 / 0.9864 against 0.9859 / 0.9869) in about half the time.

@@ -196,6 +196,11 @@ def test_diffusion_matches_the_analytic_gradient_of_the_displacement(dim):
                       extent_B=extent_B.tolist())
     gradient = 2 * math.pi * a * torch.cos(2 * math.pi * points) * (extent_A / extent_B)
     torch.testing.assert_close(value, 0.5 * (gradient ** 2).sum(1).mean())
+    # the same value from inverse_consistency_terms' one evaluation of both maps
+    terms = inverse_consistency_terms(as_pair(phi_AB, lambda x: x), points, extent_A=extent_A.tolist(),
+                                      extent_B=extent_B.tolist(), linear_AB=linear, linear_BA=eye)
+    torch.testing.assert_close(terms["diffusion"], value)
+    assert "diffusion" not in inverse_consistency_terms(as_pair(phi_AB, lambda x: x), points)
     jacobian_AB, jacobian_BA = map_jacobians(as_pair(phi_AB, lambda x: x), points)
     torch.testing.assert_close(jacobian_BA, eye.expand(50, dim, dim))
     # against central differences of the map

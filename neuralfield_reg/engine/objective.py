@@ -20,7 +20,7 @@ from ..geometry.coords import sample_batch
 from ..transforms.fields import MapPairs
 from ..encoders.fused import (MEASURES, PenaltyInputs, SimilarityInputs, fused_loss_gradients, penalty_fused,
                               similarity_fused)
-from ..losses import SIMILARITIES, diffusion, inverse_consistency_terms
+from ..losses import SIMILARITIES, inverse_consistency_terms
 from .sampler import Draw, Points, Sampler, patch_shape
 
 # A direction with fewer points mapped inside the other image than this compares all of them.
@@ -91,18 +91,19 @@ class Objective:
             penalty, terms["gradient_icon"], terms["diffusion"] = penalty_fused(
                 self.maps, self.penalty_inputs(draw), level_weights=weights)
         else:
-            pair = lambda a, b: self.maps(a, b, weights)      # noqa: E731
-            consistency = inverse_consistency_terms(pair, draw.penalty, extent_A=self.extent_A,
-                                                    extent_B=self.extent_B)
+            # The maps' linear parts only with a diffusion term (its Jacobians come from the same evaluation).
+            matrices = self.maps.matrices
+            linear = (matrices[0::2], matrices[1::2]) if config.diffusion_weight > 0 else (None, None)
+            consistency = inverse_consistency_terms(lambda a, b: self.maps(a, b, weights), draw.penalty,
+                                                    extent_A=self.extent_A, extent_B=self.extent_B,
+                                                    linear_AB=linear[0], linear_BA=linear[1])
             terms["gradient_icon"] = consistency["gradient_icon"]
             penalty = config.gradient_icon_weight * terms["gradient_icon"]
             if config.icon_weight > 0:
                 terms["icon"] = consistency["icon"]
                 penalty = penalty + config.icon_weight * terms["icon"]
             if config.diffusion_weight > 0:
-                matrices = self.maps.matrices
-                terms["diffusion"] = diffusion(pair, draw.penalty, matrices[0::2], matrices[1::2],
-                                               extent_A=self.extent_A, extent_B=self.extent_B)
+                terms["diffusion"] = consistency["diffusion"]
                 penalty = penalty + config.diffusion_weight * terms["diffusion"]
         terms["loss"] = terms["similarity"] + penalty
         return Step(terms)

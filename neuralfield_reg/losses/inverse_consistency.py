@@ -53,6 +53,41 @@ def _physical_jacobian(jacobian: torch.Tensor, extent: Sequence[float] | None) -
     return jacobian * scale[:, None] / scale[None, :]
 
 
+def _jacobians(pair: PairMap, points: torch.Tensor, *, residuals: bool, maps: bool, create_graph: bool) -> dict:
+    """One evaluation of both maps at ``(..., N, d)`` points and, by ``torch.autograd.grad``, the
+    ``(..., N, d, d)`` Jacobians ``J[n, k, j] = d f_k / d x_j`` asked for: with ``residuals``, the
+    residuals ``residual_A``/``residual_B`` and their Jacobians ``jacobian_A``/``jacobian_B``; with
+    ``maps``, the maps' own Jacobians ``jacobian_AB`` (at the points as B's) and ``jacobian_BA``
+    (as A's), from the same evaluation.
+
+    The ``d`` rows of every Jacobian come from one backward pass: the points are repeated ``d``
+    times and block ``k`` back-propagates the unit vector ``e_k`` (points are independent, so the
+    blocks do not mix)."""
+    *batch, n, dim = points.shape
+    repeats = [1] * len(batch) + [dim, 1]
+    x = points.detach().repeat(*repeats).requires_grad_(True)     # A's domain
+    y = points.detach().repeat(*repeats).requires_grad_(True)     # B's domain
+    select = torch.eye(dim, dtype=points.dtype, device=points.device).repeat_interleave(n, dim=0)
+    select = select.expand(*batch, n * dim, dim)
+
+    def rows(outputs, inputs, retain_graph):
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs=[select] * len(outputs),
+                                    create_graph=create_graph, retain_graph=retain_graph or create_graph)
+        return [g.reshape(*batch, dim, n, dim).transpose(-3, -2) for g in grads]
+
+    out = {}
+    with torch.enable_grad():
+        phi_AB_y, phi_BA_x = pair(y, x)
+        if residuals:
+            back_A, back_B = pair(phi_BA_x, phi_AB_y)
+            residual_A, residual_B = back_A - x, back_B - y
+            out["residual_A"], out["residual_B"] = residual_A[..., :n, :], residual_B[..., :n, :]
+            out["jacobian_A"], out["jacobian_B"] = rows([residual_A, residual_B], [x, y], retain_graph=maps)
+        if maps:
+            out["jacobian_AB"], out["jacobian_BA"] = rows([phi_AB_y, phi_BA_x], [y, x], retain_graph=False)
+    return out
+
+
 def residual_jacobians(pair: PairMap, points: torch.Tensor, *, create_graph: bool = True):
     """Residuals and their Jacobians in both directions, by ``torch.autograd.grad``.
 
@@ -61,45 +96,35 @@ def residual_jacobians(pair: PairMap, points: torch.Tensor, *, create_graph: boo
     Jacobians ``J[n, k, j] = d r_k / d x_j`` at the same ``(..., N, d)`` unit-cube points (leading
     axes index independent pairs of maps, e.g. the pairs of a batched fit).
 
-    The ``d`` rows of every Jacobian come from one backward pass: the points are repeated ``d``
-    times and block ``k`` back-propagates the unit vector ``e_k`` (points are independent, so the
-    blocks do not mix). With ``create_graph=True`` (the default) the Jacobians can be
-    differentiated again, e.g. with respect to the maps' parameters: the double backward the
-    penalty needs.
+    The ``d`` rows of every Jacobian come from one backward pass (see :func:`_jacobians`). With
+    ``create_graph=True`` (the default) the Jacobians can be differentiated again, e.g. with
+    respect to the maps' parameters: the double backward the penalty needs.
     """
-    *batch, n, dim = points.shape
-    repeats = [1] * len(batch) + [dim, 1]
-    x = points.detach().repeat(*repeats).requires_grad_(True)     # A's domain
-    y = points.detach().repeat(*repeats).requires_grad_(True)     # B's domain
-    with torch.enable_grad():
-        phi_AB_y, phi_BA_x = pair(y, x)
-        back_A, back_B = pair(phi_BA_x, phi_AB_y)
-        residual_A, residual_B = back_A - x, back_B - y
-        select = torch.eye(dim, dtype=points.dtype, device=points.device).repeat_interleave(n, dim=0)
-        select = select.expand(*batch, n * dim, dim)
-        grad_x, grad_y = torch.autograd.grad([residual_A, residual_B], [x, y], grad_outputs=[select, select],
-                                             create_graph=create_graph)
-    jacobian_A = grad_x.reshape(*batch, dim, n, dim).transpose(-3, -2)
-    jacobian_B = grad_y.reshape(*batch, dim, n, dim).transpose(-3, -2)
-    return residual_A[..., :n, :], residual_B[..., :n, :], jacobian_A, jacobian_B
+    out = _jacobians(pair, points, residuals=True, maps=False, create_graph=create_graph)
+    return out["residual_A"], out["residual_B"], out["jacobian_A"], out["jacobian_B"]
 
 
 def map_jacobians(pair: PairMap, points: torch.Tensor, *, create_graph: bool = True):
     """``(jacobian_AB, jacobian_BA)``: the ``(..., N, d, d)`` Jacobians ``J[n, k, j] = d phi_k / d x_j``
     of ``phi_AB`` and ``phi_BA`` at the same ``(..., N, d)`` unit-cube points (as B's and as A's
     points), by ``torch.autograd.grad`` (rows in one backward pass, as in :func:`residual_jacobians`)."""
-    *batch, n, dim = points.shape
-    repeats = [1] * len(batch) + [dim, 1]
-    x = points.detach().repeat(*repeats).requires_grad_(True)
-    y = points.detach().repeat(*repeats).requires_grad_(True)
-    with torch.enable_grad():
-        phi_AB_y, phi_BA_x = pair(y, x)
-        select = torch.eye(dim, dtype=points.dtype, device=points.device).repeat_interleave(n, dim=0)
-        select = select.expand(*batch, n * dim, dim)
-        grad_y, grad_x = torch.autograd.grad([phi_AB_y, phi_BA_x], [y, x], grad_outputs=[select, select],
-                                             create_graph=create_graph)
-    return (grad_y.reshape(*batch, dim, n, dim).transpose(-3, -2),
-            grad_x.reshape(*batch, dim, n, dim).transpose(-3, -2))
+    out = _jacobians(pair, points, residuals=False, maps=True, create_graph=create_graph)
+    return out["jacobian_AB"], out["jacobian_BA"]
+
+
+def _diffusion_of(jacobian_AB: torch.Tensor, jacobian_BA: torch.Tensor, linear_AB: torch.Tensor,
+                  linear_BA: torch.Tensor, extent_A: Sequence[float] | None,
+                  extent_B: Sequence[float] | None) -> torch.Tensor:
+    """:func:`diffusion` from the maps' Jacobians."""
+    ones = jacobian_AB.new_ones(jacobian_AB.shape[-1])
+    scale_A = _scales(extent_A, jacobian_AB) if extent_A is not None else ones
+    scale_B = _scales(extent_B, jacobian_AB) if extent_B is not None else ones
+    total = 0.0
+    for jacobian, linear, out, into in ((jacobian_AB, linear_AB, scale_A, scale_B),
+                                        (jacobian_BA, linear_BA, scale_B, scale_A)):
+        gradient = (jacobian - linear.to(jacobian.dtype).unsqueeze(-3)) * out[:, None] / into[None, :]
+        total = total + (gradient ** 2).sum((-2, -1)).mean(-1)
+    return 0.5 * total
 
 
 def diffusion(pair: PairMap, points: torch.Tensor, linear_AB: torch.Tensor, linear_BA: torch.Tensor, *,
@@ -112,31 +137,31 @@ def diffusion(pair: PairMap, points: torch.Tensor, linear_AB: torch.Tensor, line
     map's input and output domains (``phi_AB`` maps B's to A's). Differentiable in the maps'
     parameters (autograd double backward). Returns ``(...)``: one value per pair of maps.
     """
-    jacobian_AB, jacobian_BA = map_jacobians(pair, points)
-    dim = points.shape[-1]
-    scale_A = _scales(extent_A, points) if extent_A is not None else points.new_ones(dim)
-    scale_B = _scales(extent_B, points) if extent_B is not None else points.new_ones(dim)
-    total = 0.0
-    for jacobian, linear, out, into in ((jacobian_AB, linear_AB, scale_A, scale_B),
-                                        (jacobian_BA, linear_BA, scale_B, scale_A)):
-        gradient = (jacobian - linear.to(jacobian.dtype).unsqueeze(-3)) * out[:, None] / into[None, :]
-        total = total + (gradient ** 2).sum((-2, -1)).mean(-1)
-    return 0.5 * total
+    return _diffusion_of(*map_jacobians(pair, points), linear_AB, linear_BA, extent_A, extent_B)
 
 
 def inverse_consistency_terms(pair: PairMap, points: torch.Tensor, *,
                               extent_A: Sequence[float] | None = None,
-                              extent_B: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
-    """``{"gradient_icon": ..., "icon": ...}`` from one evaluation of both maps (see below).
+                              extent_B: Sequence[float] | None = None,
+                              linear_AB: torch.Tensor | None = None,
+                              linear_BA: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``{"gradient_icon": ..., "icon": ...}`` from one evaluation of both maps (see below), and
+    ``"diffusion"`` (:func:`diffusion`) from the same evaluation when the maps' linear parts
+    ``linear_AB`` and ``linear_BA`` are given.
 
     For ``(N, d)`` points the terms are scalars; for ``(..., N, d)`` points (independent pairs of
     maps) they have shape ``(...)``: one mean over the points per pair.
     """
-    residual_A, residual_B, jacobian_A, jacobian_B = residual_jacobians(pair, points)
+    with_maps = linear_AB is not None and linear_BA is not None
+    out = _jacobians(pair, points, residuals=True, maps=with_maps, create_graph=True)
     gradient = 0.5 * sum((_physical_jacobian(j, e) ** 2).sum((-2, -1)).mean(-1)
-                         for j, e in ((jacobian_A, extent_A), (jacobian_B, extent_B)))
-    return {"gradient_icon": gradient, "icon": 0.5 * (_icon_one(residual_A, extent_A)
-                                                      + _icon_one(residual_B, extent_B))}
+                         for j, e in ((out["jacobian_A"], extent_A), (out["jacobian_B"], extent_B)))
+    terms = {"gradient_icon": gradient, "icon": 0.5 * (_icon_one(out["residual_A"], extent_A)
+                                                       + _icon_one(out["residual_B"], extent_B))}
+    if with_maps:
+        terms["diffusion"] = _diffusion_of(out["jacobian_AB"], out["jacobian_BA"], linear_AB, linear_BA,
+                                           extent_A, extent_B)
+    return terms
 
 
 def _icon_one(residual: torch.Tensor, extent: Sequence[float] | None) -> torch.Tensor:
