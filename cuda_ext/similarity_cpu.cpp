@@ -1,7 +1,7 @@
 // Fused similarity of the fit's training step (CPU): both maps of every pair at their random
-// voxels, the other image sampled at the mapped points, the weighted SSD or global NCC of each
+// voxels, the other image sampled at the mapped points, the weighted SSD, global NCC or MI of each
 // direction and, in the same call, its gradient with respect to every parameter. It computes what
-// engine/objective.py's similarity term computes with SSD or NCC (neuralfield_reg/losses/similarity.py,
+// engine/objective.py's similarity term computes with SSD, NCC or MI (neuralfield_reg/losses/similarity.py,
 // coords.sample_batch):
 //
 //   field t = 2p (phi_AB of pair p) maps B's voxels into A and samples moving[p];
@@ -9,6 +9,7 @@
 //   y_n = M_t x_n + o_t + u_t(x_n), v_n = I(y_n), r_n = v_n - target_n,
 //   ssd_t = sum_n w_n r_n^2 / sum_n w_n,
 //   ncc_t = 1 - cov / sqrt(var_v var_target + eps) with weighted means, variances and covariance,
+//   mi_t = -(mutual information of v and target), Parzen-window joint histogram (mi_measure),
 //   similarity_p = sim_2p + sim_2p+1,
 //
 // with w_n = 1 where y_n lies in the unit cube (all points when fewer than 16 do), times the
@@ -105,20 +106,150 @@ std::vector<double> per_map_sums(int64_t K, int64_t P, int64_t width, const Body
   return total;
 }
 
+
+// The measures of one field's N points: v_n = r_n + t_n (the sampled value, r the residual),
+// weights w_n summing to total. Each returns the value and, when factor is not null, fills it
+// with d value / d v_n.
+enum Measure : int64_t { kSsd = 0, kNcc = 1, kMi = 2 };
+
+// ssd = sum_n w_n r_n^2 / W.
+template <typename scalar_t>
+double ssd_measure(const scalar_t* r, const scalar_t*, const scalar_t* w, int64_t N, double total, double* factor) {
+  double sum = 0;
+  for (int64_t n = 0; n < N; ++n) sum += w[n] * static_cast<double>(r[n]) * r[n];
+  for (int64_t n = 0; factor != nullptr && n < N; ++n) factor[n] = 2 * w[n] * r[n] / total;
+  return sum / total;
+}
+
+// ncc = 1 - cov / sqrt(var_v var_t + eps), weighted. Centred sums (a one-pass formula would
+// cancel); with s = sqrt(var_v var_t + eps): d ncc / d v_n = -w_n (b_n / s - cov var_t a_n / s^3) / W,
+// a and b the centred values (the means' own derivatives drop out: sum_n w_n a_n = 0).
+template <typename scalar_t>
+double ncc_measure(const scalar_t* r, const scalar_t* t, const scalar_t* w, int64_t N, double total, double eps,
+                   double* factor) {
+  double mean_v = 0, mean_t = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    mean_v += w[n] * (static_cast<double>(r[n]) + t[n]);
+    mean_t += w[n] * static_cast<double>(t[n]);
+  }
+  mean_v /= total;
+  mean_t /= total;
+  double var_v = 0, var_t = 0, cov = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const double a = static_cast<double>(r[n]) + t[n] - mean_v, b = static_cast<double>(t[n]) - mean_t;
+    var_v += w[n] * a * a;
+    var_t += w[n] * b * b;
+    cov += w[n] * a * b;
+  }
+  var_v /= total;
+  var_t /= total;
+  cov /= total;
+  const double root = std::sqrt(var_v * var_t + eps);
+  const double along_b = 1.0 / (total * root), along_a = cov * var_t / (total * root * root * root);
+  for (int64_t n = 0; factor != nullptr && n < N; ++n) {
+    const double a = static_cast<double>(r[n]) + t[n] - mean_v, b = static_cast<double>(t[n]) - mean_t;
+    factor[n] = -w[n] * (along_b * b - along_a * a);
+  }
+  return 1.0 - cov / root;
+}
+
+// The cubic B-spline's four non-zero weights (and derivatives) at position q: for the centres
+// floor(q) - 1 + j, j = 0..3, with x = q - floor(q).
+inline void bspline_weights(double q, int64_t* first, double* value, double* slope) {
+  const double floor_q = std::floor(q), x = q - floor_q;
+  *first = static_cast<int64_t>(floor_q) - 1;
+  const double y = 1 - x;
+  value[0] = y * y * y / 6;
+  value[1] = (4 - 6 * x * x + 3 * x * x * x) / 6;
+  value[2] = (4 - 6 * y * y + 3 * y * y * y) / 6;
+  value[3] = x * x * x / 6;
+  if (slope != nullptr) {
+    slope[0] = -y * y / 2;
+    slope[1] = (-12 * x + 9 * x * x) / 6;
+    slope[2] = (12 * y - 9 * y * y) / 6;
+    slope[3] = x * x / 2;
+  }
+}
+
+// mi = -(sum p_ab log p_ab - sum p_a log p_a - sum p_b log p_b), losses/similarity.py's mi: the
+// joint histogram p_ab of (v, t) clamped to [0, 1], each at q = value (bins - 1) on centres
+// -2 .. bins + 1 (index + 2), cubic B-spline windows, weighted by w_n / W. With p_a = sum_b p_ab
+// (t does not move), d mi / d v_n = -(w_n (bins - 1) / W) sum_ab slope_a(q_n) window_b(s_n)
+// (log p_ab - log p_a), where 0 <= v_n <= 1 (the clamp passes the gradient there, as torch's).
+template <typename scalar_t>
+double mi_measure(const scalar_t* r, const scalar_t* t, const scalar_t* w, int64_t N, double total, int64_t bins,
+                  double* factor) {
+  const int64_t K = bins + 4;
+  const double last = static_cast<double>(bins - 1);
+  std::vector<double> joint(K * K, 0.0);
+  auto position = [&](double value) { return std::min(std::max(value, 0.0), 1.0) * last + 2; };
+  for (int64_t n = 0; n < N; ++n) {
+    if (w[n] == 0) continue;
+    int64_t first_a, first_b;
+    double wa[4], wb[4];
+    bspline_weights(position(static_cast<double>(r[n]) + t[n]), &first_a, wa, nullptr);
+    bspline_weights(position(t[n]), &first_b, wb, nullptr);
+    for (int i = 0; i < 4; ++i) {
+      for (int j = 0; j < 4; ++j) joint[(first_a + i) * K + first_b + j] += w[n] * wa[i] * wb[j];
+    }
+  }
+  std::vector<double> p_a(K, 0.0), p_b(K, 0.0), log_joint(K * K, 0.0);
+  double mi = 0;
+  for (int64_t a = 0; a < K; ++a) {
+    for (int64_t b = 0; b < K; ++b) {
+      const double p = joint[a * K + b] / total;
+      p_a[a] += p;
+      p_b[b] += p;
+      if (p > 0) {
+        log_joint[a * K + b] = std::log(p);
+        mi += p * log_joint[a * K + b];
+      }
+    }
+  }
+  std::vector<double> log_a(K, 0.0);
+  for (int64_t k = 0; k < K; ++k) {
+    if (p_a[k] > 0) log_a[k] = std::log(p_a[k]);
+    mi -= p_a[k] * log_a[k];
+    if (p_b[k] > 0) mi -= p_b[k] * std::log(p_b[k]);
+  }
+  for (int64_t n = 0; factor != nullptr && n < N; ++n) {
+    const double v = static_cast<double>(r[n]) + t[n];
+    factor[n] = 0;
+    if (w[n] == 0 || v < 0 || v > 1) continue;
+    int64_t first_a, first_b;
+    double wa[4], slope[4], wb[4];
+    bspline_weights(position(v), &first_a, wa, slope);
+    bspline_weights(position(t[n]), &first_b, wb, nullptr);
+    double sum = 0;
+    for (int i = 0; i < 4; ++i) {
+      const int64_t a = first_a + i;
+      double inner = 0;
+      for (int j = 0; j < 4; ++j) {
+        const int64_t b = first_b + j;
+        if (wb[j] > 0 && joint[a * K + b] > 0) inner += wb[j] * (log_joint[a * K + b] - log_a[a]);
+      }
+      sum += slope[i] * inner;
+    }
+    factor[n] = -w[n] * last / total * sum;
+  }
+  return -mi;
+}
+
 }  // namespace
 
 // points (T, N, D) with T = 2B fields (field 2p: B's voxels for phi_AB, 2p + 1: A's voxels for
 // phi_BA), targets (T, N) the target image's values there, masks (T, N) 0/1 or empty; moving
 // (B, *shape_A), fixed (B, *shape_B); matrices (T, D, D), offsets (T, D) the affine parts.
-// ncc: global NCC (with eps, as losses/similarity.py's ncc) instead of SSD.
+// measure: 0 SSD, 1 global NCC (with eps, as losses/similarity.py's ncc), 2 mutual information
+// (bins intensity bins, as losses/similarity.py's mi).
 // Returns [similarity (B,), then, when need_grad, dtable and (dW, db) per layer].
 std::vector<at::Tensor> similarity(const at::Tensor& points, const at::Tensor& targets, const at::Tensor& masks,
                                    const at::Tensor& moving, const at::Tensor& fixed, const at::Tensor& matrices,
                                    const at::Tensor& offsets, const at::Tensor& table, const at::Tensor& geometry,
                                    int64_t n_features, bool smoothstep, int64_t rows_per_table,
                                    const at::Tensor& level_weight, const std::vector<at::Tensor>& weights,
-                                   const std::vector<at::Tensor>& biases, double scale, bool need_grad, bool ncc,
-                                   double eps) {
+                                   const std::vector<at::Tensor>& biases, double scale, bool need_grad,
+                                   int64_t measure, double eps, int64_t bins) {
   const Common common = check_common(table, geometry, n_features, smoothstep, rows_per_table, level_weight);
   const auto dtype = table.scalar_type();
   TORCH_CHECK(points.dim() == 3 && (points.size(2) == 2 || points.size(2) == 3) && points.is_contiguous() &&
@@ -127,6 +258,8 @@ std::vector<at::Tensor> similarity(const at::Tensor& points, const at::Tensor& t
   const int64_t T = points.size(0), N = points.size(1), dim = points.size(2), B = T / 2;
   TORCH_CHECK(T == common.n_fields && T % 2 == 0, "points: expected one row of points per field (2 per pair)");
   TORCH_CHECK(N > 0, "points: expected at least one point per field");
+  TORCH_CHECK(measure == kSsd || measure == kNcc || (measure == kMi && bins >= 4),
+              "measure: expected 0 (SSD), 1 (NCC) or 2 (MI, with bins >= 4)");
   TORCH_CHECK(targets.sizes() == at::IntArrayRef({T, N}) && targets.is_contiguous() && targets.scalar_type() == dtype,
               "targets: expected (2B, N) values in the table's dtype");
   const bool has_masks = masks.numel() > 0;
@@ -219,44 +352,16 @@ std::vector<at::Tensor> similarity(const at::Tensor& points, const at::Tensor& t
       if (!any) std::fill(w.begin(), w.end(), scalar_t(1));     // the mask leaves none: compare all
       double total = 0;
       for (int64_t n = 0; n < N; ++n) total += w[n];
-      // d sim / d v_n per point, into factor (the SSD's or the NCC's)
+      // the field's value and d sim / d v_n per point (into factor), v_n = r_n + target_n
       std::vector<double> factor(need_grad ? N : 0);
-      if (!ncc) {
-        double sum = 0;
-        for (int64_t n = 0; n < N; ++n) sum += w[n] * static_cast<double>(residual[first + n]) * residual[first + n];
-        sim[t / 2] += static_cast<scalar_t>(sum / total);
-        for (int64_t n = 0; n < N && need_grad; ++n) factor[n] = 2 * w[n] * residual[first + n] / total;
-      } else {
-        // v_n = r_n + target_n. Centred sums (a one-pass formula would cancel); with
-        // s = sqrt(var_v var_t + eps): d ncc / d v_n = -w_n (b_n / s - cov var_t a_n / s^3) / W,
-        // a and b the centred values (the means' own derivatives drop out: sum_n w_n a_n = 0).
-        double mean_v = 0, mean_t = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          mean_v += w[n] * (static_cast<double>(residual[first + n]) + target[first + n]);
-          mean_t += w[n] * static_cast<double>(target[first + n]);
-        }
-        mean_v /= total;
-        mean_t /= total;
-        double var_v = 0, var_t = 0, cov = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          const double a = static_cast<double>(residual[first + n]) + target[first + n] - mean_v;
-          const double b = static_cast<double>(target[first + n]) - mean_t;
-          var_v += w[n] * a * a;
-          var_t += w[n] * b * b;
-          cov += w[n] * a * b;
-        }
-        var_v /= total;
-        var_t /= total;
-        cov /= total;
-        const double root = std::sqrt(var_v * var_t + eps);
-        sim[t / 2] += static_cast<scalar_t>(1.0 - cov / root);
-        const double along_b = 1.0 / (total * root), along_a = cov * var_t / (total * root * root * root);
-        for (int64_t n = 0; n < N && need_grad; ++n) {
-          const double a = static_cast<double>(residual[first + n]) + target[first + n] - mean_v;
-          const double b = static_cast<double>(target[first + n]) - mean_t;
-          factor[n] = -w[n] * (along_b * b - along_a * a);
-        }
-      }
+      const scalar_t* r = residual + first;
+      const scalar_t* tn = target + first;
+      const double value = measure == kSsd ? ssd_measure(r, tn, w.data(), N, total, need_grad ? factor.data() : nullptr)
+                           : measure == kNcc ? ncc_measure(r, tn, w.data(), N, total, eps,
+                                                           need_grad ? factor.data() : nullptr)
+                                             : mi_measure(r, tn, w.data(), N, total, bins,
+                                                          need_grad ? factor.data() : nullptr);
+      sim[t / 2] += static_cast<scalar_t>(value);
       for (int64_t n = 0; n < N && need_grad; ++n) {
         const scalar_t f = static_cast<scalar_t>(factor[n]);
         for (int k = 0; k < D; ++k) grad_u[(first + n) * D + k] = f * image_gradient[(first + n) * D + k];

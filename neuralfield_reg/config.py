@@ -16,7 +16,7 @@ from typing import Sequence
 from .encoders.base import HashGridConfig
 from .validation import check_fields
 
-SIMILARITY_NAMES = ("ssd", "ncc", "lncc")
+SIMILARITY_NAMES = ("ssd", "ncc", "lncc", "mi")
 
 
 def _require(condition: bool, name: str, expected: str, value) -> None:
@@ -109,19 +109,22 @@ class ObjectiveConfig:
 
     similarity: str = "ssd"
     lncc_window: int = 9
+    mi_bins: int = 32
     gradient_icon_weight: float = 0.5
     icon_weight: float = 0.0
     diffusion_weight: float = 0.0
     clip_percentiles: tuple[float, float] | None = None
 
     def __post_init__(self):
-        check_fields(self, {"similarity": "str", "lncc_window": "int", "gradient_icon_weight": "number",
-                            "icon_weight": "number", "diffusion_weight": "number", "clip_percentiles": "numbers?"},
+        check_fields(self, {"similarity": "str", "lncc_window": "int", "mi_bins": "int",
+                            "gradient_icon_weight": "number", "icon_weight": "number", "diffusion_weight": "number",
+                            "clip_percentiles": "numbers?"},
                      owner_name="FitConfig")
         _require(self.similarity in SIMILARITY_NAMES, "FitConfig.similarity",
                  f"one of {SIMILARITY_NAMES}", self.similarity)
         _require(self.lncc_window >= 1 and self.lncc_window % 2 == 1, "FitConfig.lncc_window",
                  "an odd integer >= 1", self.lncc_window)
+        _require(self.mi_bins >= 4, "FitConfig.mi_bins", "an integer >= 4", self.mi_bins)
         for name in ("gradient_icon_weight", "icon_weight", "diffusion_weight"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, f"FitConfig.{name}", "a number >= 0", value)
@@ -228,7 +231,8 @@ class FitConfig:
         level_ramp: fraction of the iterations over which the hash-grid levels are switched on,
             coarse to fine, starting from ``start_levels`` levels.
     Objective:
-        similarity: ``"ssd"``, ``"ncc"`` (global) or ``"lncc"`` (local, ``lncc_window`` voxels).
+        similarity: ``"ssd"``, ``"ncc"`` (global), ``"lncc"`` (local, ``lncc_window`` voxels) or
+            ``"mi"`` (``-`` mutual information in nats, ``mi_bins`` intensity bins; ``losses.mi``).
         gradient_icon_weight: lambda of the autograd gradient-ICON penalty.
         icon_weight: weight of an optional plain ICON term (mean squared residual).
         diffusion_weight: weight of a diffusion term on both maps (mean squared Frobenius norm of
@@ -237,7 +241,7 @@ class FitConfig:
         clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
             rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
     Sampling:
-        similarity_points: random fixed/moving voxels per iteration for ``ssd``/``ncc``; None uses
+        similarity_points: random fixed/moving voxels per iteration for ``ssd``/``ncc``/``mi``; None uses
             every voxel.
         gradient_icon_points: random points per iteration for the penalty.
         lncc_patches: None: ``lncc`` compares whole images every iteration; an integer: that many
@@ -384,24 +388,27 @@ def default_encoding(shape: Sequence[int], finest_cell_voxels: float | None = No
 
 
 # The 3D preset, measured against Greedy and ANTs SyN on real brain pairs at 2 mm and 1 mm
-# (benchmarks/real_peers.py): global NCC, which the contrast and bias differences between subjects
-# and templates leave alone where SSD does not; a light blur schedule in mm (the same physical
-# schedule at any voxel size); finest hash-grid cells of 3.5 voxels (7 mm at 2 mm: finer cells
-# matched intensity detail with anatomically wrong motion; 3.5 mm at 1 mm); a diffusion term of
-# weight 0.2 beside gradient-ICON 0.5 (mean Dice over five 2 mm pairs 0.882 against 0.871 with
-# gradient-ICON 2 alone, 0.930 against 0.913 at 1 mm, no folds; diffusion 0.1, 0.3 and 0.4 and
-# gradient-ICON 0.25-1 were no better); the similarity on the images' foreground; 400 iterations
-# (300 and 500 gave the same mean Dice over six pairs); a shorter affine stage than 2D's (50 rigid
-# and 100 affine steps: the same Dice on five 2 mm pairs and at 1 mm as 100 and 200, in half the
-# time); two hidden layers of 32 and 4096 points per direction (2D's one layer of 16 and 2048
-# points are not measured on brains).
+# (benchmarks/real_peers.py): mutual information (32 bins), which leaves the contrast and bias
+# differences between subjects and templates alone and needs no linear relation between them (mean
+# Dice over five 2 mm pairs and 1 mm, three seeds each, 0.8944 against 0.8905 with global NCC, higher
+# on every pair; its weights are in nats, whose gradients are about 14 times global NCC's, hence
+# the penalty weights of 3.5 rather than NCC's 0.5 / 0.2); a light blur schedule in mm (the same
+# physical schedule at any voxel size); finest hash-grid cells of 3.5 voxels (7 mm at 2 mm: finer
+# cells matched intensity detail with anatomically wrong motion; 3.5 mm at 1 mm); a diffusion term
+# beside gradient-ICON (with NCC: mean Dice over five 2 mm pairs 0.882 against 0.871 with
+# gradient-ICON alone, 0.930 against 0.913 at 1 mm, no folds; with MI, gradient-ICON 7 and
+# diffusion 2.8 were no better); the similarity on the images' foreground; 400 iterations (300 and
+# 500 gave the same mean Dice over six pairs); a shorter affine stage than 2D's (50 rigid and 100
+# affine steps: the same Dice on five 2 mm pairs and at 1 mm as 100 and 200, in half the time);
+# two hidden layers of 32 and 4096 points per direction (2D's one layer of 16 and 2048 points are
+# not measured on brains).
 # The 2D defaults (benchmarks/shapes_2d.py, 20 pairs each of two seeds of the generator): one hidden
 # layer of 16 and 2048 points per direction give the Dice of two layers of 32 and 4096 points
 # (0.9862 / 0.9864 against 0.9859 / 0.9869) in about half the time.
 PRESETS = {
     "2d": FitConfig(),
-    "3d": FitConfig(iterations=400, similarity="ncc", blur_sigmas=(4.0, 2.0, 1.0, 0.0), blur_in_mm=True,
-                    finest_cell_voxels=3.5, gradient_icon_weight=0.5, diffusion_weight=0.2, foreground="auto",
+    "3d": FitConfig(iterations=400, similarity="mi", blur_sigmas=(4.0, 2.0, 1.0, 0.0), blur_in_mm=True,
+                    finest_cell_voxels=3.5, gradient_icon_weight=3.5, diffusion_weight=3.5, foreground="auto",
                     hidden_widths=(32, 32), similarity_points=4096,
                     affine=AffineConfig(iterations=100, rigid_iterations=50, working_size=48)),
 }

@@ -110,11 +110,29 @@ def test_bad_options_raise_clear_errors(pair64):
         nfr.fit_pair(moving, fixed, dataclasses.replace(QUICK, backend="tcnn"), progress=False)
 
 
-@pytest.mark.parametrize("similarity", ["ncc", "lncc"])
+@pytest.mark.parametrize("similarity", ["ncc", "lncc", "mi"])
 def test_other_similarities_run(pair64, similarity):
     moving, fixed, _, _ = pair64
     result = nfr.fit_pair(moving, fixed, dataclasses.replace(QUICK, similarity=similarity), progress=False)
     assert np.isfinite(result.history["similarity"]).all()
+
+
+def test_mutual_information_registers_an_inverted_contrast(pair64):
+    """MI needs no linear relation between the intensities: the fixed image with its contrast
+    inverted is registered as well as the original, where NCC (which wants a positive
+    correlation) fails."""
+    moving, fixed, moving_labels, fixed_labels = pair64
+    config = nfr.FitConfig(iterations=200, affine=None, similarity="mi", gradient_icon_weight=3.5)
+    dice = {}
+    for name, image in (("original", fixed), ("inverted", 1.0 - fixed)):
+        result = nfr.fit_pair(moving, image, config, progress=False)
+        dice[name] = mean_dice(result.warp(moving_labels, mode="nearest"), fixed_labels)
+        assert folding_fraction(result.jacobian_determinant()) == 0.0
+    assert mean_dice(moving_labels, fixed_labels) < 0.7 and dice["inverted"] > 0.95
+    assert abs(dice["inverted"] - dice["original"]) < 0.01
+    ncc = nfr.fit_pair(moving, 1.0 - fixed, dataclasses.replace(config, similarity="ncc", gradient_icon_weight=0.5),
+                       progress=False)
+    assert mean_dice(ncc.warp(moving_labels, mode="nearest"), fixed_labels) < 0.5
 
 
 def test_integer_images_are_accepted(pair64):
@@ -125,7 +143,7 @@ def test_integer_images_are_accepted(pair64):
 
 @pytest.mark.parametrize("field,value", [("iterations", 0), ("learning_rate", -1.0), ("gradient_icon_weight", -0.1),
                                          ("diffusion_weight", float("nan")), ("diffusion_weight", -1.0),
-                                         ("similarity", "mi"), ("blur_sigmas", ()), ("backend", "gpu"),
+                                         ("similarity", "mutual"), ("mi_bins", 3), ("blur_sigmas", ()), ("backend", "gpu"),
                                          ("similarity_points", 0), ("lncc_window", 4),
                                          ("learning_rate_decay", 0.0), ("on_divergence", "ignore"),
                                          ("rollback_factor", 1.0), ("max_rollbacks", -1),
@@ -285,11 +303,11 @@ def test_the_preset_follows_the_dimensionality_and_overrides_apply():
     volume = np.zeros((12, 12, 12), np.float32)
     volume[3:9, 3:9, 3:9] = 1.0
     preset = nfr.FitConfig.preset("3d")
-    assert preset.similarity == "ncc" and preset.foreground == "auto" and nfr.FitConfig.preset("2d") == nfr.FitConfig()
+    assert preset.similarity == "mi" and preset.foreground == "auto" and nfr.FitConfig.preset("2d") == nfr.FitConfig()
     with pytest.raises(ValueError, match="name"):
         nfr.FitConfig.preset("4d")
     quick = nfr.FitConfig.from_dict({"iterations": 3, "affine": None}, base=preset)
-    assert quick.iterations == 3 and quick.similarity == "ncc" and quick.affine is None
+    assert quick.iterations == 3 and quick.similarity == "mi" and quick.affine is None
     result = nfr.fit_pair(volume, np.roll(volume, 1, 0), quick, progress=False)
     assert result.config.encoding is not None and result.config.foreground == "auto"
     # the finest level's cells are finest_cell_voxels wide (at least 8 cells), the same number of
@@ -322,7 +340,7 @@ def test_fit_without_a_config_takes_the_3d_preset_for_volumes(monkeypatch):
         return dataclasses.replace(original(dim), iterations=2)
     monkeypatch.setattr(fit_module.FitConfig, "for_images", staticmethod(short))
     result = nfr.fit_pair(volume, np.roll(volume, 1, 0), progress=False)
-    assert seen["dim"] == 3 and result.config.similarity == "ncc" and result.config.iterations == 2
+    assert seen["dim"] == 3 and result.config.similarity == "mi" and result.config.iterations == 2
 
 
 def test_foreground_mask_is_the_object_with_a_margin():

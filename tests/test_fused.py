@@ -16,7 +16,7 @@ from neuralfield_reg.geometry.coords import sample_batch
 from neuralfield_reg.encoders.fused import (PenaltyInputs, SimilarityInputs, _FusedKernel, _penalty_call,
                                    fields_displacement, fields_jacobian, fused_loss, fused_loss_gradients,
                                    gradient_icon_fused, penalty_fused, similarity_fused)
-from neuralfield_reg.losses import diffusion, inverse_consistency_terms, ncc, ssd
+from neuralfield_reg.losses import diffusion, inverse_consistency_terms, mi, ncc, ssd
 
 CASES = [  # (dim, encoding, hidden widths); every encoding mixes dense and hashed levels
     (2, HashGridConfig(n_levels=4, log2_hashmap_size=8, base_resolution=3, per_level_scale=2.0), (8, 8)),
@@ -130,7 +130,7 @@ def test_penalty_with_diffusion_matches_the_autograd_path(dim, encoding, widths,
 
 
 def reference_similarity(images, mapped, targets, masks, measure="ssd"):
-    """fit_pair's SSD (or NCC) term, written with sample_batch: points mapped outside the unit
+    """fit_pair's SSD (or NCC, or MI) term, written with sample_batch: points mapped outside the unit
     cube do not count unless fewer than 16 land inside; a mask that leaves no point counts all."""
     warped = sample_batch(images[:, None], mapped)[:, 0]
     inside = ((mapped >= 0) & (mapped <= 1)).all(-1)
@@ -138,10 +138,10 @@ def reference_similarity(images, mapped, targets, masks, measure="ssd"):
     if masks is not None:
         inside = inside & (masks != 0)
         inside = inside | ~inside.any(1, keepdim=True)
-    return {"ssd": ssd, "ncc": ncc}[measure](warped, targets, batched=True, weights=inside)
+    return {"ssd": ssd, "ncc": ncc, "mi": mi}[measure](warped, targets, batched=True, weights=inside)
 
 
-@pytest.mark.parametrize("measure", ["ssd", "ncc"])
+@pytest.mark.parametrize("measure", ["ssd", "ncc", "mi"])
 @pytest.mark.parametrize("shift", [0.0, 0.9])        # 0.9: fewer than 16 points land inside
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("dim,encoding,widths", CASES)
@@ -170,7 +170,7 @@ def test_similarity_matches_the_autograd_path(dim, encoding, widths, dtype, tole
                                     tolerance)
 
 
-@pytest.mark.parametrize("measure", ["ssd", "ncc"])
+@pytest.mark.parametrize("measure", ["ssd", "ncc", "mi"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("dim,encoding,widths", CASES)
 def test_fused_loss_is_the_similarity_plus_the_weighted_penalty(dim, encoding, widths, dtype, tolerance, measure):
@@ -256,7 +256,7 @@ def test_points_that_need_a_gradient_use_the_autograd_path():
     torch.testing.assert_close(grad_native, grad_reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("similarity,diffusion_weight", [("ssd", 0.0), ("ncc", 0.0), ("ssd", 0.5)])
+@pytest.mark.parametrize("similarity,diffusion_weight", [("ssd", 0.0), ("ncc", 0.0), ("mi", 0.0), ("ssd", 0.5)])
 def test_fit_with_fused_kernels_follows_the_autograd_path(similarity, diffusion_weight):
     # Same seed, same points: the fused and per-operation paths compute one function, so a short fit
     # follows the same trajectory up to float32 rounding.
@@ -268,8 +268,10 @@ def test_fit_with_fused_kernels_follows_the_autograd_path(similarity, diffusion_
     plain = nfr.fit_pair(pair.moving, pair.fixed, dataclasses.replace(config, fused_kernels=False), progress=False)
     # Float32 rounding differences grow along the trajectory (units near their ReLU kink switch on
     # one path and not the other; the exact agreement of the two paths is tested above, in float64):
-    # the similarity within 1 %, the small penalty on average, the maps within a quarter pixel.
-    np.testing.assert_allclose(fused.history["similarity"], plain.history["similarity"], rtol=1e-2, atol=1e-7)
+    # the similarity within 1 % (MI, whose Parzen windows turn sharply between bins, within 5 %),
+    # the small penalty on average, the maps within a quarter pixel.
+    np.testing.assert_allclose(fused.history["similarity"], plain.history["similarity"],
+                               rtol=5e-2 if similarity == "mi" else 1e-2, atol=1e-7)
     np.testing.assert_allclose(np.mean(fused.history["gradient_icon"][-10:]),
                                np.mean(plain.history["gradient_icon"][-10:]), rtol=0.1)
     if diffusion_weight > 0:

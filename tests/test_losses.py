@@ -7,7 +7,7 @@ import torch
 
 from neuralfield_reg.losses import (as_pair, diffusion, gradient_icon_autograd, gradient_icon_fd, icon,
                                    inverse_consistency_residual, inverse_consistency_terms, lncc, map_jacobians,
-                                   ncc, residual_jacobians, ssd)
+                                   mi, ncc, residual_jacobians, ssd)
 
 
 def affine_pair(dim, dtype=torch.float64):
@@ -60,18 +60,18 @@ def test_lncc_matches_explicit_windows():
         1.0 - masked / int(mask.sum()), abs=1e-12)           # weights: which voxels' correlations count
 
 
-@pytest.mark.parametrize("name", ["ssd", "ncc", "lncc"])
+@pytest.mark.parametrize("name", ["ssd", "ncc", "lncc", "mi"])
 def test_batched_similarity_gives_one_value_per_pair(name):
-    function = {"ssd": ssd, "ncc": ncc, "lncc": lncc}[name]
+    function = {"ssd": ssd, "ncc": ncc, "lncc": lncc, "mi": mi}[name]
     warped, target = torch.rand(3, 9, 10, dtype=torch.float64), torch.rand(3, 9, 10, dtype=torch.float64)
     target[1] = 2 * warped[1] + 1
     single = torch.stack([function(warped[k], target[k]) for k in range(3)])
     torch.testing.assert_close(function(warped, target, batched=True), single, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["ssd", "ncc"])
+@pytest.mark.parametrize("name", ["ssd", "ncc", "mi"])
 def test_weights_select_the_points_that_count(name):
-    function = {"ssd": ssd, "ncc": ncc}[name]
+    function = {"ssd": ssd, "ncc": ncc, "mi": mi}[name]
     warped, target = torch.rand(2, 50, dtype=torch.float64), torch.rand(2, 50, dtype=torch.float64)
     mask = torch.rand(2, 50) < 0.6
     weighted = function(warped, target, batched=True, weights=mask)
@@ -87,6 +87,53 @@ def test_similarity_errors():
         ssd(torch.ones(3), torch.ones(4))
     with pytest.raises(ValueError, match="window"):
         lncc(torch.ones(5, 5), torch.ones(5, 5), window=4)
+    with pytest.raises(ValueError, match="bins"):
+        mi(torch.rand(5), torch.rand(5), bins=3)
+
+
+def mutual_information_by_loops(a, b, bins):
+    """MI of two samples from an explicit Parzen histogram: cubic B-spline windows at v (bins - 1)
+    on the centres -2 .. bins + 1, entropies summed bin by bin (an independent reference)."""
+    def window(t):
+        t = abs(t)
+        return (4 - 6 * t * t + 3 * t ** 3) / 6 if t < 1 else (2 - t) ** 3 / 6 if t < 2 else 0.0
+    centres = range(-2, bins + 2)
+    joint = {}
+    for x, y in zip(a, b):
+        for k in centres:
+            for m in centres:
+                joint[k, m] = joint.get((k, m), 0.0) + window(x * (bins - 1) - k) * window(y * (bins - 1) - m) / len(a)
+    p_a = {k: sum(joint[k, m] for m in centres) for k in centres}
+    p_b = {m: sum(joint[k, m] for k in centres) for m in centres}
+    return sum(p * math.log(p / (p_a[k] * p_b[m])) for (k, m), p in joint.items() if p > 0)
+
+
+def test_mi_matches_an_explicit_parzen_histogram():
+    torch.manual_seed(0)
+    a = torch.rand(40, dtype=torch.float64)
+    b = (a + 0.3 * torch.rand(40, dtype=torch.float64)).clamp(0, 1)
+    for bins in (4, 9):
+        want = mutual_information_by_loops(a.tolist(), b.tolist(), bins)
+        assert float(mi(a, b, bins)) == pytest.approx(-want, abs=1e-12)
+        assert want > 0.1
+
+
+def test_mi_ignores_contrast_and_scores_dependence():
+    torch.manual_seed(1)
+    a = torch.rand(2000, dtype=torch.float64)
+    b = a ** 2                                           # the same structure, another contrast
+    assert float(mi(a, b)) == pytest.approx(float(mi(a, 1 - b)), abs=1e-12)     # inverted contrast: the same
+    assert float(mi(a, b)) == pytest.approx(float(mi(b, a)), abs=1e-12)         # symmetric
+    independent = torch.rand(2000, dtype=torch.float64)
+    assert float(mi(a, b)) < -1.5 and float(mi(a, independent)) > -0.5           # lower is better
+
+
+def test_mi_gradient_matches_finite_differences():
+    torch.manual_seed(2)
+    a = torch.rand(30, dtype=torch.float64).clamp(0.02, 0.98).requires_grad_(True)
+    b = (a.detach() + 0.2 * torch.rand(30, dtype=torch.float64)).clamp(0, 1)
+    weights = torch.rand(30) < 0.8
+    assert torch.autograd.gradcheck(lambda x: mi(x, b, 7, weights=weights), (a,), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dim", [2, 3])

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import neuralfield_reg as nfr
 from neuralfield_reg import gradicon, metrics
 from neuralfield_reg.geometry.coords import sample
-from neuralfield_reg.losses import lncc, ncc, ssd
+from neuralfield_reg.losses import lncc, mi, ncc, ssd
 
 DOCUMENTED = (ValueError, TypeError)
 TINY = nfr.FitConfig(iterations=2, affine=None, backend="torch", blur_sigmas=(0.0,), similarity_points=64,
@@ -94,9 +94,9 @@ def test_dice_returns_scores_or_a_documented_error(a, b):
 
 
 @SETTINGS
-@given(a=arrays, b=arrays, name=st.sampled_from(["ssd", "ncc", "lncc"]))
+@given(a=arrays, b=arrays, name=st.sampled_from(["ssd", "ncc", "lncc", "mi"]))
 def test_similarities_return_a_number_or_a_documented_error(a, b, name):
-    function = {"ssd": ssd, "ncc": ncc, "lncc": lncc}[name]
+    function = {"ssd": ssd, "ncc": ncc, "lncc": lncc, "mi": mi}[name]
     try:
         value = function(torch.from_numpy(a), torch.from_numpy(b))
     except DOCUMENTED:

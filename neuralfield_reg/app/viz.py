@@ -68,8 +68,8 @@ def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: s
 
     ax = axes[1, 2]
     for name, values in result.history.items():   # from iteration 1: the penalty starts at 0
-        ax.semilogy(np.arange(1, len(values)), np.maximum(values[1:], 1e-6), label=name,
-                    color="black" if name == "loss" else None)
+        ax.plot(np.arange(1, len(values)), values[1:], label=name, color="black" if name == "loss" else None)
+    ax.set_yscale("symlog", linthresh=1e-6)       # logarithmic both ways: MI's similarity is negative
     ax.set_xlabel("iteration")
     ax.legend()
     ax.set_title("loss terms")

@@ -13,8 +13,8 @@ of small autograd operations (``cuda_ext/fused_cpu.cpp``):
     penalty_fused           weight * gradient-ICON + diffusion_weight *     scales the stored
                             diffusion (both maps' displacement gradients    gradient
                             at the same points), from the same pass
-    similarity_fused        the SSD or NCC of both maps of every pair at    scales the stored
-                            random voxels (sampling the other image         gradient
+    similarity_fused        the SSD, NCC or MI of both maps of every pair   scales the stored
+                            at random voxels (sampling the other image      gradient
                             included) and its parameter gradient
     fused_loss              similarity + the weighted penalty terms,        scales the stored
                             both kernels' gradients in one set of buffers   gradient
@@ -42,7 +42,7 @@ from typing import Sequence
 
 import torch
 
-from ..losses.similarity import NCC_EPS
+from ..losses.similarity import MI_BINS, NCC_EPS
 from .native import NativeHashGridEncoding
 
 
@@ -195,7 +195,7 @@ class _FusedKernel(torch.autograd.Function):
         return (None,) * (3 + ctx.n_leading) + _handed_over(ctx, grad_value)
 
 
-MEASURES = ("ssd", "ncc")
+MEASURES = ("ssd", "ncc", "mi")      # the similarity kernel's measure codes are their indices
 
 
 @dataclass(frozen=True)
@@ -209,8 +209,9 @@ class SimilarityInputs:
         targets_B, targets_A: ``(B, N)`` the fixed image's values at ``points_B`` and the moving
             image's at ``points_A``.
         masks_B, masks_A: optional ``(B, N)`` 0/1 weights (the fixed and moving masks there).
-        measure: ``"ssd"`` (mean squared difference) or ``"ncc"`` (``1 -`` global normalised
-            cross-correlation), as ``losses.ssd`` / ``losses.ncc`` with those weights.
+        measure: ``"ssd"`` (mean squared difference), ``"ncc"`` (``1 -`` global normalised
+            cross-correlation) or ``"mi"`` (``-`` mutual information with ``bins`` intensity
+            bins), as ``losses.ssd`` / ``losses.ncc`` / ``losses.mi`` with those weights.
     """
 
     moving: torch.Tensor
@@ -222,10 +223,17 @@ class SimilarityInputs:
     masks_B: torch.Tensor | None = None
     masks_A: torch.Tensor | None = None
     measure: str = "ssd"
+    bins: int = MI_BINS
 
     def __post_init__(self):
         if self.measure not in MEASURES:
             raise ValueError(f"measure: expected one of {MEASURES}, got {self.measure!r}")
+        if not isinstance(self.bins, int) or self.bins < 4:
+            raise ValueError(f"bins: expected an integer >= 4, got {self.bins!r}")
+
+    def measure_args(self) -> tuple:
+        """The similarity kernel's last three arguments: measure code, NCC's eps, MI's bins."""
+        return MEASURES.index(self.measure), NCC_EPS, self.bins
 
     def tensors(self, maps) -> tuple:
         """The similarity kernel's tensors: points, targets and masks of field 2p (B's voxels,
@@ -326,13 +334,13 @@ def similarity_fused(maps, inputs: SimilarityInputs, *, level_weights: torch.Ten
     """
     fields = maps.fields
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, inputs.points_B)
-    scale, n_layers, ncc = float(fields.output_scale), len(fields.weights), inputs.measure == "ncc"
+    scale, n_layers, measure = float(fields.output_scale), len(fields.weights), inputs.measure_args()
 
     def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, table, *params,
                need_grad=True):
         return module.similarity(points, targets, masks, moving, fixed, matrices, offsets, _rows(table, geometry),
                                  *geometry, level_weights, list(params[:n_layers]), list(params[n_layers:]), scale,
-                                 need_grad, ncc, NCC_EPS)
+                                 need_grad, *measure)
 
     tensors = (*inputs.tensors(maps), level_weights)
     return _FusedKernel.apply(kernel, 1, len(tensors), *tensors, table, *_parameters(fields))
@@ -352,14 +360,14 @@ def _loss_call(maps, similarity: SimilarityInputs, penalty: PenaltyInputs, level
     module, table, geometry, level_weights = _kernel_args(fields.encoding, level_weights, points_B)
     scale, n_layers = float(fields.output_scale), len(fields.weights)
     weight, diffusion_weight = float(penalty.weight), float(penalty.diffusion_weight)
-    ncc = similarity.measure == "ncc"
+    measure = similarity.measure_args()
 
     def kernel(points, targets, masks, moving, fixed, matrices, offsets, level_weights, penalty_points, scales,
                table, *params, need_grad=True):
         weights, biases, rows = list(params[:n_layers]), list(params[n_layers:]), _rows(table, geometry)
         similarity, *gradients = module.similarity(points, targets, masks, moving, fixed, matrices, offsets, rows,
-                                                   *geometry, level_weights, weights, biases, scale, need_grad, ncc,
-                                                   NCC_EPS)
+                                                   *geometry, level_weights, weights, biases, scale, need_grad,
+                                                   *measure)
         value, smoothness = module.gradient_icon(penalty_points, scales, matrices, offsets, rows, *geometry,
                                                  level_weights, weights, biases, scale, need_grad, weight,
                                                  diffusion_weight, gradients)

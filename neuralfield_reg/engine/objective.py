@@ -65,7 +65,7 @@ def compared_points(mapped: torch.Tensor, mask_values: torch.Tensor | None) -> t
 
 
 class Objective:
-    """The step's loss computed with autograd; the similarity (SSD or NCC) and the penalty each go
+    """The step's loss computed with autograd; the similarity (SSD, NCC or MI) and the penalty each go
     to their fused kernel (an autograd Function) when ``fused_similarity`` / ``fused_penalty``."""
 
     def __init__(self, config: FitConfig, maps: MapPairs, sampler: Sampler, masks: dict, extents: tuple,
@@ -118,7 +118,8 @@ class Objective:
 
         return SimilarityInputs(moving[:, 0], fixed[:, 0], draw.B.points, at_points(fixed, draw.B.index),
                                 draw.A.points, at_points(moving, draw.A.index), masks_B=mask_at("B", draw.B),
-                                masks_A=mask_at("A", draw.A), measure=self.config.similarity)
+                                masks_A=mask_at("A", draw.A), measure=self.config.similarity,
+                                bins=self.config.mi_bins)
 
     def _similarity(self, moving, fixed, weights, draw: Draw) -> torch.Tensor:
         if self.fused_similarity:
@@ -135,7 +136,9 @@ class Objective:
         target_values = self.sampler.at_points(targets, index)
         if config.similarity != "lncc":
             mask_values = None if mask is None else self.sampler.at_points(mask, index)
-            return similarity(warped, target_values, batched=True, weights=compared_points(mapped, mask_values))
+            options = {"bins": config.mi_bins} if config.similarity == "mi" else {}
+            return similarity(warped, target_values, batched=True, weights=compared_points(mapped, mask_values),
+                              **options)
         if index is None:
             return similarity(warped.reshape(n_pairs, *targets.shape[2:]), targets[:, 0],
                               window=config.lncc_window, batched=True, weights=mask)
@@ -148,7 +151,7 @@ class Objective:
 
 
 class FusedObjective(Objective):
-    """The similarity (SSD or NCC) and the penalty terms (gradient-ICON, diffusion) in the fused CPU
+    """The similarity (SSD, NCC or MI) and the penalty terms (gradient-ICON, diffusion) in the fused CPU
     kernels, their gradients summed in one set of buffers: no autograd graph, :meth:`Step.backward`
     assigns the gradients."""
 
@@ -161,7 +164,7 @@ class FusedObjective(Objective):
 
 def make_objective(config: FitConfig, maps: MapPairs, sampler: Sampler, masks: dict, extents: tuple) -> Objective:
     """The objective of a fit: fused kernels wherever they apply (the native backend on the CPU;
-    SSD or NCC with as many points in both directions; the penalty without plain ICON), else
+    SSD, NCC or MI with as many points in both directions; the penalty without plain ICON), else
     autograd."""
     fusable = maps.fields.fused_for(sampler.grids["B"][:1])
     fused_similarity = fusable and config.similarity in MEASURES and sampler.count("A") == sampler.count("B")

@@ -1,10 +1,11 @@
 """Image similarity losses (lower is better) on tensors of equal shape.
 
-``ssd`` and ``ncc`` take values at any set of points (grids or flat samples); ``lncc`` needs
-images on a grid, ``(*spatial)`` with 2 or 3 spatial axes, because it uses neighbourhoods.
+``ssd``, ``ncc`` and ``mi`` take values at any set of points (grids or flat samples); ``lncc``
+needs images on a grid, ``(*spatial)`` with 2 or 3 spatial axes, because it uses neighbourhoods.
 With ``batched=True`` the first axis indexes independent image pairs and the result has one
-value per pair, shape ``(B,)`` (NCC statistics never mix two pairs). ``ssd`` and ``ncc`` take
-optional ``weights`` (e.g. a 0/1 mask of the points that count), same shape as the images.
+value per pair, shape ``(B,)`` (NCC and MI statistics never mix two pairs). ``ssd``, ``ncc`` and
+``mi`` take optional ``weights`` (e.g. a 0/1 mask of the points that count), same shape as the
+images.
 """
 
 from __future__ import annotations
@@ -107,4 +108,45 @@ def lncc(warped: torch.Tensor, target: torch.Tensor, window: int = 9, eps: float
     return _finish(1.0 - _weighted_mean(correlation.reshape(correlation.shape[0], -1), w), batched)
 
 
-SIMILARITIES = {"ssd": ssd, "ncc": ncc, "lncc": lncc}
+MI_BINS = 32          # mi's default number of intensity bins (the fit's ObjectiveConfig.mi_bins)
+
+
+def _cubic_bspline(t: torch.Tensor) -> torch.Tensor:
+    """The cubic B-spline kernel (support ``|t| < 2``, sums to 1 over integer shifts)."""
+    t = t.abs()
+    return torch.where(t < 1, (4 - 6 * t ** 2 + 3 * t ** 3) / 6, ((2 - t).clamp_min(0)) ** 3 / 6)
+
+
+def _entropy_part(p: torch.Tensor, dims) -> torch.Tensor:
+    """``sum p log p`` over ``dims`` (0 where p is 0, with a zero gradient there)."""
+    return (p * torch.log(p.clamp_min(1e-30))).sum(dims)
+
+
+def mi(warped: torch.Tensor, target: torch.Tensor, bins: int = MI_BINS, *, batched: bool = False,
+       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``-`` mutual information (nats) of two intensity samples in [0, 1] (values outside are
+    clamped), from their joint histogram with cubic B-spline Parzen windows (Mattes et al.): a
+    value ``v`` sits at ``v (bins - 1)`` on ``bins`` unit-spaced centres (plus two on each side
+    for the windows' support), so the histogram and MI are smooth in ``warped``.
+
+    ``MI = sum p_ab log p_ab - sum p_a log p_a - sum p_b log p_b`` with ``p_ab`` the weighted,
+    normalised joint histogram and ``p_a``, ``p_b`` its marginals. MI does not assume a linear
+    relation between the two intensities (it is the same for ``target`` and ``1 - target``), so
+    it suits pairs of different contrast.
+    """
+    _check_pair(warped, target)
+    if not isinstance(bins, int) or bins < 4:
+        raise ValueError(f"bins: expected an integer >= 4, got {bins!r}")
+    w = _check_weights(weights, warped, batched)
+    a, b = _rows(warped, batched).clamp(0.0, 1.0), _rows(target, batched).clamp(0.0, 1.0)
+    centres = torch.arange(-2, bins + 2, device=a.device, dtype=a.dtype)
+    window_a = _cubic_bspline(a[..., None] * (bins - 1) - centres)              # (B, N, bins + 4)
+    window_b = _cubic_bspline(b[..., None] * (bins - 1) - centres)
+    if w is None:
+        w = torch.ones_like(a)
+    joint = torch.einsum("bn,bnk,bnl->bkl", w, window_a, window_b) / w.sum(1)[:, None, None]
+    value = _entropy_part(joint, (1, 2)) - _entropy_part(joint.sum(2), 1) - _entropy_part(joint.sum(1), 1)
+    return _finish(-value, batched)
+
+
+SIMILARITIES = {"ssd": ssd, "ncc": ncc, "lncc": lncc, "mi": mi}
