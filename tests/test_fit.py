@@ -135,6 +135,21 @@ def test_mutual_information_registers_an_inverted_contrast(pair64):
     assert mean_dice(ncc.warp(moving_labels, mode="nearest"), fixed_labels) < 0.5
 
 
+def test_clipped_percentiles_keep_mutual_information_from_a_few_hot_voxels(pair64):
+    """Five voxels at 50 times the maximum squash the shape into MI's lowest bin, and the fit
+    fails; clipped to the 0.5-99.5 percentiles (the 3D preset's) it registers."""
+    moving, fixed, moving_labels, fixed_labels = pair64
+    hot = moving.copy()
+    hot[[3, 60, 10, 50, 30], [5, 7, 60, 55, 2]] = 50.0
+    config = nfr.FitConfig(iterations=200, affine=None, similarity="mi", gradient_icon_weight=3.5)
+    dice = {}
+    for clip in (None, (0.5, 99.5)):
+        result = nfr.fit_pair(hot, fixed, dataclasses.replace(config, clip_percentiles=clip), progress=False)
+        dice[clip] = mean_dice(result.warp(moving_labels, mode="nearest"), fixed_labels)
+    assert dice[None] < 0.5 and dice[(0.5, 99.5)] > 0.95
+    assert nfr.FitConfig.preset("3d").clip_percentiles == (0.5, 99.5)
+
+
 def test_integer_images_are_accepted(pair64):
     moving, fixed, _, _ = pair64
     result = nfr.fit_pair((moving * 255).astype(np.uint8), (fixed * 255).astype(np.uint8), QUICK, progress=False)
@@ -242,6 +257,11 @@ def test_percentile_clipping_ignores_outliers():
     assert float(plain.median()) < 1e-5                   # everything squashed towards 0
     assert float(clipped.median()) == pytest.approx(0.5, abs=0.01)
     assert float(clipped.min()) == 0.0 and float(clipped.max()) == 1.0
+    small = torch.zeros(100, 100)
+    small[:3, :3] = 1.0                                   # an object in 0.09 % of the voxels
+    torch.testing.assert_close(normalize_intensity("image", small, (0.5, 99.5)), small)   # not clipped away
+    with pytest.raises(ValueError, match="constant"):
+        normalize_intensity("image", torch.ones(10, 10), (0.5, 99.5))
     with pytest.raises(ValueError, match="clip_percentiles"):
         nfr.FitConfig(clip_percentiles=(99.0, 1.0))
     config = nfr.FitConfig(clip_percentiles=(1.0, 99.0))

@@ -50,14 +50,16 @@ def normalize_intensity(name: str, image: torch.Tensor, clip: tuple[float, float
     near the float32 limits do not overflow); a constant image cannot be registered and raises.
 
     With ``clip = (low, high)`` percentiles, intensities are first clipped to those percentiles
-    (e.g. ``(1, 99)`` for scans with a few very bright voxels).
+    (e.g. ``(0.5, 99.5)`` for scans with a few very bright voxels), unless that would leave a
+    constant image (an object in fewer voxels than the clipped tails): then the full range counts.
     """
     image = image.double()
     if clip is not None:
         bounds = torch.quantile(image.reshape(-1)[:: max(1, image.numel() // 1_000_000)],
                                 torch.tensor([clip[0] / 100, clip[1] / 100], dtype=torch.float64,
                                              device=image.device))
-        image = image.clamp(float(bounds[0]), float(bounds[1]))
+        if bool(bounds[1] > bounds[0]):
+            image = image.clamp(float(bounds[0]), float(bounds[1]))
     low, high = image.min(), image.max()
     if not bool(high > low):
         raise ValueError(f"{name}: the image is constant ({float(low)}); there is nothing to register")
