@@ -282,7 +282,7 @@ std::vector<at::Tensor> similarity(const at::Tensor&, const at::Tensor&, const a
                                    const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool,
                                    int64_t, double, int64_t);
 std::vector<at::Tensor> affine_ncc(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, double, bool);
+                                   const at::Tensor&, double, int64_t, int64_t);
 // optim_cpu.cpp
 void adam_step(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
                const std::vector<at::Tensor>&, const std::vector<int64_t>&, double, double, double, double);
@@ -298,7 +298,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fields_jacobian", &hashgrid::fields_jacobian, "fused encoding + MLP: du/dx of each point's field (CPU)");
   m.def("gradient_icon", &hashgrid::gradient_icon, "fused gradient-ICON penalty and its gradient (CPU)");
   m.def("similarity", &hashgrid::similarity, "fused SSD, NCC or MI similarity of both maps and its gradient (CPU)");
-  m.def("affine_ncc", &hashgrid::affine_ncc, "affine stage: correlation or SSD of K affine maps and its gradient (CPU)");
+  m.def("affine_ncc", &hashgrid::affine_ncc, "affine stage: correlation, SSD or MI of K affine maps and its gradient (CPU)");
   m.def("adam_step", &hashgrid::adam_step, "one Adam step of a list of tensors, one pass over each (CPU)");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;

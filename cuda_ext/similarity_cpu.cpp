@@ -111,6 +111,8 @@ std::vector<double> per_map_sums(int64_t K, int64_t P, int64_t width, const Body
 // weights w_n summing to total. Each returns the value and, when factor is not null, fills it
 // with d value / d v_n.
 enum Measure : int64_t { kSsd = 0, kNcc = 1, kMi = 2 };
+// affine_ncc's measure codes (registration/affine.py)
+enum AffineMeasure : int64_t { kAffineNcc = 0, kAffineSsd = 1, kAffineMi = 2 };
 
 // ssd = sum_n w_n r_n^2 / W.
 template <typename scalar_t>
@@ -381,13 +383,15 @@ std::vector<at::Tensor> similarity(const at::Tensor& points, const at::Tensor& t
 // The affine stage's cost terms for K affine maps y = M_k x + o_k (matrices (K, D, D), offsets
 // (K, D), unit coordinates): image (*spatial, float64) sampled at y of the points x (P, D),
 // w_p = image(M_k x_p + o_k), against target (P,), as losses/similarity.py computes them:
-//   ssd = false: the correlation cov / sqrt(var_w var_t + eps), cov = mean((w - mean w) t),
-//                var = mean of squares; target must be centred (sum 0);
-//   ssd = true:  mean((w - t)^2).
+//   measure 0: the correlation cov / sqrt(var_w var_t + eps), cov = mean((w - mean w) t),
+//              var = mean of squares; target must be centred (sum 0);
+//   measure 1: mean((w - t)^2);
+//   measure 2: -MI of w and t with bins intensity bins (mi_measure; t in [0, 1], not centred).
 // Returns [value (K,), d value / d M_k, d value / d o_k]. Sums are in double, per thread in a
 // fixed order.
 std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& points, const at::Tensor& target,
-                                   const at::Tensor& matrices, const at::Tensor& offsets, double eps, bool ssd) {
+                                   const at::Tensor& matrices, const at::Tensor& offsets, double eps, int64_t measure,
+                                   int64_t bins) {
   TORCH_CHECK(points.dim() == 2 && (points.size(1) == 2 || points.size(1) == 3) && points.is_contiguous() &&
                   points.scalar_type() == at::kDouble && points.device().is_cpu() && points.size(0) > 0,
               "points: expected a contiguous float64 CPU tensor (P > 0, 2 or 3)");
@@ -399,7 +403,10 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
                   target.scalar_type() == at::kDouble,
               "target: expected (P,) float64 values, one per point");
   TORCH_CHECK(matrices.dim() == 3 && matrices.size(0) > 0, "matrices: expected (K, D, D)");
+  TORCH_CHECK(measure == kAffineNcc || measure == kAffineSsd || (measure == kAffineMi && bins >= 4),
+              "measure: expected 0 (NCC), 1 (SSD) or 2 (MI, with bins >= 4)");
   const int64_t K = matrices.size(0);
+  const bool ssd = measure == kAffineSsd;
   check_affine_parts(matrices, offsets, K, dim, at::kDouble);
   auto corr = at::empty({K}, matrices.options());
   auto grad_matrices = at::empty_like(matrices);
@@ -428,7 +435,17 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
     std::vector<double> mean(K), a(K), b(K);
     for (int64_t k = 0; k < K; ++k) mean[k] = sums[k] / P;
     double* c = corr.data_ptr<double>();
-    if (ssd) {                     // d ssd / d w_p = 2 (w_p - t_p) / P
+    double* slope = scratch<double>(2, measure == kAffineMi ? K * P : 0);
+    if (measure == kAffineMi) {    // -MI per map, d / d w_p into slope (mi_measure, unit weights)
+      const std::vector<double> ones(P, 1.0);
+      at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+        std::vector<double> residual(P);
+        for (int64_t k = begin; k < end; ++k) {
+          for (int64_t p = 0; p < P; ++p) residual[p] = warped[k * P + p] - t[p];
+          c[k] = mi_measure(residual.data(), t, ones.data(), P, static_cast<double>(P), bins, slope + k * P);
+        }
+      });
+    } else if (ssd) {                     // d ssd / d w_p = 2 (w_p - t_p) / P
       const std::vector<double> squares = per_map_sums(K, P, 1, [&](double* sum, int64_t i, int64_t, int64_t p) {
         sum[0] += (warped[i] - t[p]) * (warped[i] - t[p]);
       });
@@ -456,7 +473,8 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
     // The gradient: sum_p d value / d w_p * d w_p / d (M_k, o_k).
     constexpr int G = D * D + D;
     const std::vector<double> gradients = per_map_sums(K, P, G, [&](double* g, int64_t i, int64_t k, int64_t p) {
-      const double dw = ssd ? 2.0 * (warped[i] - t[p]) / P : a[k] * t[p] - b[k] * (warped[i] - mean[k]);
+      const double dw = measure == kAffineMi ? slope[i]
+                        : ssd ? 2.0 * (warped[i] - t[p]) / P : a[k] * t[p] - b[k] * (warped[i] - mean[k]);
       for (int r = 0; r < D; ++r) {
         const double dy = dw * gradient[i * D + r];
         for (int col = 0; col < D; ++col) g[r * D + col] += dy * x[p * D + col];

@@ -11,7 +11,7 @@ from neuralfield_reg.registration.affine import AffineTransform, _apply, _Cost, 
 from neuralfield_reg.config import AffineConfig
 from neuralfield_reg.geometry.coords import identity_grid, sample
 from neuralfield_reg.data import Shape, shape_pairs
-from neuralfield_reg.losses.similarity import ncc, ssd
+from neuralfield_reg.losses.similarity import mi, ncc, ssd
 
 
 def test_recovers_rotation_scale_and_translation_of_a_triangle():
@@ -95,13 +95,15 @@ def test_affine_aligns_a_small_triangle_with_a_large_circle():
     assert overlap > 0.75
 
 
-@pytest.mark.parametrize("kind", ["ncc", "ssd"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kind", ["ncc", "ssd", "mi"])
 @pytest.mark.parametrize("shape_A,shape_B", [((20, 24), (18, 22)), ((9, 10, 11), (8, 12, 10))])
-def test_native_cost_matches_the_torch_cost(shape_A, shape_B, kind):
-    """The compiled affine_ncc kernel (sampling, 1 - NCC and the gradient in one call) against the
-    same cost in torch operations with autograd: values and gradients of a batch of transforms,
-    including maps that leave the image (clamped coordinates, zero derivative) and one that sends
-    every point outside past a corner (a constant warped image: correlation 0)."""
+def test_native_cost_matches_the_torch_cost(shape_A, shape_B, kind, masked):
+    """The compiled affine_ncc kernel (sampling, 1 - NCC, SSD or -MI and the gradient in one call)
+    against the same cost in torch operations with autograd: values and gradients of a batch of
+    transforms, including maps that leave the image (clamped coordinates, zero derivative) and one
+    that sends every point outside past a corner (a constant warped image: correlation 0); with
+    masks, each direction compares only its target's masked voxels."""
     dim = len(shape_A)
     generator = torch.Generator().manual_seed(5)
     A = torch.rand(shape_A, dtype=torch.float64, generator=generator)
@@ -115,9 +117,10 @@ def test_native_cost_matches_the_torch_cost(shape_A, shape_B, kind):
     translation = torch.cat([2.0 * torch.randn(4, dim, dtype=torch.float64, generator=generator),
                              torch.zeros(1, dim, dtype=torch.float64), torch.full((1, dim), 60.0, dtype=torch.float64)])
     weights = torch.arange(1.0, 7.0, dtype=torch.float64)
+    masks = (A > 0.3, B > 0.4) if masked else (None, None)
     results = []
     for kernels in (None, load()):
-        cost = _Cost(A, B, grid_A, grid_B, extent_A, extent_B, kernels, kind)
+        cost = _Cost(A, B, grid_A, grid_B, extent_A, extent_B, kernels, kind, masks)
         parameters = [linear.clone().requires_grad_(True), translation.clone().requires_grad_(True)]
         values = cost(*parameters)
         results.append([values.detach(), *torch.autograd.grad((weights * values).sum(), parameters)])
@@ -127,19 +130,20 @@ def test_native_cost_matches_the_torch_cost(shape_A, shape_B, kind):
     # The reference: sample (grid_sample) and the library's loss functions, both directions.
     transform = AffineTransform(linear, translation, tuple(extent_A.tolist()), tuple(extent_B.tolist()))
     dim = len(shape_A)
-    loss = ncc if kind == "ncc" else ssd
+    loss = {"ncc": ncc, "ssd": ssd, "mi": mi}[kind]
     expected = 0.0
-    for (matrix, offset), image, grid, target in ((transform.unit_AB(), A, grid_B, B),
-                                                  (transform.unit_BA(), B, grid_A, A)):
-        warped = sample(image, _apply(matrix, offset, grid.reshape(-1, dim)))             # (K, P)
-        expected = expected + loss(warped, target.reshape(-1).expand_as(warped), batched=True)
+    for (matrix, offset), image, grid, target, mask in ((transform.unit_AB(), A, grid_B, B, masks[1]),
+                                                        (transform.unit_BA(), B, grid_A, A, masks[0])):
+        kept = torch.ones(target.shape, dtype=torch.bool) if mask is None else mask
+        warped = sample(image, _apply(matrix, offset, grid[kept]))                          # (K, P)
+        expected = expected + loss(warped, target[kept].expand_as(warped), batched=True)
     if kind == "ncc":
         # The last map sends every point of both images past a corner: nothing left to correlate.
         assert abs(float(results[0][0][-1]) - 2.0) < 1e-9
     torch.testing.assert_close(results[0][0], expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("refinement_cost", ["ncc", "ssd"])
+@pytest.mark.parametrize("refinement_cost", ["ncc", "ssd", "mi"])
 def test_native_affine_stage_gives_the_torch_stage_result(refinement_cost):
     pair = shape_pairs(1, 64, seed=3)[0]
     extent = (63.0, 63.0)
@@ -153,3 +157,25 @@ def test_native_affine_stage_gives_the_torch_stage_result(refinement_cost):
 def test_refinement_cost_is_checked():
     with pytest.raises(ValueError, match="AffineConfig.refinement_cost"):
         AffineConfig(refinement_cost="mse")
+
+
+@pytest.mark.parametrize("cost", ["ncc", "mi"])
+def test_masks_keep_a_skull_from_scaling_the_affine(cost):
+    """A "skull" ring around the moving brain and none around the fixed one: on the whole images
+    the refinement scales the head onto the brain (about 1.6x); compared inside each image's
+    foreground (the fit's automatic masks) it stays at the true identity."""
+    from neuralfield_reg.registration.fit import foreground_mask
+    y, x = torch.meshgrid(*[torch.linspace(0, 1, 64, dtype=torch.float64)] * 2, indexing="ij")
+    radius = ((x - 0.5) ** 2 + (y - 0.5) ** 2).sqrt()
+    brain = (0.5 * (radius < 0.25).double() + 0.4 * (((x - 0.42) ** 2 + (y - 0.55) ** 2).sqrt() < 0.08).double()
+             + 0.3 * (((x - 0.6) ** 2 + (y - 0.4) ** 2).sqrt() < 0.06).double())
+    head = brain + ((radius > 0.33) & (radius < 0.4)).double()
+    extent = (63.0, 63.0)
+    start = AffineTransform(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), extent, extent)
+    config = AffineConfig(refinement_cost=cost)
+    masks = (foreground_mask(head.float()), foreground_mask(brain.float()))
+    whole = fit_affine(head, brain, extent, extent, config, native=True, start=start)
+    masked = fit_affine(head, brain, extent, extent, config, native=True, start=start, masks=masks)
+    assert torch.linalg.svdvals(whole.linear).min() > 1.3
+    torch.testing.assert_close(masked.linear, torch.eye(2, dtype=torch.float64), rtol=0, atol=0.05)
+    assert masked.translation.abs().max() < 0.5                               # voxels

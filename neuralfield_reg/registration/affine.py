@@ -15,7 +15,8 @@ and then step 3 refine it. Otherwise (``"moments"``, today's default for bare ar
    :class:`_Cost`) wins. The scale stays within a factor 1.5 of the moments' estimate.
 3. Refinement: Adam on the full affine with a blur schedule, on images resampled to at most
    ``working_size`` voxels per axis, minimising ``AffineConfig.refinement_cost`` (default
-   1 - NCC; ``"ssd"`` for the symmetric SSD); its singular values stay within a factor 2 of the
+   1 - NCC; ``"ssd"`` for the symmetric SSD, ``"mi"`` for minus the mutual information) inside
+   the images' masks when there are any; its singular values stay within a factor 2 of the
    search's scale, which rules out collapsed maps.
 
 With ``native=True`` on the CPU, each step's cost and gradient come from the compiled
@@ -36,6 +37,7 @@ from .._optim import make_adam
 from ..config import AffineConfig
 from ..geometry.coords import identity_grid, sample_batch
 from ..geometry.filters import gaussian_blur, resample
+from ..losses.similarity import MI_BINS, mi
 
 
 @dataclass(frozen=True)
@@ -124,15 +126,20 @@ def _working_shape(shape: Sequence[int], size: int) -> tuple[int, ...]:
 _NCC_EPS = 1e-8          # losses.similarity.ncc's default
 
 
+# The affine_ncc kernel's measure codes.
+_KERNEL_MEASURES = {"ncc": 0, "ssd": 1, "mi": 2}
+
+
 class _NativeTerm(torch.autograd.Function):
-    """The correlation (or, with ``ssd``, the mean squared difference) of ``K`` affine maps
-    (``(K, d, d)``, ``(K, d)``) in one call of the compiled ``affine_ncc`` kernel, which also
-    returns its gradient with respect to the maps."""
+    """The correlation (``"ncc"``), the mean squared difference (``"ssd"``) or minus the mutual
+    information (``"mi"``) of ``K`` affine maps (``(K, d, d)``, ``(K, d)``) in one call of the
+    compiled ``affine_ncc`` kernel, which also returns its gradient with respect to the maps."""
 
     @staticmethod
-    def forward(ctx, matrices, offsets, kernels, image, points, target, ssd):
+    def forward(ctx, matrices, offsets, kernels, image, points, target, kind):
         value, grad_matrices, grad_offsets = kernels.affine_ncc(image, points, target, matrices.contiguous(),
-                                                                offsets.contiguous(), _NCC_EPS, ssd)
+                                                                offsets.contiguous(), _NCC_EPS,
+                                                                _KERNEL_MEASURES[kind], MI_BINS)
         ctx.save_for_backward(grad_matrices, grad_offsets)
         return value
 
@@ -143,10 +150,13 @@ class _NativeTerm(torch.autograd.Function):
 
 
 class _Cost:
-    """The symmetric cost of a batch of affine maps: ``1 - NCC`` (``kind="ncc"``) or the mean
-    squared difference (``kind="ssd"``) of ``moving o phi_AB`` against ``fixed`` plus that of
-    ``fixed o phi_BA`` against ``moving``, for one pair of images evaluated many times (the
-    search's and the refinement's steps), with the fixed parts computed once.
+    """The symmetric cost of a batch of affine maps: ``1 - NCC`` (``kind="ncc"``), the mean
+    squared difference (``kind="ssd"``) or minus the mutual information (``kind="mi"``,
+    :func:`~neuralfield_reg.losses.similarity.mi` with its default bins) of ``moving o phi_AB``
+    against ``fixed`` plus that of ``fixed o phi_BA`` against ``moving``, for one pair of images
+    evaluated many times (the search's and the refinement's steps), with the fixed parts computed
+    once. With ``masks`` (``(moving_mask, fixed_mask)``, boolean, on the images' grids), each
+    direction compares only the voxels inside its target image's mask.
 
     NCC for the search: between thin outlines of different shapes (a triangle and a circle) the
     SSD is lowest when the outlines do not overlap at all, and a map that collapses onto
@@ -163,17 +173,19 @@ class _Cost:
 
     def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, grid_moving: torch.Tensor,
                  grid_fixed: torch.Tensor, extent_moving: torch.Tensor, extent_fixed: torch.Tensor,
-                 kernels=None, kind: str = "ncc"):
+                 kernels=None, kind: str = "ncc", masks=(None, None)):
         dim = moving.ndim
-        self.kernels = kernels
-        self.ssd = kind == "ssd"
+        self.kernels, self.kind = kernels, kind
         if kernels is None:
             self.images = (moving[None, None], fixed[None, None])            # sampled by AB, by BA
         else:
             self.images = (moving.contiguous(), fixed.contiguous())
-        self.grids = (grid_fixed.reshape(-1, dim).contiguous(), grid_moving.reshape(-1, dim).contiguous())
+        grids = (grid_fixed.reshape(-1, dim), grid_moving.reshape(-1, dim))
         targets = (fixed.reshape(-1), moving.reshape(-1))
-        self.targets = targets if self.ssd else tuple(values - values.mean() for values in targets)
+        kept = [None if mask is None else mask.reshape(-1) for mask in (masks[1], masks[0])]
+        self.grids = tuple((g if k is None else g[k]).contiguous() for g, k in zip(grids, kept))
+        targets = tuple(t if k is None else t[k] for t, k in zip(targets, kept))
+        self.targets = targets if kind != "ncc" else tuple(values - values.mean() for values in targets)
         self.s_A, self.s_B = extent_moving, extent_fixed
 
     def __call__(self, linear: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
@@ -185,13 +197,16 @@ class _Cost:
         cost = 0.0
         for (matrix, offset), image, grid, target in zip(maps, self.images, self.grids, self.targets):
             if self.kernels is not None:
-                value = _NativeTerm.apply(matrix, offset, self.kernels, image, grid, target, self.ssd)
-                cost = cost + (value if self.ssd else 1.0 - value)
+                value = _NativeTerm.apply(matrix, offset, self.kernels, image, grid, target, self.kind)
+                cost = cost + (1.0 - value if self.kind == "ncc" else value)
                 continue
             points = _apply(matrix, offset, grid)                                       # (K, P, d)
             warped = sample_batch(image, points.reshape(1, -1, grid.shape[1]))[0, 0].reshape(points.shape[:-1])
-            if self.ssd:
+            if self.kind == "ssd":
                 cost = cost + (warped - target).square().mean(-1)
+                continue
+            if self.kind == "mi":
+                cost = cost + mi(warped, target.expand_as(warped), batched=True)
                 continue
             centred = warped - warped.mean(-1, keepdim=True)
             covariance = (centred @ target) / target.shape[0]
@@ -203,9 +218,10 @@ class _Cost:
 class _Images:
     """Both images resampled to at most ``size`` voxels per axis, with their identity grids."""
 
-    def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, size: int):
+    def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, size: int, masks=(None, None)):
         self.moving = resample(moving, _working_shape(moving.shape, size))
         self.fixed = resample(fixed, _working_shape(fixed.shape, size))
+        self.masks = tuple(None if mask is None else mask.to(moving.dtype) for mask in masks)
         self.grid_moving = identity_grid(self.moving.shape, dtype=moving.dtype, device=moving.device)
         self.grid_fixed = identity_grid(self.fixed.shape, dtype=fixed.dtype, device=fixed.device)
 
@@ -221,12 +237,13 @@ class _Images:
         shrink = 1
         while shrink * 2 <= min(sigma, max_shrink):
             shrink *= 2
-        if shrink == 1:
-            return moving, fixed, self.grid_moving, self.grid_fixed
-        moving = resample(moving, tuple(max(4, -(-n // shrink)) for n in moving.shape))
-        fixed = resample(fixed, tuple(max(4, -(-n // shrink)) for n in fixed.shape))
+        if shrink > 1:
+            moving = resample(moving, tuple(max(4, -(-n // shrink)) for n in moving.shape))
+            fixed = resample(fixed, tuple(max(4, -(-n // shrink)) for n in fixed.shape))
+        masks = tuple(None if mask is None else resample(mask, image.shape) > 0.5
+                      for mask, image in zip(self.masks, (moving, fixed)))
         return (moving, fixed, identity_grid(moving.shape, dtype=moving.dtype, device=moving.device),
-                identity_grid(fixed.shape, dtype=fixed.dtype, device=fixed.device))
+                identity_grid(fixed.shape, dtype=fixed.dtype, device=fixed.device), masks)
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -283,7 +300,7 @@ def _orientation(orientation, dim: int, device) -> torch.Tensor:
 def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequence[float],
                extent_fixed: Sequence[float], config: AffineConfig = AffineConfig(), *,
                native: bool = False, start: AffineTransform | None = None,
-               orientation=None) -> AffineTransform:
+               orientation=None, masks=(None, None)) -> AffineTransform:
     """Fit the affine stage between two images normalised to [0, 1].
 
     Args:
@@ -300,6 +317,10 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
             (:func:`~neuralfield_reg.transforms.world.orientation`): the moments start and the
             search's candidates are rotations of it, so that images stored with flipped or
             permuted axes are searched in the right handedness. Default identity.
+        masks: ``(moving_mask, fixed_mask)``, boolean ``(*spatial)`` masks of the two images (or
+            None): the rigid and affine refinement compare each direction only inside its target
+            image's mask (e.g. the foreground, so a skull around one brain and not the other does
+            not pull the map towards scaling one head onto the other's brain).
     """
     dim = moving.ndim
     dtype, device = torch.float64, moving.device
@@ -317,12 +338,12 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
         return AffineTransform(linear, translation * length, tuple(extent_moving), tuple(extent_fixed))
 
     def costs(kind):
-        def build(moving_s, fixed_s, grid_moving, grid_fixed):
-            cost = _Cost(moving_s, fixed_s, grid_moving, grid_fixed, s_A, s_B, kernels, kind)
+        def build(moving_s, fixed_s, grid_moving, grid_fixed, masks):
+            cost = _Cost(moving_s, fixed_s, grid_moving, grid_fixed, s_A, s_B, kernels, kind, masks)
             return lambda linear, translation: cost(linear, translation * length)
         return build
 
-    images = _Images(moving64, fixed64, config.working_size)
+    images = _Images(moving64, fixed64, config.working_size, masks)
     if start is None:
         linear, translation = _search(moving64, fixed64, s_A, s_B, config, kernels, length,
                                       None if orientation is None else _orientation(orientation, dim, device))

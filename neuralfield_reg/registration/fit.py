@@ -261,16 +261,17 @@ def _check_init(init, known: bool):
 
 
 def _start(init, moving: torch.Tensor, fixed: torch.Tensor, grids: tuple[Grid, Grid], config: FitConfig,
-           native: bool, known: bool):
+           native: bool, known: bool, masks=(None, None)):
     """The pair's affine part: ``(affine_AB, affine_BA)`` in unit coordinates (None: identity),
-    and the world transform it starts from (None when image-based)."""
+    and the world transform it starts from (None when image-based). ``masks``: the moving and
+    fixed similarity masks (or None), which the affine stage's refinement respects too."""
     grid_A, grid_B = grids
     extent_A, extent_B = grid_A.extent, grid_B.extent
     frames = orientation(grid_A, grid_B) if known else None
     if init is None or (isinstance(init, str) and init == "moments"):
         if config.affine is not None:
             transform = fit_affine(moving, fixed, extent_A, extent_B, config.affine, native=native,
-                                   orientation=frames)
+                                   orientation=frames, masks=masks)
         elif init is None:
             return (None, None), None          # bare arrays, no affine stage: the unit cubes' identity
         else:
@@ -280,7 +281,8 @@ def _start(init, moving: torch.Tensor, fixed: torch.Tensor, grids: tuple[Grid, G
     linear, translation = world_to_local(world, grid_A, grid_B)
     transform = AffineTransform(torch.from_numpy(linear), torch.from_numpy(translation), extent_A, extent_B)
     if config.affine is not None:
-        transform = fit_affine(moving, fixed, extent_A, extent_B, config.affine, native=native, start=transform)
+        transform = fit_affine(moving, fixed, extent_A, extent_B, config.affine, native=native, start=transform,
+                               masks=masks)
     return (transform.unit_AB(), transform.unit_BA()), world
 
 
@@ -364,8 +366,9 @@ def _initial_maps(inputs: _Inputs, caller: str, seed: int) -> tuple[MapPairs, li
     pairs, overlaps = [], []
     for p in range(inputs.moving.shape[0]):
         grids = (inputs.moving_grids[p], inputs.fixed_grids[p])
+        masks = tuple(None if inputs.masks[key] is None else inputs.masks[key][p] for key in ("A", "B"))
         (affine_AB, affine_BA), world = _start(inputs.init, inputs.moving[p], inputs.fixed[p], grids, config,
-                                               native, inputs.known)
+                                               native, inputs.known, masks)
         overlaps.append(None if world is None else _start_overlap(world, *grids))
         with torch.random.fork_rng(devices=[]):      # the maps are initialised on the CPU, then moved
             torch.manual_seed(seed + p)
