@@ -7,6 +7,8 @@ Every builder returns ``{"moving", "fixed", "moving_labels", "fixed_labels"}`` -
 * :func:`linear_2mm` / :func:`original_1mm`: the original files from the Debian ``mricron-data``
   templates folder and the antspyx 0.6.3 ``data`` folder (see ``neuralfield_reg/data/brain/README.md``),
   at 2 mm by linear interpolation (labels nearest) in each file's own frame, or as they are.
+* :func:`skull_2mm`: Colin27 with its skull against the skull-stripped MNI152 (either way round);
+  :func:`inverted_2mm`: the linear 2 mm pair with the fixed image's contrast inverted.
 * :func:`deformed`: an inter-subject-like pair with exact labels: MNI152 (moving) against Colin27
   moved by a random affine and a smooth random deformation, its intensities changed by a bias
   field and a gamma (fixed), so that the start is far from aligned and the two brains differ.
@@ -30,9 +32,11 @@ def packaged(folder: Path) -> dict:
     return write_brain_pair_nifti(Path(folder) / "packaged")
 
 
-def _source_files(sources) -> dict:
+def _source_files(sources, colin: str = "ch2bet.nii.gz") -> dict:
+    """The original files; ``colin``: ``ch2bet.nii.gz`` (skull-stripped) or ``ch2.nii.gz`` (with
+    its skull, on the same grid, so the same AAL map applies)."""
     templates, antspyx = (Path(s) for s in sources)
-    return {"moving": templates / "ch2bet.nii.gz", "moving_labels": templates / "aal.nii.gz",
+    return {"moving": templates / colin, "moving_labels": templates / "aal.nii.gz",
             "fixed": antspyx / "mni.nii.gz", "fixed_labels": antspyx / "mnia.nii.gz"}
 
 
@@ -40,11 +44,11 @@ def _as_labels(image: Image) -> Image:
     return image.with_data(np.round(np.asarray(image.data)).astype(np.uint8))
 
 
-def linear_2mm(sources, folder: Path) -> dict:
-    folder = Path(folder) / "linear_2mm"
+def linear_2mm(sources, folder: Path, *, colin: str = "ch2bet.nii.gz", name: str = "linear_2mm") -> dict:
+    folder = Path(folder) / name
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for key, path in _source_files(sources).items():
+    for key, path in _source_files(sources, colin).items():
         image = read_image(path)
         grid = image.grid
         coarse = Grid.from_spacing(tuple((n + 1) // 2 for n in grid.shape), 2.0 * np.asarray(grid.spacing),
@@ -53,6 +57,31 @@ def linear_2mm(sources, folder: Path) -> dict:
         source = _as_labels(image) if labels else image.with_data(image.data.astype(np.float32))
         out[key] = folder / path.name
         write_image(out[key], resample_to(source, coarse, mode="nearest" if labels else "linear", padding="zeros"))
+    return out
+
+
+def skull_2mm(sources, folder: Path, *, fixed_with_skull: bool = False) -> dict:
+    """Colin27 with its skull against the skull-stripped MNI152, at 2 mm as :func:`linear_2mm`
+    (or, with ``fixed_with_skull``, the stripped MNI152 moving onto Colin27 with its skull): a
+    head on one side and only a brain on the other, as when one scan of a pair is stripped."""
+    pair = linear_2mm(sources, folder, colin="ch2.nii.gz", name="skull_2mm")
+    if not fixed_with_skull:
+        return pair
+    return {"moving": pair["fixed"], "moving_labels": pair["fixed_labels"], "fixed": pair["moving"],
+            "fixed_labels": pair["moving_labels"]}
+
+
+def inverted_2mm(sources, folder: Path) -> dict:
+    """The linear 2 mm pair with the fixed MNI152's contrast inverted inside its head (bright
+    becomes dark, the background stays 0), as between a T1- and a T2-weighted scan."""
+    pair = linear_2mm(sources, folder)
+    folder = Path(folder) / "inverted_2mm"
+    folder.mkdir(parents=True, exist_ok=True)
+    fixed = read_image(pair["fixed"])
+    data = np.asarray(fixed.data, dtype=np.float32)
+    head = data > 0.05 * data.max()
+    out = dict(pair, fixed=folder / "mni_inverted.nii.gz")
+    write_image(out["fixed"], fixed.with_data(np.where(head, 1.1 * data.max() - data, 0.0).astype(np.float32)))
     return out
 
 

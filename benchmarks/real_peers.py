@@ -1,11 +1,13 @@
 """The library against Greedy and ANTs on the same real 3D brain pairs, in one run.
 
     pip install -e ".[peers]"            # antspyx, picsl-greedy (their own numpy pin: a separate venv helps)
-    python benchmarks/real_peers.py [--sources MRICRON_TEMPLATES ANTSPYX_DATA] [--deformed 3] [--one-mm]
+    python benchmarks/real_peers.py [--sources MRICRON_TEMPLATES ANTSPYX_DATA] [--deformed 3] [--one-mm] [--harder]
                                     [--methods start greedy ants nfreg] [--nfreg-config FILE.json ...]
 
 Pairs (``benchmarks/_brain_pairs.py``): the packaged 2 mm Colin27 -> MNI152 pair as distributed;
-with ``--sources`` the original files at 2 mm (linear) and, with ``--one-mm``, at 1 mm; with
+with ``--sources`` the original files at 2 mm (linear), with ``--one-mm`` at 1 mm, and with
+``--harder`` Colin27 with its skull against the stripped MNI152 (both ways) and the 2 mm pair with
+the fixed image's contrast inverted; with
 ``--deformed N``, N inter-subject-like pairs (MNI152 -> a moved, deformed, re-contrasted Colin27).
 Methods, each on every pair, pair by pair (so the machine's slow phases hit all methods alike):
 
@@ -144,6 +146,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", nargs=2, type=Path, metavar=("MRICRON_TEMPLATES", "ANTSPYX_DATA"))
     parser.add_argument("--one-mm", action="store_true")
+    parser.add_argument("--harder", action="store_true",
+                        help="with --sources: Colin27 with its skull against the stripped MNI152 (both ways) and "
+                             "a contrast-inverted fixed MNI152")
     parser.add_argument("--deformed", type=int, default=0, help="how many deformed inter-subject-like pairs")
     parser.add_argument("--methods", nargs="+", default=["start", "greedy", "ants", "nfreg"])
     parser.add_argument("--nfreg-config", nargs="*", type=Path, default=[],
@@ -159,6 +164,10 @@ def main() -> None:
         pairs["linear-2mm"] = _brain_pairs.linear_2mm(args.sources, root)
         if args.one_mm:
             pairs["original-1mm"] = _brain_pairs.original_1mm(args.sources, root)
+        if args.harder:
+            pairs["skull-to-stripped-2mm"] = _brain_pairs.skull_2mm(args.sources, root)
+            pairs["stripped-to-skull-2mm"] = _brain_pairs.skull_2mm(args.sources, root, fixed_with_skull=True)
+            pairs["inverted-contrast-2mm"] = _brain_pairs.inverted_2mm(args.sources, root)
     for seed in range(args.deformed):
         pairs[f"deformed-{seed}"] = _brain_pairs.deformed(root, seed)
     if args.pairs:
