@@ -32,6 +32,31 @@ def plot_deformation_grid(ax, mapped_voxels: np.ndarray, step: float = 4.0, **st
             ax.contour(component, levels=levels, **style)
 
 
+def plot_loss_terms(ax, history: dict):
+    """The loss terms of a fit's ``history`` from iteration 1 (the penalty starts at 0): terms that
+    stay positive on ``ax`` on a log scale, the others (MI's similarity, and the loss with it, are
+    negative) dashed on a linear scale on a twin axis at the right, which is returned (None when
+    every term is positive)."""
+    signed_axis = None
+    for index, (name, values) in enumerate(history.items()):
+        values = np.asarray(values[1:], dtype=float)
+        style = {"label": name, "color": "black" if name == "loss" else f"C{index}"}
+        if values.size and values.min() > 0:
+            ax.semilogy(np.arange(1, values.size + 1), values, **style)
+            continue
+        signed_axis = signed_axis or ax.twinx()
+        signed_axis.plot(np.arange(1, values.size + 1), values, linestyle="--", **style)
+    handles, labels = ax.get_legend_handles_labels()
+    if signed_axis is not None:
+        signed_axis.set_ylabel("dashed: linear scale")
+        more = signed_axis.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
+    ax.set_xlabel("iteration")
+    ax.set_title("loss terms")
+    return signed_axis
+
+
 def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: str | None = None):
     """Six panels: moving A, fixed B, the deformation grid of phi_AB, A warped onto B, the Jacobian
     determinant of phi_AB (log scale), and the loss curves. Saved as a PNG at ``path``; returns
@@ -66,20 +91,14 @@ def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: s
     folds = float((determinant <= 0).mean())
     ax.set_title(f"log2 det J (folds {100 * folds:.3f}%)")
 
-    ax = axes[1, 2]
-    for name, values in result.history.items():   # from iteration 1: the penalty starts at 0
-        ax.plot(np.arange(1, len(values)), values[1:], label=name, color="black" if name == "loss" else None)
-    ax.set_yscale("symlog", linthresh=1e-6)       # logarithmic both ways: MI's similarity is negative
-    ax.set_xlabel("iteration")
-    ax.legend()
-    ax.set_title("loss terms")
+    plot_loss_terms(axes[1, 2], result.history)
     for ax in axes.flat[:5]:
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
         figure.suptitle(title)
     # a fixed layout for the fixed panels (tight_layout measures every text: about a second)
-    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.07, top=0.9 if title else 0.95, wspace=0.3, hspace=0.15)
+    figure.subplots_adjust(left=0.02, right=0.93, bottom=0.07, top=0.9 if title else 0.95, wspace=0.3, hspace=0.15)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110), suffix=".png")
