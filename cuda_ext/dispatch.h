@@ -1,7 +1,7 @@
 // Helpers shared by the CPU and CUDA entry points (they need PyTorch's headers; hashgrid.h does not).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <type_traits>
 

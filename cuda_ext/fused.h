@@ -17,7 +17,7 @@
 // levels (their rows never overlap), as in hashgrid_cpu.cpp, so no atomics are needed.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
 

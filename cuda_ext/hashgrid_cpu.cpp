@@ -1,11 +1,12 @@
-// CPU kernels of the hash-grid encoding and the Python bindings (CUDA kernels in hashgrid_cuda.cu
-// when built with WITH_CUDA). Each direction of the autograd graph is one function:
+// CPU kernels of the hash-grid encoding (CUDA kernels in hashgrid_cuda.cu when built with
+// WITH_CUDA; the Python bindings of every kernel in bindings.cpp). Each direction of the autograd
+// graph is one function:
 //   forward          features = enc(x; table)
 //   backward         dL/dtable (scatter) and dL/dx
 //   double_backward  given gg_x (and optionally gg_table): d/d grad_out, d/d table, d/d x
 // Per-point outputs are computed in parallel over points; scatters into the table are computed in
 // parallel over levels, whose rows never overlap, so no atomics are needed on the CPU.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
 
@@ -260,49 +261,4 @@ std::vector<at::Tensor> double_backward(const at::Tensor& gg_points, const at::T
   return {d_grad_out, d_points, d_table};
 }
 
-// Fused kernels of fused_cpu.cpp.
-std::vector<at::Tensor> fields_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       int64_t, bool, int64_t, const at::Tensor&, const std::vector<at::Tensor>&,
-                                       const std::vector<at::Tensor>&, double, bool);
-std::vector<at::Tensor> fields_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t,
-                                        const at::Tensor&, const std::vector<at::Tensor>&,
-                                        const std::vector<at::Tensor>&, double);
-at::Tensor fields_jacobian(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
-                           int64_t, const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
-                           double);
-std::vector<at::Tensor> gradient_icon(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
-                                      const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool,
-                                      double, double, const std::vector<at::Tensor>&);
-// similarity_cpu.cpp
-std::vector<at::Tensor> similarity(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, int64_t, bool, int64_t, const at::Tensor&,
-                                   const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, double, bool,
-                                   int64_t, double, int64_t);
-std::vector<at::Tensor> affine_ncc(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, double, int64_t, int64_t);
-// optim_cpu.cpp
-void adam_step(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
-               const std::vector<at::Tensor>&, const std::vector<int64_t>&, double, double, double, double);
-
 }  // namespace hashgrid
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &hashgrid::forward, "hash-grid encoding: forward");
-  m.def("backward", &hashgrid::backward, "hash-grid encoding: dL/dx and dL/dtable");
-  m.def("double_backward", &hashgrid::double_backward, "hash-grid encoding: derivatives of the backward");
-  m.def("fields_forward", &hashgrid::fields_forward, "fused encoding + MLP displacement (CPU)");
-  m.def("fields_backward", &hashgrid::fields_backward, "fused encoding + MLP: parameter gradients (CPU)");
-  m.def("fields_jacobian", &hashgrid::fields_jacobian, "fused encoding + MLP: du/dx of each point's field (CPU)");
-  m.def("gradient_icon", &hashgrid::gradient_icon, "fused gradient-ICON penalty and its gradient (CPU)");
-  m.def("similarity", &hashgrid::similarity, "fused SSD, NCC or MI similarity of both maps and its gradient (CPU)");
-  m.def("affine_ncc", &hashgrid::affine_ncc, "affine stage: correlation, SSD or MI of K affine maps and its gradient (CPU)");
-  m.def("adam_step", &hashgrid::adam_step, "one Adam step of a list of tensors, one pass over each (CPU)");
-#ifdef WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
-}

@@ -95,8 +95,8 @@ def load(verbose: bool = False):
     try:
         from torch.utils import cpp_extension
 
-        sources = [str(SOURCE_DIR / source) for source in ("hashgrid_cpu.cpp", "fused_cpu.cpp", "similarity_cpu.cpp",
-                                                                 "optim_cpu.cpp")]
+        sources = [str(SOURCE_DIR / source) for source in ("bindings.cpp", "hashgrid_cpu.cpp", "fused_cpu.cpp",
+                                                                 "similarity_cpu.cpp", "optim_cpu.cpp")]
         flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
         name = f"{NAME}_{_cpu_tag()}"
         extra = {}
@@ -107,7 +107,7 @@ def load(verbose: bool = False):
             name += "_cuda"
         announce = not _is_built(cpp_extension, name) and not os.environ.get("NEURALFIELD_REG_QUIET")
         if announce:
-            print("neuralfield_reg: building the compiled kernels for this machine (once, about a minute; "
+            print("neuralfield_reg: building the compiled kernels for this machine (once, about half a minute; "
                   "NEURALFIELD_REG_QUIET=1 hides this)...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         with _this_environments_ninja():

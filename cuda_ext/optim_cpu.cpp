@@ -7,7 +7,7 @@
 //   p <- p - (lr / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 // with t the parameter's own step count (after this step), as torch.optim.Adam with its defaults
 // (no weight decay, amsgrad or maximize).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
 
