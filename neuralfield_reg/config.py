@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
 from .encoders.base import HashGridConfig
+from .losses.similarity import MI_BINS
 from .validation import check_fields
 
 SIMILARITY_NAMES = ("ssd", "ncc", "lncc", "mi")
@@ -111,7 +112,7 @@ class ObjectiveConfig:
 
     similarity: str = "ssd"
     lncc_window: int = 9
-    mi_bins: int = 32
+    mi_bins: int = MI_BINS
     gradient_icon_weight: float = 0.5
     icon_weight: float = 0.0
     diffusion_weight: float = 0.0
@@ -243,8 +244,8 @@ class FitConfig:
         clip_percentiles: ``(low, high)`` percentiles to clip each image's intensities to before
             rescaling to [0, 1] (e.g. ``(1.0, 99.0)`` for scans); None rescales min..max.
     Sampling:
-        similarity_points: random fixed/moving voxels per iteration for ``ssd``/``ncc``/``mi``; None uses
-            every voxel.
+        similarity_points: random fixed/moving voxels per iteration for ``ssd``/``ncc``/``mi``;
+            None uses every voxel.
         gradient_icon_points: random points per iteration for the penalty.
         lncc_patches: None: ``lncc`` compares whole images every iteration; an integer: that many
             random cubic patches of ``lncc_patch_size`` voxels per axis (per image and pair), so an
@@ -390,27 +391,28 @@ def default_encoding(shape: Sequence[int], finest_cell_voxels: float | None = No
 
 
 # The 3D preset, measured against Greedy and ANTs SyN on real brain pairs at 2 mm and 1 mm
-# (benchmarks/real_peers.py): mutual information (32 bins), which leaves the contrast and bias
-# differences between subjects and templates alone and needs no linear relation between them (mean
-# Dice over five 2 mm pairs and 1 mm, three seeds each, 0.8944 against 0.8905 with global NCC, higher
-# on every pair; its weights are in nats, whose gradients are about 14 times global NCC's, hence
-# the penalty weights of 3.5 rather than NCC's 0.5 / 0.2); a light blur schedule in mm (the same
-# physical schedule at any voxel size); finest hash-grid cells of 3.5 voxels (7 mm at 2 mm: finer
-# cells matched intensity detail with anatomically wrong motion; 3.5 mm at 1 mm); a diffusion term
-# beside gradient-ICON (with NCC: mean Dice over five 2 mm pairs 0.882 against 0.871 with
-# gradient-ICON alone, 0.930 against 0.913 at 1 mm, no folds; with MI, gradient-ICON 7 and
-# diffusion 2.8 were no better); the similarity on the images' foreground; 400 iterations (300 and
-# 500 gave the same mean Dice over six pairs); a shorter affine stage than 2D's (50 rigid and 100
-# affine steps: the same Dice on five 2 mm pairs and at 1 mm as 100 and 200, in half the time);
-# two hidden layers of 32 and 4096 points per direction (2D's one layer of 16 and 2048 points are
-# not measured on brains); intensities clipped to their 0.5-99.5 percentiles first, as ANTs
-# winsorizes them (MI bins the [0, 1] range: 30 voxels at 10 times the maximum put the whole brain
-# in a few bins, Dice 0.854 against 0.913 on the packaged pair; clipped 0.913, the same on clean
-# pairs within 0.002); the affine refinement by MI too, inside each image's foreground like the
-# fields' similarity (Colin27 with its skull against the skull-stripped MNI152 at 2 mm: on whole
-# images the affine stage scaled the head onto the brain, Dice 0.15 and 0.07 in the two
-# directions, against ANTs SyN's 0.86 and 0.84; inside the foregrounds 0.874 and 0.859, and with a
-# contrast-inverted fixed image 0.891 where NCC gave 0.887; the clean pairs within 0.001).
+# (benchmarks/real_peers.py):
+# - mutual information (32 bins), which leaves the contrast and bias differences between subjects
+#   and templates alone and needs no linear relation between them: mean Dice over five 2 mm pairs
+#   and 1 mm, three seeds each, 0.8944 against 0.8905 with global NCC, higher on every pair. Its
+#   weights are in nats, whose gradients are about 14 times global NCC's: hence penalty weights of
+#   3.5 rather than NCC's 0.5 / 0.2 (gradient-ICON 7 with diffusion 2.8 was no better);
+# - a diffusion term beside gradient-ICON (with NCC: mean Dice over five 2 mm pairs 0.882 against
+#   0.871 with gradient-ICON alone, 0.930 against 0.913 at 1 mm, no folds);
+# - a light blur schedule in mm (the same physical schedule at any voxel size); finest hash-grid
+#   cells of 3.5 voxels (7 mm at 2 mm: finer cells matched intensity detail with anatomically
+#   wrong motion; 3.5 mm at 1 mm); the similarity on the images' foreground; 400 iterations (300
+#   and 500 gave the same mean Dice over six pairs); two hidden layers of 32 and 4096 points per
+#   direction (2D's one layer of 16 and 2048 points are not measured on brains);
+# - intensities clipped to their 0.5-99.5 percentiles first, as ANTs winsorizes them: MI bins the
+#   [0, 1] range, and 30 voxels at 10 times the maximum put the whole brain into a few bins (Dice
+#   0.854 against 0.913 on the packaged pair; clipped 0.913, clean pairs within 0.002);
+# - a shorter affine stage than 2D's (50 rigid and 100 affine steps: the same Dice on five 2 mm
+#   pairs and at 1 mm as 100 and 200, in half the time), refined by MI inside each image's
+#   foreground like the fields' similarity: on whole images it scaled Colin27's head onto the
+#   skull-stripped MNI152's brain (Dice 0.15 and 0.07 in the two directions, ANTs SyN 0.86 and
+#   0.84; now 0.874 and 0.859); with a contrast-inverted fixed image 0.891 (NCC: 0.887); the clean
+#   pairs within 0.001.
 # The 2D defaults (benchmarks/shapes_2d.py, 20 pairs each of two seeds of the generator): one hidden
 # layer of 16 and 2048 points per direction give the Dice of two layers of 32 and 4096 points
 # (0.9862 / 0.9864 against 0.9859 / 0.9869) in about half the time.
@@ -419,5 +421,6 @@ PRESETS = {
     "3d": FitConfig(iterations=400, similarity="mi", blur_sigmas=(4.0, 2.0, 1.0, 0.0), blur_in_mm=True,
                     finest_cell_voxels=3.5, gradient_icon_weight=3.5, diffusion_weight=3.5, foreground="auto",
                     clip_percentiles=(0.5, 99.5), hidden_widths=(32, 32), similarity_points=4096,
-                    affine=AffineConfig(iterations=100, rigid_iterations=50, working_size=48, refinement_cost="mi")),
+                    affine=AffineConfig(iterations=100, rigid_iterations=50, working_size=48,
+                                        refinement_cost="mi")),
 }

@@ -179,3 +179,18 @@ def test_masks_keep_a_skull_from_scaling_the_affine(cost):
     assert torch.linalg.svdvals(whole.linear).min() > 1.3
     torch.testing.assert_close(masked.linear, torch.eye(2, dtype=torch.float64), rtol=0, atol=0.05)
     assert masked.translation.abs().max() < 0.5                               # voxels
+
+
+def test_a_mask_too_small_for_a_coarse_level_is_left_out_there():
+    """A fixed mask of 2x2 voxels vanishes on the pyramid's coarse levels: those compare every voxel
+    instead of none, and the stage still returns a finite transform."""
+    pair = shape_pairs(1, 32, seed=3)[0]
+    extent = (31.0, 31.0)
+    start = AffineTransform(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), extent, extent)
+    tiny = torch.zeros(32, 32, dtype=torch.bool)
+    tiny[15:17, 15:17] = True
+    for native in (False, True):
+        transform = fit_affine(torch.from_numpy(pair.moving), torch.from_numpy(pair.fixed), extent, extent,
+                               AffineConfig(iterations=20, rigid_iterations=10), native=native, start=start,
+                               masks=(None, tiny))
+        assert torch.isfinite(transform.linear).all() and torch.isfinite(transform.translation).all()

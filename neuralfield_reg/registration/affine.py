@@ -215,8 +215,13 @@ class _Cost:
         return cost
 
 
+# A mask with fewer voxels than this at a level of the refinement's pyramid is not used there.
+_MIN_MASKED = 16
+
+
 class _Images:
-    """Both images resampled to at most ``size`` voxels per axis, with their identity grids."""
+    """Both images resampled to at most ``size`` voxels per axis, with their identity grids (and
+    their masks, when given, resampled with each level)."""
 
     def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, size: int, masks=(None, None)):
         self.moving = resample(moving, _working_shape(moving.shape, size))
@@ -242,6 +247,8 @@ class _Images:
             fixed = resample(fixed, tuple(max(4, -(-n // shrink)) for n in fixed.shape))
         masks = tuple(None if mask is None else resample(mask, image.shape) > 0.5
                       for mask, image in zip(self.masks, (moving, fixed)))
+        # a mask that leaves (almost) nothing at this level (a small object on a coarse grid): all voxels
+        masks = tuple(None if mask is None or int(mask.sum()) < _MIN_MASKED else mask for mask in masks)
         return (moving, fixed, identity_grid(moving.shape, dtype=moving.dtype, device=moving.device),
                 identity_grid(fixed.shape, dtype=fixed.dtype, device=fixed.device), masks)
 
