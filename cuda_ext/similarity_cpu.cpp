@@ -109,10 +109,9 @@ std::vector<double> per_map_sums(int64_t K, int64_t P, int64_t width, const Body
 
 // The measures of one field's N points: v_n = r_n + t_n (the sampled value, r the residual),
 // weights w_n summing to total. Each returns the value and, when factor is not null, fills it
-// with d value / d v_n.
+// with d value / d v_n. Their codes, in similarity and affine_ncc alike, are the indices of
+// encoders/fused.py's MEASURES.
 enum Measure : int64_t { kSsd = 0, kNcc = 1, kMi = 2 };
-// affine_ncc's measure codes (registration/affine.py)
-enum AffineMeasure : int64_t { kAffineNcc = 0, kAffineSsd = 1, kAffineMi = 2 };
 
 // ssd = sum_n w_n r_n^2 / W.
 template <typename scalar_t>
@@ -383,10 +382,10 @@ std::vector<at::Tensor> similarity(const at::Tensor& points, const at::Tensor& t
 // The affine stage's cost terms for K affine maps y = M_k x + o_k (matrices (K, D, D), offsets
 // (K, D), unit coordinates): image (*spatial, float64) sampled at y of the points x (P, D),
 // w_p = image(M_k x_p + o_k), against target (P,), as losses/similarity.py computes them:
-//   measure 0: the correlation cov / sqrt(var_w var_t + eps), cov = mean((w - mean w) t),
-//              var = mean of squares; target must be centred (sum 0);
-//   measure 1: mean((w - t)^2);
-//   measure 2: -MI of w and t with bins intensity bins (mi_measure; t in [0, 1], not centred).
+//   measure 0 (kSsd): mean((w - t)^2);
+//   measure 1 (kNcc): the correlation cov / sqrt(var_w var_t + eps), cov = mean((w - mean w) t),
+//                     var = mean of squares; target must be centred (sum 0);
+//   measure 2 (kMi):  -MI of w and t with bins intensity bins (mi_measure; t in [0, 1], not centred).
 // Returns [value (K,), d value / d M_k, d value / d o_k]. Sums are in double, per thread in a
 // fixed order.
 std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& points, const at::Tensor& target,
@@ -403,10 +402,10 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
                   target.scalar_type() == at::kDouble,
               "target: expected (P,) float64 values, one per point");
   TORCH_CHECK(matrices.dim() == 3 && matrices.size(0) > 0, "matrices: expected (K, D, D)");
-  TORCH_CHECK(measure == kAffineNcc || measure == kAffineSsd || (measure == kAffineMi && bins >= 4),
-              "measure: expected 0 (NCC), 1 (SSD) or 2 (MI, with bins >= 4)");
+  TORCH_CHECK(measure == kSsd || measure == kNcc || (measure == kMi && bins >= 4),
+              "measure: expected 0 (SSD), 1 (NCC) or 2 (MI, with bins >= 4)");
   const int64_t K = matrices.size(0);
-  const bool ssd = measure == kAffineSsd;
+  const bool ssd = measure == kSsd;
   check_affine_parts(matrices, offsets, K, dim, at::kDouble);
   auto corr = at::empty({K}, matrices.options());
   auto grad_matrices = at::empty_like(matrices);
@@ -435,8 +434,8 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
     std::vector<double> mean(K), a(K), b(K);
     for (int64_t k = 0; k < K; ++k) mean[k] = sums[k] / P;
     double* c = corr.data_ptr<double>();
-    double* slope = scratch<double>(2, measure == kAffineMi ? K * P : 0);
-    if (measure == kAffineMi) {    // -MI per map, d / d w_p into slope (mi_measure, unit weights)
+    double* slope = scratch<double>(2, measure == kMi ? K * P : 0);
+    if (measure == kMi) {          // -MI per map, d / d w_p into slope (mi_measure, unit weights)
       const std::vector<double> ones(P, 1.0);
       at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
         std::vector<double> residual(P);
@@ -473,7 +472,7 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
     // The gradient: sum_p d value / d w_p * d w_p / d (M_k, o_k).
     constexpr int G = D * D + D;
     const std::vector<double> gradients = per_map_sums(K, P, G, [&](double* g, int64_t i, int64_t k, int64_t p) {
-      const double dw = measure == kAffineMi ? slope[i]
+      const double dw = measure == kMi ? slope[i]
                         : ssd ? 2.0 * (warped[i] - t[p]) / P : a[k] * t[p] - b[k] * (warped[i] - mean[k]);
       for (int r = 0; r < D; ++r) {
         const double dy = dw * gradient[i * D + r];

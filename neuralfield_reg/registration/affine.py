@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from .._optim import make_adam
+from ..encoders.fused import MEASURES
 from ..config import AffineConfig
 from ..geometry.coords import identity_grid, sample_batch
 from ..geometry.filters import gaussian_blur, resample
@@ -126,10 +127,6 @@ def _working_shape(shape: Sequence[int], size: int) -> tuple[int, ...]:
 _NCC_EPS = 1e-8          # losses.similarity.ncc's default
 
 
-# The affine_ncc kernel's measure codes.
-_KERNEL_MEASURES = {"ncc": 0, "ssd": 1, "mi": 2}
-
-
 class _NativeTerm(torch.autograd.Function):
     """The correlation (``"ncc"``), the mean squared difference (``"ssd"``) or minus the mutual
     information (``"mi"``) of ``K`` affine maps (``(K, d, d)``, ``(K, d)``) in one call of the
@@ -139,7 +136,7 @@ class _NativeTerm(torch.autograd.Function):
     def forward(ctx, matrices, offsets, kernels, image, points, target, kind):
         value, grad_matrices, grad_offsets = kernels.affine_ncc(image, points, target, matrices.contiguous(),
                                                                 offsets.contiguous(), _NCC_EPS,
-                                                                _KERNEL_MEASURES[kind], MI_BINS)
+                                                                MEASURES.index(kind), MI_BINS)
         ctx.save_for_backward(grad_matrices, grad_offsets)
         return value
 
