@@ -7,7 +7,8 @@ Every builder returns ``{"moving", "fixed", "moving_labels", "fixed_labels"}`` -
 * :func:`linear_2mm` / :func:`original_1mm`: the original files from the Debian ``mricron-data``
   templates folder and the antspyx 0.6.3 ``data`` folder (see ``neuralfield_reg/data/brain/README.md``),
   at 2 mm by linear interpolation (labels nearest) in each file's own frame, or as they are.
-* :func:`skull_2mm`: Colin27 with its skull against the skull-stripped MNI152 (either way round);
+* :func:`skull_2mm`: Colin27 with its skull against the skull-stripped MNI152 (:func:`reversed_pair`: the
+  other way round);
   :func:`inverted_2mm`: the linear 2 mm pair with the fixed image's contrast inverted.
 * :func:`deformed`: an inter-subject-like pair with exact labels: MNI152 (moving) against Colin27
   moved by a random affine and a smooth random deformation, its intensities changed by a bias
@@ -60,27 +61,28 @@ def linear_2mm(sources, folder: Path, *, colin: str = "ch2bet.nii.gz", name: str
     return out
 
 
-def skull_2mm(sources, folder: Path, *, fixed_with_skull: bool = False) -> dict:
-    """Colin27 with its skull against the skull-stripped MNI152, at 2 mm as :func:`linear_2mm`
-    (or, with ``fixed_with_skull``, the stripped MNI152 moving onto Colin27 with its skull): a
-    head on one side and only a brain on the other, as when one scan of a pair is stripped."""
-    pair = linear_2mm(sources, folder, colin="ch2.nii.gz", name="skull_2mm")
-    if not fixed_with_skull:
-        return pair
+def skull_2mm(sources, folder: Path) -> dict:
+    """Colin27 with its skull against the skull-stripped MNI152, at 2 mm as :func:`linear_2mm`: a
+    head on one side and only a brain on the other, as when one scan of a pair is stripped (the
+    other way round: :func:`reversed_pair`)."""
+    return linear_2mm(sources, folder, colin="ch2.nii.gz", name="skull_2mm")
+
+
+def reversed_pair(pair: dict) -> dict:
+    """The same files with moving and fixed swapped."""
     return {"moving": pair["fixed"], "moving_labels": pair["fixed_labels"], "fixed": pair["moving"],
             "fixed_labels": pair["moving_labels"]}
 
 
-def inverted_2mm(sources, folder: Path) -> dict:
-    """The linear 2 mm pair with the fixed MNI152's contrast inverted inside its head (bright
-    becomes dark, the background stays 0), as between a T1- and a T2-weighted scan."""
-    pair = linear_2mm(sources, folder)
+def inverted_2mm(linear: dict, folder: Path) -> dict:
+    """The :func:`linear_2mm` pair ``linear`` with the fixed MNI152's contrast inverted inside its
+    head (bright becomes dark, the background stays 0), as between a T1- and a T2-weighted scan."""
     folder = Path(folder) / "inverted_2mm"
     folder.mkdir(parents=True, exist_ok=True)
-    fixed = read_image(pair["fixed"])
+    fixed = read_image(linear["fixed"])
     data = np.asarray(fixed.data, dtype=np.float32)
     head = data > 0.05 * data.max()
-    out = dict(pair, fixed=folder / "mni_inverted.nii.gz")
+    out = dict(linear, fixed=folder / "mni_inverted.nii.gz")
     write_image(out["fixed"], fixed.with_data(np.where(head, 1.1 * data.max() - data, 0.0).astype(np.float32)))
     return out
 

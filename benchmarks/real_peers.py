@@ -166,8 +166,8 @@ def main() -> None:
             pairs["original-1mm"] = _brain_pairs.original_1mm(args.sources, root)
         if args.harder:
             pairs["skull-to-stripped-2mm"] = _brain_pairs.skull_2mm(args.sources, root)
-            pairs["stripped-to-skull-2mm"] = _brain_pairs.skull_2mm(args.sources, root, fixed_with_skull=True)
-            pairs["inverted-contrast-2mm"] = _brain_pairs.inverted_2mm(args.sources, root)
+            pairs["stripped-to-skull-2mm"] = _brain_pairs.reversed_pair(pairs["skull-to-stripped-2mm"])
+            pairs["inverted-contrast-2mm"] = _brain_pairs.inverted_2mm(pairs["linear-2mm"], root)
     for seed in range(args.deformed):
         pairs[f"deformed-{seed}"] = _brain_pairs.deformed(root, seed)
     if args.pairs:
