@@ -233,9 +233,18 @@ def test_initialisation_choices_and_their_errors(tmp_path):
     config = dataclasses.replace(QUICK, affine=None, iterations=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        world = nfr.fit_pair(moving, fixed, config, progress=False)
-    assert world.metadata["start_overlap"] == 0.0
+        world = nfr.fit_pair(moving, fixed, config, init="world", progress=False)
+    assert world.metadata["start_overlap"] == 0.0 and world.metadata["init"] == "world"
     assert any("init='centers'" in str(w.message) for w in caught)
+    # By default, headers that put nothing of one image in the other give way to the images'
+    # moments (the scene is 600 mm along x in the moving image's world).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        default = nfr.fit_pair(moving, fixed, config, progress=False)
+    assert default.metadata["init"] == "moments"
+    assert any("starting from the images' moments" in str(w.message) for w in caught)
+    np.testing.assert_allclose(default.affine_AB[:3, 3], [600.0, 0.0, 0.0], atol=2.0)
+    np.testing.assert_allclose(default.affine_AB[:3, :3], np.eye(3), atol=0.05)
     centers = nfr.fit_pair(moving, fixed, config, init="centers", progress=False)
     np.testing.assert_allclose(centers.affine_AB[:3, :3] @ fixed.grid.center + centers.affine_AB[:3, 3],
                                moving.grid.center, atol=1e-3)

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("moving")
     fit.add_argument("fixed")
     fit.add_argument("-o", "--output", required=True, help="output folder")
-    fit.add_argument("--labels", help="moving label map, warped with nearest-neighbour sampling")
+    fit.add_argument("--labels", help="moving label map, warped with label interpolation (each label "
+                     "interpolated linearly, the most likely taken)")
     fit.add_argument("--fixed-labels", help="fixed label map (Dice in the summary)")
     fit.add_argument("--moving-mask", help="where the moving image counts in the similarity")
     fit.add_argument("--fixed-mask", help="where the fixed image counts in the similarity")
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (fit, cohort):
         command.add_argument("--init", default=None,
-                             help="where the maps start: world (the headers' alignment; the default for NIfTI), "
+                             help="where the maps start: world (the headers' alignment; the default for NIfTI, unless the "
+                                  "headers put no part of the fixed image in the moving one: then moments), "
                                   "centers (image centres aligned), moments (intensity moments and a rotation "
                                   "search; the default for .npy), or an ITK affine file (.mat/.txt, fixed -> "
                                   "moving, as ANTs writes)")

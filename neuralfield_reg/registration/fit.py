@@ -85,7 +85,9 @@ def fit_pair(moving, fixed, config: FitConfig | None = None, *, spacing=None, in
             physical units.
         init: where the maps start, refined by the affine stage (``config.affine``; None keeps
             the start as it is): ``"world"`` (the identity in world mm, i.e. the headers'
-            alignment; the default when both images carry geometry), ``"centers"`` (the grids'
+            alignment; the default when both images carry geometry, except that when the headers
+            put (almost) no part of the fixed image inside the moving image the default start is
+            ``"moments"``, with a warning), ``"centers"`` (the grids'
             centres aligned, the orientation from the headers), ``"moments"`` (intensity moments
             and a rotation search: the default for bare arrays, where without an affine stage
             the maps start at the identity between the unit cubes), a world matrix
@@ -302,8 +304,10 @@ def _start_overlap(world: np.ndarray, grid_A: Grid, grid_B: Grid) -> float:
 
 # A start that maps less than this share of the fixed image into the moving image is reported.
 _LOW_OVERLAP = 0.2
-
-
+# With less than this share, the default start (the headers' alignment) gives way to the images'
+# moments: nothing of the two images would meet. (Low, because a thin slab of the fixed image's
+# box inside the moving image, or the reverse, is a real header alignment.)
+_NO_OVERLAP = 0.01
 
 
 @dataclass(frozen=True)
@@ -319,6 +323,7 @@ class _Inputs:
     fixed_grids: list[Grid]
     masks: dict
     init: object
+    init_given: bool
     known: bool
     device: torch.device
     backend: str
@@ -333,6 +338,7 @@ def _inputs(caller: str, movings: list, fixeds: list, config: FitConfig | None, 
     moving_images, fixed_images, known = _as_images(caller, movings, fixeds, spacing)
     if config is None:                  # the preset of the images' dimensionality
         config = FitConfig.for_images(moving_images[0].dim)
+    init_given = init is not None
     init = _check_init(init, known)
     if device is None:
         data = moving_images[0].data
@@ -354,37 +360,53 @@ def _inputs(caller: str, movings: list, fixeds: list, config: FitConfig | None, 
             if masks[key] is None:
                 masks[key] = torch.stack([foreground_mask(image) for image in images])
     config = config.resolved(tuple(fixed_t.shape[1:]))
-    return _Inputs(config, moving_t, fixed_t, moving_grids, fixed_grids, masks, init, known, device,
+    return _Inputs(config, moving_t, fixed_t, moving_grids, fixed_grids, masks, init, init_given, known, device,
                    resolve_backend(config.backend, device))
 
 
-def _initial_maps(inputs: _Inputs, caller: str, seed: int) -> tuple[MapPairs, list[float | None]]:
-    """The pairs' maps at their start (the affine stage included), stacked, and the share of each
-    fixed image that its world start maps inside the moving image (None when image-based)."""
+def _initial_maps(inputs: _Inputs, caller: str, seed: int) -> tuple[MapPairs, list[float | None], list]:
+    """The pairs' maps at their start (the affine stage included), stacked, the share of each
+    fixed image that its world start maps inside the moving image (None when image-based), and
+    each pair's initialisation.
+
+    With the default start (the headers' alignment), a pair whose headers put no part of the
+    fixed image inside the moving image (under ``_NO_OVERLAP``: the headers do not share a world
+    frame, e.g. an origin hundreds of mm off) starts from the images' moments instead, with a
+    warning, as ANTs starts from the centres of mass; a start the user gave is kept."""
     config, dim = inputs.config, inputs.moving.ndim - 1
     native = inputs.backend == "native" and config.fused_kernels
-    pairs, overlaps = [], []
+    pairs, overlaps, inits = [], [], []
+    where = (lambda p: f" of pair {p}") if caller == "fit_pairs" else (lambda p: "")
     for p in range(inputs.moving.shape[0]):
         grids = (inputs.moving_grids[p], inputs.fixed_grids[p])
         masks = tuple(None if inputs.masks[key] is None else inputs.masks[key][p] for key in ("A", "B"))
-        (affine_AB, affine_BA), world = _start(inputs.init, inputs.moving[p], inputs.fixed[p], grids, config,
+        init = inputs.init
+        if not inputs.init_given and init == "world":
+            overlap = _start_overlap(initial_world("world", *grids), *grids)
+            if overlap < _NO_OVERLAP:
+                warnings.warn(f"{caller}: the headers' alignment maps {100 * overlap:.1g} % of the fixed image"
+                              f"{where(p)} inside the moving image (no shared world frame); starting from the "
+                              "images' moments instead (init='moments'); pass init='world' to keep the headers' "
+                              "alignment", stacklevel=4)
+                init = "moments"
+        (affine_AB, affine_BA), world = _start(init, inputs.moving[p], inputs.fixed[p], grids, config,
                                                native, inputs.known, masks)
         overlaps.append(None if world is None else _start_overlap(world, *grids))
+        inits.append(init)
         with torch.random.fork_rng(devices=[]):      # the maps are initialised on the CPU, then moved
             torch.manual_seed(seed + p)
             pairs.append(MapPair(dim, encoding=config.encoding, hidden_widths=config.hidden_widths,
                                  output_scale=config.output_scale, backend=inputs.backend,
                                  affine_AB=affine_AB, affine_BA=affine_BA).to(inputs.device))
-    for p, overlap in enumerate(overlaps):
+    for p, (overlap, init) in enumerate(zip(overlaps, inits)):
         if overlap is not None and overlap < _LOW_OVERLAP:
-            where = f" of pair {p}" if caller == "fit_pairs" else ""
-            start = inputs.init if isinstance(inputs.init, str) else "given transform"
-            warnings.warn(f"{caller}: the start ({start}) maps only {100 * overlap:.0f} % of the fixed image{where} "
+            start = init if isinstance(init, str) else "given transform"
+            warnings.warn(f"{caller}: the start ({start}) maps only {100 * overlap:.0f} % of the fixed image{where(p)} "
                           "inside the moving image; if the two headers do not share a world frame, use "
                           "init='centers' or init='moments'", stacklevel=4)
     maps = MapPairs.stack(pairs)
     maps.fields.use_fused = config.fused_kernels
-    return maps, overlaps
+    return maps, overlaps, inits
 
 
 def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init, device, seed: int,
@@ -395,7 +417,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init
     config, n_pairs = inputs.config, inputs.moving.shape[0]
     start_time = time.perf_counter()
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
-    maps, overlaps = _initial_maps(inputs, caller, seed)
+    maps, overlaps, inits = _initial_maps(inputs, caller, seed)
     native = inputs.backend == "native" and config.fused_kernels and inputs.device.type == "cpu"
     optimizer = make_adam(list(maps.parameters()), config.learning_rate, load_kernels() if native else None)
     sampler = Sampler(config, {"A": tuple(inputs.moving.shape[1:]), "B": tuple(inputs.fixed.shape[1:])},
@@ -411,7 +433,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init
     results = []
     for p, pair in enumerate(maps.unstack()):
         metadata = {"seed": seed + p, "device": str(inputs.device), "rollbacks": guard.rollbacks,
-                    "init": _init_name(inputs.init, config), "start_overlap": overlaps[p]}
+                    "init": _init_name(inits[p], config), "start_overlap": overlaps[p]}
         if caller == "fit_pairs":
             metadata.update(batch_size=n_pairs, pair_index=p, batch_elapsed_s=elapsed)
         results.append(RegistrationResult(
