@@ -9,7 +9,8 @@ Every builder returns ``{"moving", "fixed", "moving_labels", "fixed_labels"}`` -
   at 2 mm by linear interpolation (labels nearest) in each file's own frame, or as they are.
 * :func:`skull_2mm`: Colin27 with its skull against the skull-stripped MNI152 (:func:`reversed_pair`: the
   other way round);
-  :func:`inverted_2mm`: the linear 2 mm pair with the fixed image's contrast inverted.
+  :func:`inverted_2mm`: the linear 2 mm pair with the fixed image's contrast inverted;
+  :func:`shifted_origin_2mm`: the linear 2 mm pair with the moving header's origin 660 mm off.
 * :func:`deformed`: an inter-subject-like pair with exact labels: MNI152 (moving) against Colin27
   moved by a random affine and a smooth random deformation, its intensities changed by a bias
   field and a gamma (fixed), so that the start is far from aligned and the two brains differ.
@@ -84,6 +85,22 @@ def inverted_2mm(linear: dict, folder: Path) -> dict:
     head = data > 0.05 * data.max()
     out = dict(linear, fixed=folder / "mni_inverted.nii.gz")
     write_image(out["fixed"], fixed.with_data(np.where(head, 1.1 * data.max() - data, 0.0).astype(np.float32)))
+    return out
+
+
+def shifted_origin_2mm(linear: dict, folder: Path, offset=(500.0, -250.0, 350.0)) -> dict:
+    """The :func:`linear_2mm` pair ``linear`` with the moving image's (and its labels') origin
+    moved by ``offset`` mm: the same voxels, a header that puts nothing of the moving image where
+    the fixed image is (a scanner or converter origin that is not the other file's)."""
+    folder = Path(folder) / "shifted_origin_2mm"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = dict(linear)
+    for key in ("moving", "moving_labels"):
+        image = read_image(linear[key])
+        affine = np.array(image.grid.affine, dtype=np.float64)
+        affine[:3, 3] += np.asarray(offset, dtype=np.float64)
+        out[key] = folder / Path(linear[key]).name
+        write_image(out[key], Image(np.asarray(image.data), Grid(image.shape, affine)))
     return out
 
 
