@@ -293,5 +293,15 @@ def test_fit_pairs_starts_each_pair_from_its_own_headers():
     for result, labels in zip(results, (moving_labels, las_labels)):
         np.testing.assert_allclose(result.affine_AB, np.eye(4), atol=1e-5)          # the world identity
         assert metrics.mean_dice(result.warp(labels, mode="nearest").data, fixed_labels.data) > 0.8
+    # A pair whose headers do not meet starts from its moments; the other pair keeps its headers.
+    far_grid = Grid(MOVING_GRID.shape, MOVING_GRID.affine @ np.array(
+        [[1, 0, 0, 300.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))     # 600 mm away
+    far, _ = sampled(far_grid, shift=(600.0, 0.0, 0.0))
+    with pytest.warns(UserWarning, match="of pair 1 inside the moving image .*moments"):
+        mixed = nfr.fit_pairs([moving, far], [fixed, fixed], dataclasses.replace(config, iterations=1),
+                              progress=False)
+    assert [r.metadata["init"] for r in mixed] == ["world", "moments"]
+    np.testing.assert_allclose(mixed[0].affine_AB, np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(mixed[1].affine_AB[:3, 3], [600.0, 0.0, 0.0], atol=2.0)
     with pytest.raises(ValueError, match="same voxel sizes"):
         nfr.fit_pairs([moving, Image(moving.data, spacing=1.0)], [fixed, fixed], config, progress=False)
