@@ -47,8 +47,11 @@ def check_image(name: str, value, *, dims: Sequence[int] = (2, 3), device=None,
         tensor = tensor.to(dtype)
     elif tensor.dtype not in (torch.float32, torch.float64):
         tensor = tensor.to(dtype)
-    if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name}: the image contains NaN or Inf values")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{name}: the image contains NaN or Inf values ({bad} of {tensor.numel()} voxels); "
+                         "replace them first (e.g. NaN background with 0: numpy.nan_to_num)")
     return tensor, was_numpy
 
 
