@@ -152,6 +152,9 @@ def run_nfreg(pair: dict, folder: Path, config: Path | None = None) -> dict:
             "folds": summary["folding_fraction"]}
 
 
+RUNNERS = {"start": run_start, "greedy": run_greedy, "ants": run_ants, "ants-full": run_ants_full, "nfreg": run_nfreg}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", nargs=2, type=Path, metavar=("MRICRON_TEMPLATES", "ANTSPYX_DATA"))
@@ -160,8 +163,7 @@ def main() -> None:
                         help="with --sources: Colin27 with its skull against the stripped MNI152 (both ways), "
                              "a contrast-inverted fixed MNI152, and a moving header with its origin 660 mm off")
     parser.add_argument("--deformed", type=int, default=0, help="how many deformed inter-subject-like pairs")
-    parser.add_argument("--methods", nargs="+", default=["start", "greedy", "ants", "nfreg"],
-                        choices=["start", "greedy", "ants", "ants-full", "nfreg"])
+    parser.add_argument("--methods", nargs="+", default=["start", "greedy", "ants", "nfreg"], choices=RUNNERS)
     parser.add_argument("--nfreg-config", nargs="*", type=Path, default=[],
                         help="FitConfig JSON files: one nfreg row each, besides the default")
     parser.add_argument("--pairs", nargs="*", help="run only these pairs (by name)")
@@ -184,9 +186,7 @@ def main() -> None:
         pairs[f"deformed-{seed}"] = _brain_pairs.deformed(root, seed)
     if args.pairs:
         pairs = {name: pair for name, pair in pairs.items() if name in args.pairs}
-    runners = {"start": run_start, "greedy": run_greedy, "ants": run_ants, "ants-full": run_ants_full,
-               "nfreg": run_nfreg}
-    methods = [(name, runners[name], None) for name in args.methods]
+    methods = [(name, RUNNERS[name], None) for name in args.methods]
     methods += [(f"nfreg:{path.stem}", run_nfreg, path) for path in args.nfreg_config]
     rows = []
     for pair_name, pair in pairs.items():
