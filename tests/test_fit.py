@@ -9,6 +9,7 @@ import torch
 import neuralfield_reg as nfr
 from neuralfield_reg.data import Shape
 from neuralfield_reg.metrics import folding_fraction, mean_dice
+from neuralfield_reg.encoders import HashGridConfig
 
 QUICK = nfr.FitConfig(iterations=5, gradient_icon_points=64, similarity_points=256,
                       affine=nfr.AffineConfig(iterations=5))
@@ -337,7 +338,20 @@ def test_the_preset_follows_the_dimensionality_and_overrides_apply():
         encoding = default_encoding(shape, 3.5)
         finest = encoding.base_resolution * encoding.per_level_scale ** (encoding.n_levels - 1)
         assert round(finest) == cells
-    assert result.config.encoding == default_encoding((12, 12, 12), preset.finest_cell_voxels)
+    levels = {"n_levels": preset.n_levels, "base_resolution": preset.base_resolution,
+              "n_features_per_level": preset.n_features_per_level}
+    assert result.config.encoding == default_encoding((12, 12, 12), preset.finest_cell_voxels, **levels)
+    # the 3D preset's grid: 6 levels of 4 features from 8 cells to cells of 2.5 voxels
+    encoding = nfr.FitConfig.preset("3d").resolved((91, 109, 91)).encoding
+    finest = encoding.base_resolution * encoding.per_level_scale ** (encoding.n_levels - 1)
+    assert (encoding.n_levels, encoding.n_features_per_level, encoding.base_resolution, round(finest)) == (6, 4, 8, 43)
+    # the level settings reach the encoding; a given encoding overrides them; bad values are named
+    config = nfr.FitConfig(n_levels=3, base_resolution=2, n_features_per_level=1).resolved((32, 32))
+    assert (config.encoding.n_levels, config.encoding.base_resolution, config.encoding.n_features_per_level) == (3, 2, 1)
+    given = HashGridConfig(n_levels=2)
+    assert nfr.FitConfig(encoding=given, n_levels=5).resolved((32, 32)).encoding == given
+    with pytest.raises(ValueError, match="FitConfig.n_features_per_level"):
+        nfr.FitConfig(n_features_per_level=3)
 
 
 def test_blur_in_mm_blurs_by_sigma_over_the_spacing():

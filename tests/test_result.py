@@ -216,7 +216,7 @@ def test_a_result_saved_before_the_config_sections_still_loads(tmp_path):
 
 def test_config_sections_and_settings_by_name():
     config = FitConfig.preset("3d")
-    assert config.iterations == config.schedule.iterations == 400
+    assert config.iterations == config.schedule.iterations == 300
     assert config.foreground == config.sampling.foreground == "auto"
     changed = dataclasses.replace(config, iterations=7, similarity="ssd", affine=None)
     assert (changed.schedule.iterations, changed.objective.similarity, changed.affine) == (7, "ssd", None)
