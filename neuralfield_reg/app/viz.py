@@ -98,7 +98,7 @@ def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: s
     if title:
         figure.suptitle(title)
     # a fixed layout for the fixed panels (tight_layout measures every text: about a second)
-    figure.subplots_adjust(left=0.02, right=0.93, bottom=0.07, top=0.9 if title else 0.95, wspace=0.3, hspace=0.15)
+    figure.subplots_adjust(left=0.02, right=0.93, bottom=0.07, top=0.9 if title else 0.95, wspace=0.45, hspace=0.15)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110), suffix=".png")
