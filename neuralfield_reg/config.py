@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Sequence
 
-from .encoders.base import HashGridConfig
+from .encoders.base import HashGridConfig, check_grid_values
 from .losses.similarity import MI_BINS
 from .validation import check_fields
 
@@ -181,11 +181,8 @@ class ModelConfig:
         _require(self.finest_cell_voxels is None or (math.isfinite(self.finest_cell_voxels)
                                                      and self.finest_cell_voxels > 0),
                  "FitConfig.finest_cell_voxels", "None or a positive number of voxels", self.finest_cell_voxels)
-        _require(1 <= self.n_levels <= 32, "FitConfig.n_levels", "an integer in [1, 32]", self.n_levels)
-        _require(2 <= self.base_resolution <= 4096, "FitConfig.base_resolution", "an integer in [2, 4096]",
-                 self.base_resolution)
-        _require(self.n_features_per_level in (1, 2, 4, 8), "FitConfig.n_features_per_level", "1, 2, 4 or 8",
-                 self.n_features_per_level)
+        check_grid_values("FitConfig", {"n_levels": self.n_levels, "base_resolution": self.base_resolution,
+                                        "n_features_per_level": self.n_features_per_level})
         _require(len(self.hidden_widths) > 0 and all(w >= 1 for w in self.hidden_widths),
                  "FitConfig.hidden_widths", "one or more positive widths", self.hidden_widths)
         _require(math.isfinite(self.output_scale) and self.output_scale > 0, "FitConfig.output_scale",

@@ -30,6 +30,25 @@ HASH_PRIMES = (1, 2654435761, 805459861)
 INTERPOLATIONS = ("Linear", "Smoothstep")
 
 
+# The allowed values of the numeric hash-grid settings: a test and what is expected, by name
+# (FitConfig checks its own level settings against the same rules).
+GRID_RULES = {
+    "n_levels": (lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
+    "n_features_per_level": (lambda v: v in (1, 2, 4, 8), "1, 2, 4 or 8"),
+    "log2_hashmap_size": (lambda v: 4 <= v <= 26, "an integer in [4, 26]"),
+    "base_resolution": (lambda v: 2 <= v <= 4096, "an integer in [2, 4096]"),
+    "per_level_scale": (lambda v: math.isfinite(v) and 1.0 <= v <= 8.0, "a number in [1, 8]"),
+}
+
+
+def check_grid_values(owner: str, values: dict) -> None:
+    """Raise ``ValueError`` naming ``owner.setting`` for the first value that breaks :data:`GRID_RULES`."""
+    for name, value in values.items():
+        allowed, expected = GRID_RULES[name]
+        if not allowed(value):
+            raise ValueError(f"{owner}.{name}: expected {expected}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class HashGridConfig:
     """Hash-grid settings, named as in tiny-cuda-nn's ``HashGrid`` encoding."""
@@ -45,24 +64,7 @@ class HashGridConfig:
         from ..validation import check_fields
         check_fields(self, {"n_levels": "int", "n_features_per_level": "int", "log2_hashmap_size": "int",
                             "base_resolution": "int", "per_level_scale": "number", "interpolation": "str"})
-        checks = {
-            "n_levels": 1 <= self.n_levels <= 32,
-            "n_features_per_level": self.n_features_per_level in (1, 2, 4, 8),
-            "log2_hashmap_size": 4 <= self.log2_hashmap_size <= 26,
-            "base_resolution": 2 <= self.base_resolution <= 4096,
-            "per_level_scale": math.isfinite(self.per_level_scale) and 1.0 <= self.per_level_scale <= 8.0,
-        }
-        expected = {
-            "n_levels": "an integer in [1, 32]",
-            "n_features_per_level": "1, 2, 4 or 8",
-            "log2_hashmap_size": "an integer in [4, 26]",
-            "base_resolution": "an integer in [2, 4096]",
-            "per_level_scale": "a number in [1, 8]",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"HashGridConfig.{name}: expected {expected[name]}, "
-                                 f"got {getattr(self, name)!r}")
+        check_grid_values("HashGridConfig", {name: getattr(self, name) for name in GRID_RULES})
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"HashGridConfig.interpolation: expected one of {INTERPOLATIONS}, "
                              f"got {self.interpolation!r}")
