@@ -325,6 +325,7 @@ def test_the_preset_follows_the_dimensionality_and_overrides_apply():
     volume[3:9, 3:9, 3:9] = 1.0
     preset = nfr.FitConfig.preset("3d")
     assert preset.similarity == "mi" and preset.foreground == "auto" and nfr.FitConfig.preset("2d") == nfr.FitConfig()
+    assert preset.average_last == 0.5 and preset.similarity_fraction == 1 / 128
     with pytest.raises(ValueError, match="name"):
         nfr.FitConfig.preset("4d")
     quick = nfr.FitConfig.from_dict({"iterations": 3, "affine": None}, base=preset)
@@ -403,3 +404,71 @@ def test_hidden_layers_start_with_zero_biases():
     for bias in fields.biases:
         assert torch.count_nonzero(bias) == 0
     assert torch.count_nonzero(fields.weights[0]) > 0 and torch.count_nonzero(fields.weights[-1]) == 0
+
+
+def test_similarity_fraction_sets_the_points_per_step():
+    """``similarity_fraction`` of the largest compared voxel count (mask or grid) when that is more
+    than ``similarity_points``; one count for both directions, drawn inside the masks."""
+    from neuralfield_reg.engine.sampler import Sampler
+    shapes = {"A": (10, 12, 14), "B": (9, 9, 9)}
+    masks = {"A": torch.zeros(1, *shapes["A"], dtype=torch.bool), "B": None}
+    masks["A"][0, 2:8, 3:9, 1:11] = True                                  # 360 voxels; B's grid has 729
+    generator = torch.Generator().manual_seed(0)
+    for fraction, points, expected in ((0.0, 50, 50), (0.1, 50, 73), (0.1, 100, 100), (0.5, 50, 365)):
+        config = nfr.FitConfig(similarity="mi", similarity_points=points, similarity_fraction=fraction)
+        sampler = Sampler(config, shapes, masks, 1, generator)
+        draw = sampler.draw()
+        assert sampler.count("A") == sampler.count("B") == expected, (fraction, points)
+        assert draw.A.index.shape == draw.B.index.shape == (1, expected)
+        assert bool(masks["A"].reshape(-1)[draw.A.index[0]].all())
+    # a count above a grid's voxels compares that whole grid
+    sampler = Sampler(nfr.FitConfig(similarity_points=50, similarity_fraction=1.0), shapes, masks, 1, generator)
+    assert sampler.count("B") == 729 and sampler.draw().B.index is None
+    with pytest.raises(ValueError, match="FitConfig.similarity_fraction"):
+        nfr.FitConfig(similarity_fraction=1.5)
+
+
+def test_weight_averaging_returns_the_mean_of_the_last_steps(pair64, monkeypatch):
+    """With ``average_last`` the fitted parameters are the mean of the values after each of the last
+    steps (recorded here from the optimiser), not the last step's."""
+    import neuralfield_reg.registration.fit as fit_module
+    moving, fixed, _, _ = pair64
+    after_steps = []
+    original = fit_module.make_adam
+
+    def recording_adam(parameters, learning_rate, kernels=None):
+        optimizer = original(parameters, learning_rate, kernels)
+        step = optimizer.step
+
+        def step_and_record():
+            step()
+            after_steps.append([p.detach().clone() for p in parameters])
+        optimizer.step = step_and_record
+        return optimizer
+    monkeypatch.setattr(fit_module, "make_adam", recording_adam)
+    config = dataclasses.replace(QUICK, iterations=8, average_last=0.5)
+    result = nfr.fit_pair(moving, fixed, config, progress=False)
+    assert len(after_steps) == 8
+    fitted = list(result.maps.parameters())
+    for k, parameter in enumerate(fitted):
+        mean = torch.stack([values[k] for values in after_steps[4:]]).mean(0)
+        torch.testing.assert_close(parameter.detach(), mean, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(fitted[0].detach(), after_steps[-1][0])
+    with pytest.raises(ValueError, match="FitConfig.average_last"):
+        nfr.FitConfig(average_last=1.0)
+
+
+def test_weight_average_restarts_after_a_rollback():
+    from neuralfield_reg.engine.loop import WeightAverage
+    parameter = torch.zeros(3)
+    average = WeightAverage([parameter], start=2)
+    for step, value in enumerate([1.0, 2.0, 3.0, 5.0], start=1):
+        parameter.fill_(value)
+        average.add(step)                          # steps 3 and 4 count: mean 4
+    assert average.count == 2
+    average.reset()                                # rolled back to step 3: steps 4 and 5 count
+    for step, value in ((4, 7.0), (5, 9.0)):
+        parameter.fill_(value)
+        average.add(step)
+    average.apply()
+    assert parameter.tolist() == [8.0, 8.0, 8.0]

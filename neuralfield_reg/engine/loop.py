@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .guard import Guard
@@ -30,11 +31,45 @@ class History:
                 del values[iteration:]
 
 
+class WeightAverage:
+    """The running mean of ``parameters`` over the steps after ``start`` (stochastic weight
+    averaging); :meth:`apply` writes it into the parameters."""
+
+    def __init__(self, parameters: list, start: int):
+        self.parameters, self.start = parameters, start
+        self.means: list[torch.Tensor] | None = None
+        self.count = 0
+
+    def add(self, steps_done: int) -> None:
+        if steps_done <= self.start:
+            return
+        self.count += 1
+        with torch.no_grad():
+            if self.means is None:
+                self.means = [p.detach().clone() for p in self.parameters]
+            else:
+                for mean, p in zip(self.means, self.parameters):
+                    mean.lerp_(p.detach(), 1.0 / self.count)
+
+    def reset(self) -> None:
+        """Forget the steps taken so far (after a rollback)."""
+        self.means, self.count = None, 0
+
+    def apply(self) -> None:
+        if self.means is not None:
+            with torch.no_grad():
+                for mean, p in zip(self.means, self.parameters):
+                    p.copy_(mean)
+
+
 def optimise(iterations: int, sampler: Sampler, schedule: Schedule, objective: Objective, guard: Guard, optimizer,
              parameters: list, *, progress: bool = True, desc: str = "fit") -> History:
     """Run ``iterations`` Adam steps of ``objective`` and return the history of its terms.
-    ``parameters`` are the field parameters in the order of the objective's fused gradients."""
+    ``parameters`` are the field parameters in the order of the objective's fused gradients; with
+    ``average_last`` in the schedule's config they end as the mean of the last steps' values."""
     history = History(objective.names, sampler.n_pairs)
+    share = schedule.config.average_last
+    average = WeightAverage(parameters, iterations - max(1, round(share * iterations))) if share > 0 else None
     bar = tqdm(total=iterations, disable=not progress, desc=desc, leave=False)
     iteration = 0
     while iteration < iterations:
@@ -46,15 +81,21 @@ def optimise(iterations: int, sampler: Sampler, schedule: Schedule, objective: O
         if rolled_back_to is not None:
             iteration = bar.n = rolled_back_to
             history.rewind(iteration)
+            if average is not None:
+                average.reset()
             continue
         history.append(values)
         optimizer.set_learning_rate(schedule.learning_rate(iteration))
         step.backward(parameters)
         optimizer.step()
         iteration += 1
+        if average is not None:
+            average.add(iteration)
         bar.update(1)
         if progress and iteration % 10 == 0:
             bar.set_postfix(loss=f"{np.mean([row[0] for row in values]):.4g}")
     bar.close()
+    if average is not None:
+        average.apply()
     guard.check_end()
     return history

@@ -78,7 +78,8 @@ def padded_nonzero(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Sampler:
     """Draws each step's points for ``n_pairs`` pairs from one generator.
 
-    Similarity points are all voxels, ``config.similarity_points`` random voxels, or
+    Similarity points are all voxels, :attr:`points` random voxels (``config.similarity_points``,
+    or ``config.similarity_fraction`` of the compared voxels where that is more), or
     ``config.lncc_patches`` random LNCC patches; with a mask for the target image (key ``"B"``:
     the fixed image, ``"A"``: the moving image), random voxels and patch centres are drawn inside
     it, so the budget goes where the similarity counts (the brain, not the background).
@@ -93,6 +94,19 @@ class Sampler:
                       for key, shape in shapes.items()}
         self.mask_voxels = {key: None if mask is None else padded_nonzero(mask.reshape(n_pairs, -1))
                             for key, mask in masks.items()}
+        self.points = self._point_count()
+
+    def _point_count(self) -> int | None:
+        """Random similarity voxels per step and direction (None: every voxel): ``similarity_points``,
+        or ``similarity_fraction`` of the most voxels any direction and pair compares (its mask's,
+        else its grid's) where that is more; one count for both directions, as the fused
+        kernels need."""
+        config = self.config
+        if config.similarity_points is None or config.similarity_fraction <= 0:
+            return config.similarity_points
+        compared = max(self.grids[key].shape[0] if self.mask_voxels.get(key) is None
+                       else int(self.mask_voxels[key][1].max()) for key in self.grids)
+        return max(config.similarity_points, math.ceil(config.similarity_fraction * compared))
 
     def count(self, key: str) -> int:
         """Similarity points per pair of direction ``key`` (the same at every step)."""
@@ -101,9 +115,9 @@ class Sampler:
             if config.lncc_patches is None:
                 return voxels
             return config.lncc_patches * math.prod(patch_shape(self.shapes[key], config.lncc_patch_size))
-        if config.similarity_points is None or config.similarity_points >= voxels:
+        if self.points is None or self.points >= voxels:
             return voxels
-        return config.similarity_points
+        return self.points
 
     def draw(self) -> Draw:
         """The next step's points (fixed grid, moving grid, then the penalty's, in that order)."""
@@ -136,12 +150,12 @@ class Sampler:
             index = patch_indices(self.shapes[key], self.n_pairs, config.lncc_patches, config.lncc_patch_size,
                                   self.generator, centres)
             return Points(self._at_voxels(key, index), index)
-        if config.similarity_points is None or config.similarity_points >= grid.shape[0]:
+        if self.points is None or self.points >= grid.shape[0]:
             return whole
         if self.mask_voxels[key] is not None:
-            index = self._in_mask(key, config.similarity_points)
+            index = self._in_mask(key, self.points)
         else:
-            index = torch.randint(grid.shape[0], (self.n_pairs, config.similarity_points), generator=self.generator,
+            index = torch.randint(grid.shape[0], (self.n_pairs, self.points), generator=self.generator,
                                   device=self.device)
         # In voxel order, consecutive points read nearby hash-table rows (the fused CPU kernels
         # run about 10 % faster than on scattered points); the order does not change the mean.
