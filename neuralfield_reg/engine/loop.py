@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import get_swa_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .guard import Guard
@@ -33,23 +34,23 @@ class History:
 
 class WeightAverage:
     """The running mean of ``parameters`` over the steps after ``start`` (stochastic weight
-    averaging); :meth:`apply` writes it into the parameters."""
+    averaging, updated by torch's ``swa_utils``); :meth:`apply` writes it into the parameters."""
 
     def __init__(self, parameters: list, start: int):
         self.parameters, self.start = parameters, start
         self.means: list[torch.Tensor] | None = None
-        self.count = 0
+        self.count = 0                              # steps in the mean
+        self._update = get_swa_multi_avg_fn()
 
     def add(self, steps_done: int) -> None:
         if steps_done <= self.start:
             return
+        current = [p.detach() for p in self.parameters]
+        if self.means is None:
+            self.means = [p.clone() for p in current]
+        else:
+            self._update(self.means, current, self.count)
         self.count += 1
-        with torch.no_grad():
-            if self.means is None:
-                self.means = [p.detach().clone() for p in self.parameters]
-            else:
-                for mean, p in zip(self.means, self.parameters):
-                    mean.lerp_(p.detach(), 1.0 / self.count)
 
     def reset(self) -> None:
         """Forget the steps taken so far (after a rollback)."""

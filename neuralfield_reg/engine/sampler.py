@@ -104,7 +104,7 @@ class Sampler:
         config = self.config
         if config.similarity_points is None or config.similarity_fraction <= 0:
             return config.similarity_points
-        compared = max(self.grids[key].shape[0] if self.mask_voxels.get(key) is None
+        compared = max(self.grids[key].shape[0] if self.mask_voxels[key] is None
                        else int(self.mask_voxels[key][1].max()) for key in self.grids)
         return max(config.similarity_points, math.ceil(config.similarity_fraction * compared))
 
