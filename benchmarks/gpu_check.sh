@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (device tool): build the CUDA kernels, run the CUDA tests
 # (parity of the CUDA kernels with the torch backend and the C++ kernels, a fit on the GPU), then the
-# encoder benchmark and fit timings. Every section has its own time limit, so that one that hangs
-# does not take the others' time. The log goes to $OUT/log.txt.
-# SECTIONS picks what runs (default below); also: fit_pairs gradicon.
+# fits with and without CUDA graphs, the encoder benchmark. Every section has its own time limit,
+# so that one that hangs does not take the others' time. The log goes to $OUT/log.txt.
+# SECTIONS picks what runs (default below); also: encoder_large fit3d fit2d fit_pairs gradicon.
 set -uo pipefail
 OUT=${OUT:-out/gpu}
-SECTIONS=${SECTIONS:-"tests encoder encoder_large fit3d fit2d"}
+SECTIONS=${SECTIONS:-"tests graphs encoder"}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PYTHONPATH=$PWD
@@ -21,7 +21,12 @@ time timeout 420 python3 -c "from neuralfield_reg._cuda_ext import load; m = loa
   || { log "build failed"; exit 1; }
 if want tests; then
   log "tests (CUDA)"
-  timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_native.py tests/test_fit.py 2>&1 | tail -25
+  timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider -rs tests/test_native.py tests/test_fit.py \
+    tests/test_static_step.py 2>&1 | tail -25
+fi
+if want graphs; then
+  log "fit_pair with and without CUDA graphs: 2D 128^2, 2 mm brains, 160x384x384"
+  timeout 300 python3 benchmarks/gpu_fit.py --cases 2d brain big --rounds 2
 fi
 if want encoder; then
   log "encoder 2D, the fit's 4096 points"; timeout 120 python3 benchmarks/encoder.py --device cuda --dim 2 --points 4096 --repeats 20

@@ -7,6 +7,8 @@ it with torch's), but building one does not import torch's compiler stack, which
 over a handful of tensors is a few in-place operations each. Given the compiled kernels
 (``kernels=``, CPU tensors), a step is one native call that reads and writes every element once
 (``cuda_ext/optim_cpu.cpp``) instead of five passes per tensor: the same update up to rounding.
+With ``capturable=True`` the step counts and the learning rate live in tensors on the parameters'
+device, so that a step can be captured in a CUDA graph and replayed (``engine/static_step.py``).
 """
 
 from __future__ import annotations
@@ -23,23 +25,33 @@ class Adam:
 
     Parameters whose ``.grad`` is None at a step are left alone (their moments do not decay), as
     torch's Adam does. With ``kernels`` (the compiled module, ``neuralfield_reg._cuda_ext.load()``)
-    and parameters on the CPU, the step runs natively.
+    and parameters on the CPU, the step runs natively. With ``capturable``, the step counts and
+    the learning rate are float64 tensors on the parameters' device and a step reads no number
+    from them on the host (the same update, for CUDA graphs); :meth:`load_state_dict` then
+    writes into the existing tensors, so a captured step stays valid after a rollback.
     """
 
     def __init__(self, parameters, learning_rate: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, kernels=None):
+                 eps: float = 1e-8, kernels=None, capturable: bool = False):
         self.parameters = list(parameters)
         cpu = all(p.device.type == "cpu" and p.is_contiguous() for p in self.parameters)
-        self.kernels = kernels if cpu else None
+        self.kernels = kernels if cpu and not capturable else None
+        self.capturable = capturable
         self.param_groups = [{"lr": float(learning_rate), "params": self.parameters}]
         self.betas, self.eps = betas, eps
-        self.steps = [0] * len(self.parameters)
+        self.steps: list = ([torch.zeros((), dtype=torch.float64, device=p.device) for p in self.parameters]
+                            if capturable else [0] * len(self.parameters))
+        device = self.parameters[0].device if self.parameters else None
+        self.learning_rate = (torch.tensor(float(learning_rate), dtype=torch.float64, device=device)
+                              if capturable else None)
         self.first = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
         self.second = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
 
     def set_learning_rate(self, learning_rate: float) -> None:
         """The learning rate of the next steps (a schedule sets it before each step)."""
         self.param_groups[0]["lr"] = float(learning_rate)
+        if self.learning_rate is not None:
+            self.learning_rate.fill_(float(learning_rate))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for parameter in self.parameters:
@@ -61,6 +73,9 @@ class Adam:
                                    [self.first[i] for i in stepped], [self.second[i] for i in stepped],
                                    [self.steps[i] for i in stepped], learning_rate, beta1, beta2, self.eps)
             return
+        if self.capturable:
+            self._step_on_device()
+            return
         for index, parameter in enumerate(self.parameters):
             gradient = parameter.grad
             if gradient is None:
@@ -74,18 +89,38 @@ class Adam:
             denominator = (second.sqrt() / math.sqrt(bias2)).add_(self.eps)
             parameter.addcdiv_(first, denominator, value=-learning_rate / bias1)
 
+    def _step_on_device(self) -> None:
+        """The update with the step count and the learning rate read on the device."""
+        beta1, beta2 = self.betas
+        for index, parameter in enumerate(self.parameters):
+            gradient = parameter.grad
+            if gradient is None:
+                continue
+            step = self.steps[index].add_(1)
+            first, second = self.first[index], self.second[index]
+            first.lerp_(gradient, 1.0 - beta1)
+            second.mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)
+            bias1, bias2 = 1.0 - torch.pow(beta1, step), 1.0 - torch.pow(beta2, step)
+            denominator = (second.sqrt() / bias2.sqrt()).add_(self.eps)
+            parameter.sub_(first / denominator * (self.learning_rate / bias1))
+
     def state_dict(self) -> dict:
-        return {"lr": self.param_groups[0]["lr"], "steps": list(self.steps),
+        steps = [t.clone() for t in self.steps] if self.capturable else list(self.steps)
+        return {"lr": self.param_groups[0]["lr"], "steps": steps,
                 "first": [t.clone() for t in self.first], "second": [t.clone() for t in self.second]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.param_groups[0]["lr"] = state["lr"]
-        self.steps = list(state["steps"])
+        self.set_learning_rate(state["lr"])
+        if self.capturable:
+            for mine, theirs in zip(self.steps, state["steps"], strict=True):
+                mine.copy_(theirs)
+        else:
+            self.steps = list(state["steps"])
         for mine, theirs in zip(self.first + self.second, state["first"] + state["second"], strict=True):
             mine.copy_(theirs)
 
 
-def make_adam(parameters: list[torch.Tensor], learning_rate: float, kernels=None) -> Adam:
+def make_adam(parameters: list[torch.Tensor], learning_rate: float, kernels=None, capturable: bool = False) -> Adam:
     """The fits' Adam (see :class:`Adam`; ``kernels``: the compiled module, for native steps on
-    the CPU, or None)."""
-    return Adam(parameters, learning_rate, kernels=kernels)
+    the CPU, or None; ``capturable``: for a step captured in a CUDA graph)."""
+    return Adam(parameters, learning_rate, kernels=kernels, capturable=capturable)

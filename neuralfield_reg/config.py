@@ -201,12 +201,13 @@ class RuntimeConfig:
 
     backend: str = "auto"
     fused_kernels: bool = True
+    cuda_graphs: bool = True
     on_divergence: str = "raise"
     rollback_factor: float = 0.1
     max_rollbacks: int = 3
 
     def __post_init__(self):
-        check_fields(self, {"backend": "str", "fused_kernels": "bool", "on_divergence": "str",
+        check_fields(self, {"backend": "str", "fused_kernels": "bool", "cuda_graphs": "bool", "on_divergence": "str",
                             "rollback_factor": "number", "max_rollbacks": "int"}, owner_name="FitConfig")
         _require(self.backend in ("auto", "torch", "native", "tcnn"), "FitConfig.backend",
                  "'auto', 'torch', 'native' or 'tcnn'", self.backend)
@@ -288,6 +289,10 @@ class FitConfig:
             penalty's is not used with ``icon_weight > 0``) and the affine stage's cost in the
             compiled ``affine_ncc`` kernel; False uses the per-operation autograd path (same
             function, slower; for comparison).
+        cuda_graphs: on a CUDA device with the native or torch backend, capture the field
+            stage's step (objective, gradients, Adam) once as a CUDA graph and replay it
+            (``engine/static_step.py``): one launch per step instead of hundreds; where the
+            capture fails the fit warns and steps eagerly. False always steps eagerly.
         on_divergence: what a diverging fit does: ``"raise"`` stops with
             :class:`~neuralfield_reg.FitDivergedError`; ``"rollback"`` returns to the last good
             state (kept every few iterations), multiplies the learning rate by

@@ -436,8 +436,8 @@ def test_weight_averaging_returns_the_mean_of_the_last_steps(pair64, monkeypatch
     after_steps = []
     original = fit_module.make_adam
 
-    def recording_adam(parameters, learning_rate, kernels=None):
-        optimizer = original(parameters, learning_rate, kernels)
+    def recording_adam(parameters, learning_rate, kernels=None, **options):
+        optimizer = original(parameters, learning_rate, kernels, **options)
         step = optimizer.step
 
         def step_and_record():

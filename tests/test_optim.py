@@ -1,5 +1,6 @@
-"""The fits' Adam (torch operations, and the native step of cuda_ext/optim_cpu.cpp) against
-torch.optim.Adam, and its state round trip (used by rollback)."""
+"""The fits' Adam (torch operations, the native step of cuda_ext/optim_cpu.cpp, and the capturable
+step that keeps its counts on the device) against torch.optim.Adam, and its state round trip (used
+by rollback)."""
 
 import copy
 
@@ -24,21 +25,31 @@ def _loss(parameters, step):
     return (rows.sin().square().sum() + (bias - step * 0.1).square().sum() + (matrix @ matrix.T).trace())
 
 
-# (kernels, rows of the table, dtype, tolerance): the native step in float64 agrees to rounding;
-# in float32 the sums are rounded in another order (and fused) than torch's, and with 40000
-# rows it runs on several threads
-CASES = {"torch ops": (False, 64, torch.float64, 1e-12), "native": (True, 64, torch.float64, 1e-12),
-         "native float32, threads": (True, 40000, torch.float32, 1e-5)}
+# (kernels, capturable, rows of the table, dtype, tolerance): the native step in float64 agrees to
+# rounding; in float32 the sums are rounded in another order (and fused) than torch's, and with
+# 40000 rows it runs on several threads
+CASES = {"torch ops": (False, False, 64, torch.float64, 1e-12), "native": (True, False, 64, torch.float64, 1e-12),
+         "native float32, threads": (True, False, 40000, torch.float32, 1e-5),
+         "capturable": (False, True, 64, torch.float64, 1e-12),
+         "capturable float32": (False, True, 64, torch.float32, 1e-5)}
+
+
+def _set_learning_rate(optimizer, value):
+    if isinstance(optimizer, Adam):
+        optimizer.set_learning_rate(value)
+    else:
+        optimizer.param_groups[0]["lr"] = value
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_adam_matches_torch_adam_with_a_learning_rate_schedule(case):
-    native, rows, dtype, tolerance = CASES[case]
+    native, capturable, rows, dtype, tolerance = CASES[case]
     ours, theirs = _parameters(0, rows, dtype), _parameters(0, rows, dtype)
-    mine, reference = Adam(ours, 0.05, kernels=load() if native else None), torch.optim.Adam(theirs, lr=0.05)
+    mine = Adam(ours, 0.05, kernels=load() if native else None, capturable=capturable)
+    reference = torch.optim.Adam(theirs, lr=0.05)
     for step in range(40):
         for optimizer, parameters in ((mine, ours), (reference, theirs)):
-            optimizer.param_groups[0]["lr"] = 0.05 * (1 - step / 50)
+            _set_learning_rate(optimizer, 0.05 * (1 - step / 50))
             optimizer.zero_grad(set_to_none=True)
             _loss(parameters, step).backward()
             if step % 9 == 3:               # a parameter without a gradient at a step is left alone
@@ -49,10 +60,11 @@ def test_adam_matches_torch_adam_with_a_learning_rate_schedule(case):
     assert not torch.equal(ours[0], _parameters(0, rows, dtype)[0])      # the steps did move the table
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_adam_state_round_trip_restores_the_trajectory(native):
+@pytest.mark.parametrize("kind", ["torch ops", "native", "capturable"])
+def test_adam_state_round_trip_restores_the_trajectory(kind):
     parameters = _parameters(1)
-    optimizer = Adam(parameters, 0.1, kernels=load() if native else None)
+    optimizer = Adam(parameters, 0.1, kernels=load() if kind == "native" else None, capturable=kind == "capturable")
+    state_tensors = [t.data_ptr() for t in optimizer.first + optimizer.second]
     for step in range(5):
         optimizer.zero_grad()
         _loss(parameters, step).backward()
@@ -72,3 +84,16 @@ def test_adam_state_round_trip_restores_the_trajectory(native):
         trajectories.append([p.detach().clone() for p in parameters])
     for a, b in zip(*trajectories):
         assert torch.equal(a, b)
+    # the state is restored into the same tensors (a captured step keeps reading them)
+    assert [t.data_ptr() for t in optimizer.first + optimizer.second] == state_tensors
+
+
+def test_capturable_adam_reads_its_learning_rate_from_the_device_tensor():
+    parameters = _parameters(2)
+    optimizer = Adam(parameters, 0.1, capturable=True)
+    optimizer.set_learning_rate(0.0)
+    before = [p.detach().clone() for p in parameters]
+    _loss(parameters, 0).backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(parameters, before))     # zero learning rate: no move
+    assert all(float(step) == 1 for step in optimizer.steps)                 # but the step was counted

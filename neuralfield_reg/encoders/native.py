@@ -25,8 +25,6 @@ import torch
 
 from .base import HashGridConfig, HashGridEncoding
 
-_EMPTY = torch.empty(0)
-
 
 def _kernels():
     """The compiled module; raises ``NativeBuildError`` (a RuntimeError) with the reason."""
@@ -66,7 +64,7 @@ class _Setup:
 def _present(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """An incoming gradient, or an empty tensor standing for zero."""
     if tensor is None:
-        return _EMPTY.to(like.device, like.dtype)
+        return like.new_empty(0)           # made on the device: no host copy (CUDA graphs)
     return tensor.contiguous()
 
 

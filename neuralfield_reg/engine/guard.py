@@ -83,17 +83,36 @@ class Guard:
     def _where(self, pair: int) -> str:
         return f" of pair {pair}" if self.caller == "fit_pairs" else ""
 
-    def check(self, iteration: int, values: list[list[float]], weights: torch.Tensor) -> int | None:
-        """None when the step at ``iteration`` is sound (a snapshot is taken every
+    def keeps(self, iteration: int) -> bool:
+        """Whether a sound step at ``iteration`` leaves a snapshot."""
+        return self.config.on_divergence == "rollback" and iteration % SNAPSHOT_EVERY == 0
+
+    def state(self, iteration: int) -> tuple:
+        """A snapshot of the fit now, to resume at ``iteration``."""
+        return (iteration, copy.deepcopy(self.maps.state_dict()), copy.deepcopy(self.optimizer.state_dict()),
+                self.generator.get_state())
+
+    def check(self, iteration: int, values: list[list[float]], weights: torch.Tensor,
+              snapshot: tuple | None = None) -> int | None:
+        """None when the step at ``iteration`` is sound (a snapshot is kept every
         ``SNAPSHOT_EVERY`` iterations with rollback); else the iteration the fit was rolled back
-        to. Raises :class:`FitDivergedError` when it cannot roll back."""
+        to. Raises :class:`FitDivergedError` when it cannot roll back.
+
+        ``values`` are the step's terms, computed before its update. Without ``snapshot`` the
+        update is not applied yet: the maps are checked too and the state now is kept. With
+        ``snapshot`` (the state taken before an update that is already applied, by a
+        :class:`StaticStep`) that state is kept when its terms are sound, and the maps checked
+        are those after the update."""
         config = self.config
         on_snapshot = iteration % SNAPSHOT_EVERY == 0
-        bad = divergence(values, self.names, config, self.maps, weights, check_maps=on_snapshot)
+        bad = divergence(values, self.names, config, self.maps, weights, check_maps=False)
+        if bad is None and snapshot is not None and self.keeps(iteration):
+            self.snapshot = snapshot
+        if bad is None and on_snapshot:
+            bad = divergence([], self.names, config, self.maps, weights, check_maps=True)
         if bad is None:
-            if config.on_divergence == "rollback" and on_snapshot:
-                self.snapshot = (iteration, copy.deepcopy(self.maps.state_dict()),
-                                 copy.deepcopy(self.optimizer.state_dict()), self.generator.get_state())
+            if snapshot is None and self.keeps(iteration):
+                self.snapshot = self.state(iteration)
             return None
         pair, name, what = bad
         message = f"{self.caller}: the {name}{self._where(pair)} {what} at iteration {iteration}"

@@ -11,6 +11,7 @@ from .guard import Guard
 from .objective import Objective
 from .sampler import Sampler
 from .schedule import Schedule
+from .static_step import StaticStep
 
 
 class History:
@@ -64,10 +65,14 @@ class WeightAverage:
 
 
 def optimise(iterations: int, sampler: Sampler, schedule: Schedule, objective: Objective, guard: Guard, optimizer,
-             parameters: list, *, progress: bool = True, desc: str = "fit") -> History:
+             parameters: list, *, progress: bool = True, desc: str = "fit",
+             static_step: StaticStep | None = None) -> History:
     """Run ``iterations`` Adam steps of ``objective`` and return the history of its terms.
     ``parameters`` are the field parameters in the order of the objective's fused gradients; with
-    ``average_last`` in the schedule's config they end as the mean of the last steps' values."""
+    ``average_last`` in the schedule's config they end as the mean of the last steps' values.
+    With ``static_step`` (a :class:`StaticStep` of the same objective and optimiser) each step
+    runs there, in one piece, and its terms are checked after the update (a snapshot for
+    rollback is then taken before the step and kept if the step was sound)."""
     history = History(objective.names, sampler.n_pairs)
     share = schedule.config.average_last
     average = WeightAverage(parameters, iterations - max(1, round(share * iterations))) if share > 0 else None
@@ -75,10 +80,16 @@ def optimise(iterations: int, sampler: Sampler, schedule: Schedule, objective: O
     iteration = 0
     while iteration < iterations:
         weights = schedule.level_weights(iteration)
-        optimizer.zero_grad(set_to_none=True)
-        step = objective(schedule.images(iteration), weights, sampler.draw())
-        values = step.values(objective.names)
-        rolled_back_to = guard.check(iteration, values, weights)
+        step, snapshot = None, None
+        if static_step is not None:
+            draw = sampler.draw()
+            snapshot = guard.state(iteration) if guard.keeps(iteration) else None
+            values = static_step(schedule.images(iteration), weights, draw, schedule.learning_rate(iteration))
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            step = objective(schedule.images(iteration), weights, sampler.draw())
+            values = step.values(objective.names)
+        rolled_back_to = guard.check(iteration, values, weights, snapshot=snapshot)
         if rolled_back_to is not None:
             iteration = bar.n = rolled_back_to
             history.rewind(iteration)
@@ -86,9 +97,10 @@ def optimise(iterations: int, sampler: Sampler, schedule: Schedule, objective: O
                 average.reset()
             continue
         history.append(values)
-        optimizer.set_learning_rate(schedule.learning_rate(iteration))
-        step.backward(parameters)
-        optimizer.step()
+        if step is not None:
+            optimizer.set_learning_rate(schedule.learning_rate(iteration))
+            step.backward(parameters)
+            optimizer.step()
         iteration += 1
         if average is not None:
             average.add(iteration)

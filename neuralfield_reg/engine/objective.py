@@ -72,6 +72,10 @@ class Objective:
                  fused_similarity: bool = False, fused_penalty: bool = False):
         self.config, self.maps, self.sampler, self.masks = config, maps, sampler, masks
         self.extent_A, self.extent_B = extents
+        # The extents as tensors on the fit's device, made once: the autograd penalty then copies
+        # nothing from the host during a step (a CUDA graph could not capture that copy).
+        self.extent_tensors = tuple(None if e is None else torch.as_tensor(e, dtype=torch.float32, device=sampler.device)
+                                    for e in extents)
         self.fused_similarity, self.fused_penalty = fused_similarity, fused_penalty
         self.similarity = SIMILARITIES[config.similarity]
         self.names = (["loss", "similarity", "gradient_icon"] + (["icon"] if config.icon_weight > 0 else [])
@@ -95,7 +99,8 @@ class Objective:
             matrices = self.maps.matrices
             linear = (matrices[0::2], matrices[1::2]) if config.diffusion_weight > 0 else (None, None)
             consistency = inverse_consistency_terms(lambda a, b: self.maps(a, b, weights), draw.penalty,
-                                                    extent_A=self.extent_A, extent_B=self.extent_B,
+                                                    extent_A=self.extent_tensors[0],
+                                                    extent_B=self.extent_tensors[1],
                                                     linear_AB=linear[0], linear_BA=linear[1])
             terms["gradient_icon"] = consistency["gradient_icon"]
             penalty = config.gradient_icon_weight * terms["gradient_icon"]

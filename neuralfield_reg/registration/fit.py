@@ -24,7 +24,7 @@ from .._optim import make_adam
 from .affine import AffineTransform, fit_affine, moments_start
 from ..config import FitConfig
 from ..encoders import resolve_backend
-from ..engine import FitDivergedError, Guard, Sampler, Schedule, make_objective, optimise
+from ..engine import FitDivergedError, Guard, Sampler, Schedule, StaticStep, make_objective, optimise
 from ..transforms.fields import MapPair, MapPairs
 from ..geometry.filters import gaussian_blur
 from ..geometry import Grid, Image
@@ -409,6 +409,12 @@ def _initial_maps(inputs: _Inputs, caller: str, seed: int) -> tuple[MapPairs, li
     return maps, overlaps, inits
 
 
+def use_static_step(config: FitConfig, device: torch.device, backend: str) -> bool:
+    """Whether the field stage's steps run as a :class:`StaticStep` captured in a CUDA graph: on
+    CUDA, with our own encodings (tiny-cuda-nn manages its own memory and streams)."""
+    return config.cuda_graphs and device.type == "cuda" and backend in ("native", "torch")
+
+
 def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init, device, seed: int,
          progress: bool, caller: str, moving_masks=None, fixed_masks=None) -> list[RegistrationResult]:
     """The optimisation behind fit_pair (B = 1) and fit_pairs: the inputs checked, the maps
@@ -419,7 +425,9 @@ def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
     maps, overlaps, inits = _initial_maps(inputs, caller, seed)
     native = inputs.backend == "native" and config.fused_kernels and inputs.device.type == "cpu"
-    optimizer = make_adam(list(maps.parameters()), config.learning_rate, load_kernels() if native else None)
+    static = use_static_step(config, inputs.device, inputs.backend)
+    optimizer = make_adam(list(maps.parameters()), config.learning_rate, load_kernels() if native else None,
+                          capturable=static)
     sampler = Sampler(config, {"A": tuple(inputs.moving.shape[1:]), "B": tuple(inputs.fixed.shape[1:])},
                       inputs.masks, n_pairs, generator)
     schedule = Schedule(config, inputs.moving, inputs.fixed,
@@ -427,8 +435,11 @@ def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init
     objective = make_objective(config, maps, sampler, inputs.masks,
                                (inputs.moving_grids[0].extent, inputs.fixed_grids[0].extent))
     guard = Guard(config, caller, objective.names, maps, optimizer, generator, schedule)
-    history = optimise(config.iterations, sampler, schedule, objective, guard, optimizer,
-                       list(maps.fields.parameters()), progress=progress, desc=caller)
+    parameters = list(maps.fields.parameters())
+    static_step = (StaticStep(objective, optimizer, parameters, capture=inputs.device.type == "cuda")
+                   if static else None)
+    history = optimise(config.iterations, sampler, schedule, objective, guard, optimizer, parameters,
+                       progress=progress, desc=caller, static_step=static_step)
     elapsed = time.perf_counter() - start_time
     results = []
     for p, pair in enumerate(maps.unstack()):
