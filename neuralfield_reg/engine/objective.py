@@ -74,8 +74,8 @@ class Objective:
         self.extent_A, self.extent_B = extents
         # The extents as tensors on the fit's device, made once: the autograd penalty then copies
         # nothing from the host during a step (a CUDA graph could not capture that copy).
-        self.extent_tensors = tuple(None if e is None else torch.as_tensor(e, dtype=torch.float32, device=sampler.device)
-                                    for e in extents)
+        self.extent_tensors = tuple(None if e is None else
+                                    torch.as_tensor(e, dtype=torch.float32, device=sampler.device) for e in extents)
         self.fused_similarity, self.fused_penalty = fused_similarity, fused_penalty
         self.similarity = SIMILARITIES[config.similarity]
         self.names = (["loss", "similarity", "gradient_icon"] + (["icon"] if config.icon_weight > 0 else [])

@@ -5,28 +5,24 @@ On a GPU an eager step of the autograd objective is launch-bound: a few hundred 
 for about a millisecond of GPU work. :class:`StaticStep` runs the whole step (objective, backward
 and Adam update) on tensors that keep their addresses from step to step: the step's inputs (the
 blurred images, the level weights, the drawn points) are copied into its buffers, and its terms
-come out in one. That makes the step capturable: on CUDA, after ``WARMUP`` eager steps on a side
-stream, it is captured in a :class:`torch.cuda.CUDAGraph` and every later step is one replay. The
-points are still drawn eagerly, outside the graph, so a fit draws the same points either way.
+come out in one. That makes the step capturable: on CUDA it is run by a
+:class:`~neuralfield_reg._graphs.CapturedStep` (eager warm-up steps, one capture, then one replay
+per step). The points are still drawn eagerly, outside the graph, so a fit draws the same points
+either way.
 
 The optimiser must be a capturable :class:`~neuralfield_reg._optim.Adam` (step counts and learning
 rate in device tensors, its state restored in place): a rollback then restores the state the
-graph reads, and the graph stays valid. Where the capture fails, the step warns once and runs
-eagerly from then on. On the CPU (``capture=False``) it runs the same step eagerly, which is how
-the tests compare it with the plain loop.
+graph reads, and the graph stays valid. On the CPU (``capture=False``) it runs the same step
+eagerly, which is how the tests compare it with the plain loop.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
+from .._graphs import CapturedStep
 from .objective import Objective
 from .sampler import Draw, Points
-
-# Eager steps before the capture (lazy initialisation of the libraries the step calls).
-WARMUP = 3
 
 
 def _draw_tensors(draw: Draw) -> list[torch.Tensor | None]:
@@ -56,13 +52,11 @@ class StaticStep:
         if not getattr(optimizer, "capturable", False):
             raise ValueError("optimizer: expected a capturable Adam (neuralfield_reg._optim.Adam(capturable=True))")
         self.objective, self.optimizer, self.parameters = objective, optimizer, parameters
-        self.capture = capture
-        self.calls = 0
-        self.graph = None
-        self.stream = torch.cuda.Stream() if capture else None
         self.inputs: tuple | None = None           # (moving, fixed, weights, draw): the step's buffers
         self.sources: tuple | None = None          # the images last copied into the buffers
-        self.terms: torch.Tensor | None = None     # the captured step's output
+        device = parameters[0].device if parameters else torch.device("cpu")
+        self.runner = CapturedStep(self._step, lambda: optimizer.zero_grad(set_to_none=True), device, capture,
+                                   "fit: the field stage's step")
 
     def _step(self) -> torch.Tensor:
         moving, fixed, weights, draw = self.inputs
@@ -88,47 +82,7 @@ class StaticStep:
             if mine is not None:
                 mine.copy_(theirs)
 
-    def _eager(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.stream is None:
-            return self._step()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            terms = self._step()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return terms
-
-    def _captured(self) -> torch.Tensor | None:
-        """Capture the step and replay it once (the capture itself runs nothing); None (with a
-        warning, and eager steps from then on) when the step cannot be captured."""
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)   # the captured backward allocates the gradients
-        self.stream.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                terms = self._step()
-        except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager steps
-            warnings.warn(f"fit: the step could not be captured as a CUDA graph ({type(error).__name__}: {error}); "
-                          "running it eagerly (FitConfig(cuda_graphs=False) skips the attempt)", RuntimeWarning,
-                          stacklevel=4)
-            self.capture = False
-            torch.cuda.synchronize()
-            return None
-        self.graph, self.terms = graph, terms
-        graph.replay()
-        return terms
-
     def __call__(self, images, weights: torch.Tensor, draw: Draw, learning_rate: float) -> list[list[float]]:
         self._load(images, weights, draw)
         self.optimizer.set_learning_rate(learning_rate)
-        self.calls += 1
-        if self.graph is not None:
-            self.graph.replay()
-            terms = self.terms
-        elif self.capture and self.calls > WARMUP:
-            terms = self._captured()
-            if terms is None:
-                terms = self._eager()
-        else:
-            terms = self._eager()
-        return terms.tolist()
+        return self.runner().tolist()

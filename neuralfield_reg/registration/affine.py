@@ -21,7 +21,8 @@ and then step 3 refine it. Otherwise (``"moments"``, today's default for bare ar
 
 With ``native=True`` on the CPU, each step's cost and gradient come from the compiled
 ``affine_ncc`` kernel (the same function as the torch operations; ``fit_pair`` uses it with the
-native backend).
+native backend). With ``cuda_graphs=True`` on a GPU, the steps of the search and of each stage of
+the refinement are captured as a CUDA graph and replayed (:class:`~neuralfield_reg._graphs.CapturedStep`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from .._graphs import CapturedStep
 from .._optim import make_adam
 from ..encoders.fused import MEASURES
 from ..config import AffineConfig
@@ -188,7 +190,7 @@ class _Cost:
     def __call__(self, linear: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
         """``(K,)`` costs of ``K`` transforms ``p_A = linear p_B + translation`` (``(K, d, d)``,
         ``(K, d)``; physical units, as :class:`AffineTransform`)."""
-        inverse = torch.linalg.inv(linear)
+        inverse = torch.linalg.inv_ex(linear).inverse   # no error check: no host read (CUDA graphs)
         maps = (_unit_affine(linear, translation, self.s_A, self.s_B),
                 _unit_affine(inverse, -(inverse @ translation[..., None])[..., 0], self.s_B, self.s_A))
         cost = 0.0
@@ -261,21 +263,25 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
 
 
 def _descend(images: _Images, config: AffineConfig, steps: int, parameters: list[torch.Tensor], current,
-             costs, project=None, kernels=None) -> None:
+             costs, project=None, kernels=None, capture: bool = False) -> None:
     """Adam on ``parameters`` over the refinement's blur schedule, ``steps`` in all (stages of equal
     length, the last takes the remainder). ``current()`` gives the ``(linear, translation / length)``
     being fitted, ``costs(moving, fixed)`` builds the cost of one stage, ``project()`` (optional)
-    runs after each step; ``kernels``: the compiled module for native Adam steps, or None."""
-    optimizer = make_adam(parameters, config.learning_rate, kernels)
+    runs after each step; ``kernels``: the compiled module for native Adam steps, or None;
+    ``capture``: each stage's step as a CUDA graph (on CUDA, see :class:`CapturedStep`)."""
+    optimizer = make_adam(parameters, config.learning_rate, kernels, capturable=capture)
     per_stage = max(1, steps // len(config.blur_sigmas))
     for stage, sigma in enumerate(config.blur_sigmas):
         cost = costs(*images.level(sigma, config.max_shrink))
         last = stage == len(config.blur_sigmas) - 1
-        for _ in range(max(0, steps - per_stage * stage if last else per_stage)):
-            optimizer.zero_grad()
+
+        def step(cost=cost):
             linear, translation = current()
             cost(linear[None], translation[None])[0].backward()
             optimizer.step()
+        runner = CapturedStep(step, optimizer.zero_grad, parameters[0].device, capture, "fit: the affine stage's step")
+        for _ in range(max(0, steps - per_stage * stage if last else per_stage)):
+            runner()
             if project is not None:
                 project()
 
@@ -304,7 +310,7 @@ def _orientation(orientation, dim: int, device) -> torch.Tensor:
 def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequence[float],
                extent_fixed: Sequence[float], config: AffineConfig = AffineConfig(), *,
                native: bool = False, start: AffineTransform | None = None,
-               orientation=None, masks=(None, None)) -> AffineTransform:
+               orientation=None, masks=(None, None), cuda_graphs: bool = False) -> AffineTransform:
     """Fit the affine stage between two images normalised to [0, 1].
 
     Args:
@@ -325,6 +331,8 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
             None): the rigid and affine refinement compare each direction only inside its target
             image's mask (e.g. the foreground, so a skull around one brain and not the other does
             not pull the map towards scaling one head onto the other's brain).
+        cuda_graphs: capture the steps as CUDA graphs (on a CUDA device; the torch operations and
+            a capturable Adam run them, elsewhere eagerly).
     """
     dim = moving.ndim
     dtype, device = torch.float64, moving.device
@@ -332,6 +340,7 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
     if native and device.type == "cpu":
         from .._cuda_ext import load
         kernels = load()
+    capture = cuda_graphs and kernels is None
     s_A = torch.tensor(extent_moving, dtype=dtype, device=device)
     s_B = torch.tensor(extent_fixed, dtype=dtype, device=device)
     moving64, fixed64 = moving.to(dtype), fixed.to(dtype)
@@ -350,7 +359,8 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
     images = _Images(moving64, fixed64, config.working_size, masks)
     if start is None:
         linear, translation = _search(moving64, fixed64, s_A, s_B, config, kernels, length,
-                                      None if orientation is None else _orientation(orientation, dim, device))
+                                      None if orientation is None else _orientation(orientation, dim, device),
+                                      capture)
     else:
         linear0 = torch.as_tensor(start.linear, dtype=dtype, device=device)
         translation0 = torch.as_tensor(start.translation, dtype=dtype, device=device) / length
@@ -362,7 +372,7 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
 
         if config.rigid_iterations > 0:
             _descend(images, config, config.rigid_iterations, [angles, shift], rigid, costs(config.refinement_cost),
-                     kernels=kernels)
+                     kernels=kernels, capture=capture)
         with torch.no_grad():
             linear, translation = (value.detach().clone() for value in rigid())
     # The refinement keeps each singular value of the linear part within a factor of 2 of the
@@ -381,12 +391,12 @@ def fit_affine(moving: torch.Tensor, fixed: torch.Tensor, extent_moving: Sequenc
         linear.requires_grad_(True)
         translation.requires_grad_(True)
         _descend(images, config, config.iterations, [linear, translation], lambda: (linear, translation),
-                 costs(config.refinement_cost), bound_singular_values, kernels=kernels)
+                 costs(config.refinement_cost), bound_singular_values, kernels=kernels, capture=capture)
     return transform(linear.detach(), translation.detach())
 
 
 def _search(moving64, fixed64, s_A, s_B, config: AffineConfig, kernels, length: float,
-            orientation: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            orientation: torch.Tensor | None, capture: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1 and 2 of the module docstring: the moments start under each candidate rotation (of
     ``orientation``), a short batched similarity fit of each, the best one. Returns ``(linear,
     translation / length)``."""
@@ -421,14 +431,18 @@ def _search(moving64, fixed64, s_A, s_B, config: AffineConfig, kernels, length: 
         images = _Images(moving64, fixed64, config.search_size)
         cost = _Cost(*images.blurred(config.search_sigma), images.grid_moving, images.grid_fixed, s_A, s_B,
                      kernels)
-        optimizer = make_adam([log_scale, angle, translation], config.search_learning_rate, kernels)
-        for _ in range(config.search_iterations):
-            optimizer.zero_grad()
+        optimizer = make_adam([log_scale, angle, translation], config.search_learning_rate, kernels,
+                              capturable=capture)
+
+        def step():
             linear, physical = similarity(log_scale, angle, translation)
             cost(linear, physical * length).sum().backward()   # candidates are independent: one batched step
             optimizer.step()
             with torch.no_grad():
                 log_scale.clamp_(*log_scale_bounds)
+        runner = CapturedStep(step, optimizer.zero_grad, device, capture, "fit: the affine search's step")
+        for _ in range(config.search_iterations):
+            runner()
         with torch.no_grad():
             linear, physical = similarity(log_scale, angle, translation)
             best = int(torch.argmin(cost(linear, physical * length)))

@@ -270,10 +270,11 @@ def _start(init, moving: torch.Tensor, fixed: torch.Tensor, grids: tuple[Grid, G
     grid_A, grid_B = grids
     extent_A, extent_B = grid_A.extent, grid_B.extent
     frames = orientation(grid_A, grid_B) if known else None
+    graphs = config.cuda_graphs and moving.device.type == "cuda"
     if init is None or (isinstance(init, str) and init == "moments"):
         if config.affine is not None:
             transform = fit_affine(moving, fixed, extent_A, extent_B, config.affine, native=native,
-                                   orientation=frames, masks=masks)
+                                   orientation=frames, masks=masks, cuda_graphs=graphs)
         elif init is None:
             return (None, None), None          # bare arrays, no affine stage: the unit cubes' identity
         else:
@@ -284,7 +285,7 @@ def _start(init, moving: torch.Tensor, fixed: torch.Tensor, grids: tuple[Grid, G
     transform = AffineTransform(torch.from_numpy(linear), torch.from_numpy(translation), extent_A, extent_B)
     if config.affine is not None:
         transform = fit_affine(moving, fixed, extent_A, extent_B, config.affine, native=native, start=transform,
-                               masks=masks)
+                               masks=masks, cuda_graphs=graphs)
     return (transform.unit_AB(), transform.unit_BA()), world
 
 
