@@ -123,7 +123,7 @@ def _logging_captured_steps(monkeypatch) -> list:
     return logs
 
 
-@pytest.mark.parametrize("case", ["2d", "3d", "2d lncc icon mi"])
+@pytest.mark.parametrize("case", ["2d", "3d", "2d lncc icon mi", "2d torch backend"])
 def test_the_captured_step_reads_nothing_from_the_host(pair64, monkeypatch, case):
     """What a CUDA graph captures (objective, backward, Adam) must launch device work only. On the
     CPU: no operation of the step reads a value on the host or makes a tensor from host data, and
@@ -136,8 +136,10 @@ def test_the_captured_step_reads_nothing_from_the_host(pair64, monkeypatch, case
     else:
         moving, fixed = pair64[:2]
         config = dataclasses.replace(nfr.FitConfig(), iterations=2)
-        if case != "2d":
+        if case == "2d lncc icon mi":
             config = dataclasses.replace(config, similarity="lncc", icon_weight=0.5)
+        if case == "2d torch backend":
+            config = dataclasses.replace(config, backend="torch")
         options = {}
     logs = _logging_captured_steps(monkeypatch)
     _fit(monkeypatch, True, moving, fixed, dataclasses.replace(config, fused_kernels=False), **options)
