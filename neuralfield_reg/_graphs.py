@@ -63,7 +63,10 @@ class CapturedStep:
         self.zero_grad()
         self.stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            # "thread_local": other threads of the process (file writers, a user's data loader) may
+            # keep using CUDA while this thread captures; the captured work itself was checked
+            # for host reads (tests/test_static_step.py).
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 output = self.step()
         except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager calls
             warnings.warn(f"{self.what}: could not be captured as a CUDA graph ({type(error).__name__}: {error}); "
