@@ -8,7 +8,7 @@ over a handful of tensors is a few in-place operations each. Given the compiled 
 (``kernels=``, CPU tensors), a step is one native call that reads and writes every element once
 (``cuda_ext/optim_cpu.cpp``) instead of five passes per tensor: the same update up to rounding.
 With ``capturable=True`` the step counts and the learning rate live in tensors on the parameters'
-device, so that a step can be captured in a CUDA graph and replayed (``engine/static_step.py``).
+device, so that a step can be captured in a CUDA graph and replayed (``_graphs.py``).
 """
 
 from __future__ import annotations
