@@ -54,32 +54,44 @@ def _assert_close_fits(first, second, tolerance):
 
 CASES = {
     # 2D: the whole image per step, the 2D preset
-    "2d": dict(config=dict(iterations=30)),
+    "2d": dict(preset="2d", config=dict(iterations=30)),
     # 3D: random voxels inside masks, diffusion, a blur stage change, weight averaging
-    "3d": dict(config=dict(iterations=24, similarity_points=300, gradient_icon_points=128, diffusion_weight=0.5,
-                           blur_sigmas=(1.0, 0.0), average_last=0.25, affine=None), masks=True),
+    "3d": dict(preset="3d", config=dict(iterations=24, similarity_points=300, gradient_icon_points=128,
+                                        diffusion_weight=0.5, blur_sigmas=(1.0, 0.0), average_last=0.25,
+                                        affine=None)),
+    # 3D, two pairs in one batch, LNCC on random patches
+    "3d batch lncc patches": dict(preset="3d", config=dict(iterations=12, similarity="lncc", lncc_patches=4,
+                                                           lncc_patch_size=6, lncc_window=3, gradient_icon_points=64,
+                                                           affine=None)),
 }
+
+
+def _fit_case(monkeypatch, case: str, static: bool, seed: int, pair64):
+    spec = CASES[case]
+    config = dataclasses.replace(nfr.FitConfig.preset(spec["preset"]), fused_kernels=False, **spec["config"])
+    monkeypatch.setattr(fit_module, "use_static_step", lambda config, device, backend: static)
+    if case == "2d":
+        return [nfr.fit_pair(*pair64[:2], config, seed=seed, progress=False)]
+    moving, fixed = _volumes()
+    if case == "3d":
+        fixed_mask = np.ones(fixed.shape, bool)
+        fixed_mask[:, :, :3] = False
+        return [nfr.fit_pair(moving, fixed, config, seed=seed, progress=False, moving_mask=moving > 0.5,
+                             fixed_mask=fixed_mask)]
+    return nfr.fit_pairs([moving, fixed], [fixed, np.roll(moving, 2, 0)], config, seed=seed, progress=False)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_static_step_follows_the_plain_loop(pair64, monkeypatch, case):
     """Same seed, same autograd objective: the static step's fit retraces the plain loop's (the
     Adam updates round differently, hence a tolerance, far below what a stale buffer would give)."""
-    spec = CASES[case]
-    if case == "2d":
-        moving, fixed = pair64[:2]
-        options = {}
-    else:
-        moving, fixed = _volumes()
-        options = dict(moving_mask=moving > 0.5, fixed_mask=np.ones(fixed.shape, bool))
-        options["fixed_mask"][:, :, :3] = False
-    config = dataclasses.replace(nfr.FitConfig.preset(case), fused_kernels=False, **spec["config"])
-    plain = _fit(monkeypatch, False, moving, fixed, config, seed=2, **options)
-    static = _fit(monkeypatch, True, moving, fixed, config, seed=2, **options)
-    _assert_close_fits(plain, static, 1e-4)
+    plain = _fit_case(monkeypatch, case, False, 2, pair64)
+    static = _fit_case(monkeypatch, case, True, 2, pair64)
+    for first, second in zip(plain, static, strict=True):
+        _assert_close_fits(first, second, 1e-4)
     # a different draw changes the fit far beyond that tolerance (the check can fail)
-    other = _fit(monkeypatch, True, moving, fixed, config, seed=3, **options)
-    assert not np.allclose(other.history["similarity"], plain.history["similarity"], rtol=1e-3)
+    other = _fit_case(monkeypatch, case, True, 3, pair64)
+    assert not np.allclose(other[0].history["similarity"], plain[0].history["similarity"], rtol=1e-3)
 
 
 # Operations that read a tensor on the host (a synchronisation, and no graph can capture it; on the
