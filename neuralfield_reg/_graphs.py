@@ -40,7 +40,8 @@ class CapturedStep:
     def __init__(self, step: Callable[[], torch.Tensor | None], zero_grad: Callable[[], None],
                  device: torch.device, capture: bool, what: str = "step"):
         self.step, self.zero_grad, self.what = step, zero_grad, what
-        self.capture = capture and torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.capture = capture and self.device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.capture else None
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -81,9 +82,12 @@ class CapturedStep:
 
     def __call__(self):
         self.calls += 1
-        if self.graph is not None:
-            self.graph.replay()
-            return self.output
-        if self.capture and self.calls > WARMUP and self._capture():
-            return self.output
-        return self._eager()
+        if self.stream is None:
+            return self._eager()
+        with torch.cuda.device(self.device):      # streams and replays on the step's GPU (cuda:1 too)
+            if self.graph is not None:
+                self.graph.replay()
+                return self.output
+            if self.capture and self.calls > WARMUP and self._capture():
+                return self.output
+            return self._eager()
