@@ -41,7 +41,7 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor&, const at::Tensor&, const a
                                    const at::Tensor&, double, int64_t, int64_t);
 // optim_cpu.cpp
 void adam_step(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
-               const std::vector<at::Tensor>&, const std::vector<int64_t>&, double, double, double, double);
+               const std::vector<at::Tensor>&, const std::vector<int64_t>&, double, double, double, double, bool);
 
 }  // namespace hashgrid
 

@@ -20,7 +20,7 @@ namespace {
 
 template <typename scalar_t>
 void adam_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, int64_t n, double learning_rate,
-                 double beta1, double beta2, double eps, int64_t step) {
+                 double beta1, double beta2, double eps, int64_t step, bool skip_zero) {
   const scalar_t keep1 = static_cast<scalar_t>(1 - beta1), b2 = static_cast<scalar_t>(beta2);
   const scalar_t keep2 = static_cast<scalar_t>(1 - beta2);
   const scalar_t step_size = static_cast<scalar_t>(learning_rate / (1 - std::pow(beta1, static_cast<double>(step))));
@@ -29,6 +29,7 @@ void adam_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, int64
   at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t gi = g[i];
+      if (skip_zero && gi == 0) continue;
       const scalar_t mi = m[i] + keep1 * (gi - m[i]);
       const scalar_t vi = b2 * v[i] + keep2 * gi * gi;
       m[i] = mi;
@@ -45,7 +46,8 @@ void adam_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, int64
 // (float32 or float64) and numel.
 void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& firsts, const std::vector<at::Tensor>& seconds,
-               const std::vector<int64_t>& steps, double learning_rate, double beta1, double beta2, double eps) {
+               const std::vector<int64_t>& steps, double learning_rate, double beta1, double beta2, double eps,
+               bool skip_zero) {
   const size_t count = params.size();
   TORCH_CHECK(grads.size() == count && firsts.size() == count && seconds.size() == count && steps.size() == count,
               "adam_step: expected as many gradients, moments and step counts as parameters");
@@ -59,7 +61,8 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     TORCH_CHECK(steps[i] >= 1, "adam_step: step counts start at 1");
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "adam_step", [&] {
       adam_tensor<scalar_t>(p.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(), firsts[i].data_ptr<scalar_t>(),
-                            seconds[i].data_ptr<scalar_t>(), p.numel(), learning_rate, beta1, beta2, eps, steps[i]);
+                            seconds[i].data_ptr<scalar_t>(), p.numel(), learning_rate, beta1, beta2, eps, steps[i],
+                            skip_zero);
     });
   }
 }

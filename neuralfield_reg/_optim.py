@@ -8,7 +8,10 @@ over a handful of tensors is a few in-place operations each. Given the compiled 
 (``kernels=``, CPU tensors), a step is one native call that reads and writes every element once
 (``cuda_ext/optim_cpu.cpp``) instead of five passes per tensor: the same update up to rounding.
 With ``capturable=True`` the step counts and the learning rate live in tensors on the parameters'
-device, so that a step can be captured in a CUDA graph and replayed (``_graphs.py``).
+device, so that a step can be captured in a CUDA graph and replayed (``_graphs.py``). With
+``skip_zero=True`` an entry whose gradient is exactly 0 at a step is left alone, as Instant-NGP
+treats its hash tables (a step's points touch a quarter of a 3D fit's table rows; the others get a
+zero gradient): its value and moments stay, and the step costs less.
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ class Adam:
     and parameters on the CPU, the step runs natively. With ``capturable``, the step counts and
     the learning rate are float64 tensors on the parameters' device and a step reads no number
     from them on the host (the same update, for CUDA graphs); :meth:`load_state_dict` then
-    writes into the existing tensors, so a captured step stays valid after a rollback.
+    writes into the existing tensors, so a captured step stays valid after a rollback. With
+    ``skip_zero``, entries whose gradient is exactly 0 keep their value and moments at that step
+    (the step count is the parameter's, so the others' bias correction is torch's); an entry with a
+    gradient at every step follows torch's Adam exactly.
     """
 
     def __init__(self, parameters, learning_rate: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, kernels=None, capturable: bool = False):
+                 eps: float = 1e-8, kernels=None, capturable: bool = False, skip_zero: bool = False):
         self.parameters = list(parameters)
         cpu = all(p.device.type == "cpu" and p.is_contiguous() for p in self.parameters)
         self.kernels = kernels if cpu and not capturable else None
-        self.capturable = capturable
+        self.capturable, self.skip_zero = capturable, skip_zero
         self.param_groups = [{"lr": float(learning_rate), "params": self.parameters}]
         self.betas, self.eps = betas, eps
         self.steps: list = ([torch.zeros((), dtype=torch.float64, device=p.device) for p in self.parameters]
@@ -71,38 +77,39 @@ class Adam:
             self.kernels.adam_step([self.parameters[i] for i in stepped],
                                    [self.parameters[i].grad.contiguous() for i in stepped],
                                    [self.first[i] for i in stepped], [self.second[i] for i in stepped],
-                                   [self.steps[i] for i in stepped], learning_rate, beta1, beta2, self.eps)
-            return
-        if self.capturable:
-            self._step_on_device()
+                                   [self.steps[i] for i in stepped], learning_rate, beta1, beta2, self.eps,
+                                   self.skip_zero)
             return
         for index, parameter in enumerate(self.parameters):
             gradient = parameter.grad
             if gradient is None:
                 continue
-            self.steps[index] += 1
-            step = self.steps[index]
-            first, second = self.first[index], self.second[index]
-            first.lerp_(gradient, 1.0 - beta1)
-            second.mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)
-            bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-            denominator = (second.sqrt() / math.sqrt(bias2)).add_(self.eps)
-            parameter.addcdiv_(first, denominator, value=-learning_rate / bias1)
+            if self.capturable:         # counts and rate on the device: nothing read on the host
+                step = self.steps[index].add_(1)
+                bias1, bias2 = 1.0 - torch.pow(beta1, step), 1.0 - torch.pow(beta2, step)
+                self._update(index, gradient, self.learning_rate / bias1, bias2.sqrt())
+            else:
+                self.steps[index] += 1
+                step = self.steps[index]
+                bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+                self._update(index, gradient, learning_rate / bias1, math.sqrt(bias2))
 
-    def _step_on_device(self) -> None:
-        """The update with the step count and the learning rate read on the device."""
+    def _update(self, index: int, gradient: torch.Tensor, step_size, root_bias2) -> None:
+        """One entry-wise Adam update of parameter ``index``; ``step_size`` (learning rate over
+        the first bias correction) and ``root_bias2`` are numbers or 0-d tensors."""
         beta1, beta2 = self.betas
-        for index, parameter in enumerate(self.parameters):
-            gradient = parameter.grad
-            if gradient is None:
-                continue
-            step = self.steps[index].add_(1)
-            first, second = self.first[index], self.second[index]
-            first.lerp_(gradient, 1.0 - beta1)
-            second.mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)
-            bias1, bias2 = 1.0 - torch.pow(beta1, step), 1.0 - torch.pow(beta2, step)
-            denominator = (second.sqrt() / bias2.sqrt()).add_(self.eps)
-            parameter.sub_(first / denominator * (self.learning_rate / bias1))
+        parameter, first, second = self.parameters[index], self.first[index], self.second[index]
+        keep = (gradient == 0) if self.skip_zero else None
+        if keep is not None:
+            previous = (first.clone(), second.clone())
+        first.lerp_(gradient, 1.0 - beta1)
+        second.mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)
+        update = first / (second.sqrt() / root_bias2).add_(self.eps) * step_size
+        if keep is not None:
+            update.masked_fill_(keep, 0.0)
+            first.copy_(torch.where(keep, previous[0], first))
+            second.copy_(torch.where(keep, previous[1], second))
+        parameter.sub_(update)
 
     def state_dict(self) -> dict:
         steps = [t.clone() for t in self.steps] if self.capturable else list(self.steps)
@@ -120,7 +127,9 @@ class Adam:
             mine.copy_(theirs)
 
 
-def make_adam(parameters: list[torch.Tensor], learning_rate: float, kernels=None, capturable: bool = False) -> Adam:
+def make_adam(parameters: list[torch.Tensor], learning_rate: float, kernels=None, capturable: bool = False,
+              skip_zero: bool = False) -> Adam:
     """The fits' Adam (see :class:`Adam`; ``kernels``: the compiled module, for native steps on
-    the CPU, or None; ``capturable``: for a step captured in a CUDA graph)."""
-    return Adam(parameters, learning_rate, kernels=kernels, capturable=capturable)
+    the CPU, or None; ``capturable``: for a step captured in a CUDA graph; ``skip_zero``: leave
+    entries with a zero gradient alone)."""
+    return Adam(parameters, learning_rate, kernels=kernels, capturable=capturable, skip_zero=skip_zero)

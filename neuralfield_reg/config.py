@@ -91,11 +91,13 @@ class ScheduleConfig:
     level_ramp: float = 0.5
     start_levels: int = 2
     average_last: float = 0.0
+    sparse_adam: bool = True
 
     def __post_init__(self):
         check_fields(self, {"iterations": "int", "learning_rate": "number", "learning_rate_decay": "number",
                             "blur_sigmas": "numbers", "blur_in_mm": "bool", "level_ramp": "number",
-                            "start_levels": "int", "average_last": "number"}, owner_name="FitConfig")
+                            "start_levels": "int", "average_last": "number", "sparse_adam": "bool"},
+                     owner_name="FitConfig")
         _require(self.iterations >= 1, "FitConfig.iterations", "an integer >= 1", self.iterations)
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "FitConfig.learning_rate",
                  "a positive number", self.learning_rate)
@@ -250,6 +252,11 @@ class FitConfig:
             last ``average_last`` share of the iterations (stochastic weight averaging, Izmailov
             et al. 2018), which evens out the noise of the random points; 0 returns the last
             iterate. After a rollback the average restarts from the iteration rolled back to.
+        sparse_adam: the field stage's Adam leaves an entry whose gradient is exactly 0 at a step
+            alone (no update, its moments do not decay), as Instant-NGP does for hash tables: the
+            table rows that none of a step's points touches (about three quarters in 3D) keep
+            their values, and the step costs less. Same accuracy in our measurements; False gives
+            the dense update of ``torch.optim.Adam``.
     Objective:
         similarity: ``"ssd"``, ``"ncc"`` (global), ``"lncc"`` (local, ``lncc_window`` voxels) or
             ``"mi"`` (``-`` mutual information in nats, ``mi_bins`` intensity bins; ``losses.mi``).

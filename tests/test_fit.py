@@ -472,3 +472,26 @@ def test_weight_average_restarts_after_a_rollback():
         average.add(step)
     average.apply()
     assert parameter.tolist() == [8.0, 8.0, 8.0]
+
+
+def test_sparse_adam_is_handed_to_the_field_stage(pair64, monkeypatch):
+    """``sparse_adam`` (the default) gives the field stage's Adam ``skip_zero`` (tested against
+    torch's SparseAdam in test_optim.py). The first update is the same either way (entries without a
+    gradient have no moments yet); later ones differ, once an entry with moments gets no gradient."""
+    import neuralfield_reg.registration.fit as fit_module
+    made = []
+    original = fit_module.make_adam
+
+    def recording_adam(parameters, learning_rate, kernels=None, **options):
+        made.append(options.get("skip_zero"))
+        return original(parameters, learning_rate, kernels, **options)
+    monkeypatch.setattr(fit_module, "make_adam", recording_adam)
+    moving, fixed, _, _ = pair64
+    config = dataclasses.replace(QUICK, affine=None, iterations=6)
+    sparse = nfr.fit_pair(moving, fixed, config, progress=False)
+    dense = nfr.fit_pair(moving, fixed, dataclasses.replace(config, sparse_adam=False), progress=False)
+    assert made == [True, False]
+    assert sparse.history["loss"][:2] == dense.history["loss"][:2]
+    assert sparse.history["loss"][2:] != dense.history["loss"][2:]
+    with pytest.raises(TypeError, match="FitConfig.sparse_adam"):
+        nfr.FitConfig(sparse_adam="yes")

@@ -259,11 +259,13 @@ def test_points_that_need_a_gradient_use_the_autograd_path():
 @pytest.mark.parametrize("similarity,diffusion_weight", [("ssd", 0.0), ("ncc", 0.0), ("mi", 0.0), ("ssd", 0.5)])
 def test_fit_with_fused_kernels_follows_the_autograd_path(similarity, diffusion_weight):
     # Same seed, same points: the fused and per-operation paths compute one function, so a short fit
-    # follows the same trajectory up to float32 rounding.
+    # follows the same trajectory up to float32 rounding. The dense Adam update keeps this about the
+    # kernels: with sparse_adam an entry whose gradient is exactly 0 on one path and a rounding
+    # residue on the other would take a whole Adam step on one path only.
     pair = shape_pairs(1, size=48, seed=5)[0]
     config = nfr.FitConfig(iterations=40, affine=None, similarity_points=1024, gradient_icon_points=128,
                            backend="native", similarity=similarity, hidden_widths=(32, 32),
-                           diffusion_weight=diffusion_weight)
+                           diffusion_weight=diffusion_weight, sparse_adam=False)
     fused = nfr.fit_pair(pair.moving, pair.fixed, config, progress=False)
     plain = nfr.fit_pair(pair.moving, pair.fixed, dataclasses.replace(config, fused_kernels=False), progress=False)
     # Float32 rounding differences grow along the trajectory (units near their ReLU kink switch on

@@ -428,7 +428,7 @@ def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init
     native = inputs.backend == "native" and config.fused_kernels and inputs.device.type == "cpu"
     static = use_static_step(config, inputs.device, inputs.backend)
     optimizer = make_adam(list(maps.parameters()), config.learning_rate, load_kernels() if native else None,
-                          capturable=static)
+                          capturable=static, skip_zero=config.sparse_adam)
     sampler = Sampler(config, {"A": tuple(inputs.moving.shape[1:]), "B": tuple(inputs.fixed.shape[1:])},
                       inputs.masks, n_pairs, generator)
     schedule = Schedule(config, inputs.moving, inputs.fixed,
