@@ -296,10 +296,11 @@ class FitConfig:
             penalty's is not used with ``icon_weight > 0``) and the affine stage's cost in the
             compiled ``affine_ncc`` kernel; False uses the per-operation autograd path (same
             function, slower; for comparison).
-        cuda_graphs: on a CUDA device with the native or torch backend, capture the field
-            stage's step (objective, gradients, Adam) once as a CUDA graph and replay it
-            (``engine/static_step.py``): one launch per step instead of hundreds; where the
-            capture fails the fit warns and steps eagerly. False always steps eagerly.
+        cuda_graphs: on a CUDA device, capture the fit's steps as CUDA graphs and replay them
+            (``_graphs.py``): the field stage's step (objective, gradients, Adam; native or torch
+            backend, ``engine/static_step.py``) and the affine stage's search and refinement
+            steps, one launch per step instead of hundreds; where a capture fails the fit warns
+            and steps eagerly. False always steps eagerly.
         on_divergence: what a diverging fit does: ``"raise"`` stops with
             :class:`~neuralfield_reg.FitDivergedError`; ``"rollback"`` returns to the last good
             state (kept every few iterations), multiplies the learning rate by

@@ -73,7 +73,8 @@ class Objective:
         self.config, self.maps, self.sampler, self.masks = config, maps, sampler, masks
         self.extent_A, self.extent_B = extents
         # The extents as tensors on the fit's device, made once: the autograd penalty then copies
-        # nothing from the host during a step (a CUDA graph could not capture that copy).
+        # nothing from the host during a step (a CUDA graph could not capture that copy). Float32,
+        # the maps' dtype, so that no cast is needed either.
         self.extent_tensors = tuple(None if e is None else
                                     torch.as_tensor(e, dtype=torch.float32, device=sampler.device) for e in extents)
         self.fused_similarity, self.fused_penalty = fused_similarity, fused_penalty
