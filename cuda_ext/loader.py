@@ -3,7 +3,8 @@
 The C++ kernels are always built; the CUDA kernels are added when PyTorch has CUDA and a CUDA
 toolkit (nvcc) is found. The C++ is compiled for the building machine's CPU (``-march=native``). The
 build is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), per
-kind of CPU, and redone when a source changes. ``load()`` raises
+kind of CPU and per installation of PyTorch (each Python environment keeps its own build), and redone
+when a source changes. ``load()`` raises
 ``NativeBuildError`` with the reason when the extension cannot be built or imported.
 """
 
@@ -57,6 +58,19 @@ def _cpu_tag() -> str:
     return hashlib.sha1(description.encode()).hexdigest()[:8]
 
 
+def _environment_tag() -> str:
+    """A short hash of the PyTorch installation the kernels compile against (its folder and version)
+    and of the Python version. A build's commands name that installation's include folders, so two
+    environments sharing one build folder would each find the other's build out of date and rebuild
+    it, half a minute every time the environment changes; with the tag each keeps its own."""
+    import hashlib
+
+    import torch
+
+    description = f"{os.path.dirname(os.path.realpath(torch.__file__))}|{torch.__version__}|{sys.version}"
+    return hashlib.sha1(description.encode()).hexdigest()[:8]
+
+
 @contextlib.contextmanager
 def _this_environments_ninja():
     """PATH with this Python environment's scripts folder first while the build runs, when ninja
@@ -98,7 +112,7 @@ def load(verbose: bool = False):
         sources = [str(SOURCE_DIR / source) for source in ("bindings.cpp", "hashgrid_cpu.cpp", "fused_cpu.cpp",
                                                                  "similarity_cpu.cpp", "optim_cpu.cpp")]
         flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
-        name = f"{NAME}_{_cpu_tag()}"
+        name = f"{NAME}_{_cpu_tag()}_{_environment_tag()}"
         extra = {}
         if _with_cuda():
             sources.append(str(SOURCE_DIR / "hashgrid_cuda.cu"))

@@ -163,3 +163,20 @@ def test_the_build_runs_this_environments_ninja(monkeypatch, tmp_path):
     with loader._this_environments_ninja():
         assert os.path.dirname(shutil.which("ninja")) == scripts
     assert shutil.which("ninja") == str(other)
+
+
+def test_each_torch_installation_keeps_its_own_build(monkeypatch):
+    """The build's name carries the PyTorch installation it compiles against: two environments
+    sharing the cache folder do not rebuild each other's kernels (the build commands name each
+    installation's include folders), while one environment finds its own build again."""
+    import torch
+
+    from neuralfield_reg._cuda_ext import loader
+
+    here = loader._environment_tag()
+    assert loader._environment_tag() == here
+    monkeypatch.setattr(torch, "__file__", "/another/environment/site-packages/torch/__init__.py")
+    elsewhere = loader._environment_tag()
+    assert elsewhere != here
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert loader._environment_tag() not in (here, elsewhere)
