@@ -7,6 +7,7 @@ Every builder returns ``{"moving", "fixed", "moving_labels", "fixed_labels"}`` -
 * :func:`linear_2mm` / :func:`original_1mm`: the original files from the Debian ``mricron-data``
   templates folder and the antspyx 0.6.3 ``data`` folder (see ``neuralfield_reg/data/brain/README.md``),
   at 2 mm by linear interpolation (labels nearest) in each file's own frame, or as they are.
+* :func:`mixed_resolution`: the 1 mm Colin27 against the 2 mm MNI152.
 * :func:`skull_2mm`: Colin27 with its skull against the skull-stripped MNI152 (:func:`reversed_pair`: the
   other way round);
   :func:`inverted_2mm`: the linear 2 mm pair with the fixed image's contrast inverted;
@@ -60,6 +61,13 @@ def linear_2mm(sources, folder: Path, *, colin: str = "ch2bet.nii.gz", name: str
         out[key] = folder / path.name
         write_image(out[key], resample_to(source, coarse, mode="nearest" if labels else "linear", padding="zeros"))
     return out
+
+
+def mixed_resolution(original: dict, linear: dict) -> dict:
+    """The 1 mm Colin27 of :func:`original_1mm` (moving) against the 2 mm MNI152 of
+    :func:`linear_2mm` (fixed): a subject scan at its own resolution against a 2 mm template."""
+    return {"moving": original["moving"], "moving_labels": original["moving_labels"],
+            "fixed": linear["fixed"], "fixed_labels": linear["fixed_labels"]}
 
 
 def skull_2mm(sources, folder: Path) -> dict:

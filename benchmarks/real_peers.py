@@ -6,10 +6,10 @@
 
 Pairs (``benchmarks/_brain_pairs.py``): the packaged 2 mm Colin27 -> MNI152 pair as distributed;
 with ``--sources`` the original files at 2 mm (linear), with ``--one-mm`` at 1 mm, and with
-``--harder`` Colin27 with its skull against the stripped MNI152 (both ways), the 2 mm pair with
-the fixed image's contrast inverted, and the 2 mm pair with the moving header's origin 660 mm off;
-with
-``--deformed N``, N inter-subject-like pairs (MNI152 -> a moved, deformed, re-contrasted Colin27).
+``--harder`` the 1 mm Colin27 against the 2 mm MNI152, Colin27 with its skull against the stripped
+MNI152 (both ways), the 2 mm pair with the fixed image's contrast inverted, and the 2 mm pair with
+the moving header's origin 660 mm off; with ``--deformed N``, N inter-subject-like pairs (MNI152 ->
+a moved, deformed, re-contrasted Colin27).
 Methods, each on every pair, pair by pair (so the machine's slow phases hit all methods alike):
 
 * ``start``: the moving labels resampled by the headers alone;
@@ -160,7 +160,8 @@ def main() -> None:
     parser.add_argument("--sources", nargs=2, type=Path, metavar=("MRICRON_TEMPLATES", "ANTSPYX_DATA"))
     parser.add_argument("--one-mm", action="store_true")
     parser.add_argument("--harder", action="store_true",
-                        help="with --sources: Colin27 with its skull against the stripped MNI152 (both ways), "
+                        help="with --sources: the 1 mm Colin27 against the 2 mm MNI152, Colin27 with its skull "
+                             "against the stripped MNI152 (both ways), "
                              "a contrast-inverted fixed MNI152, and a moving header with its origin 660 mm off")
     parser.add_argument("--deformed", type=int, default=0, help="how many deformed inter-subject-like pairs")
     parser.add_argument("--methods", nargs="+", default=["start", "greedy", "ants", "nfreg"], choices=RUNNERS)
@@ -178,6 +179,8 @@ def main() -> None:
         if args.one_mm:
             pairs["original-1mm"] = _brain_pairs.original_1mm(args.sources, root)
         if args.harder:
+            pairs["1mm-to-2mm"] = _brain_pairs.mixed_resolution(_brain_pairs.original_1mm(args.sources, root),
+                                                                pairs["linear-2mm"])
             pairs["skull-to-stripped-2mm"] = _brain_pairs.skull_2mm(args.sources, root)
             pairs["stripped-to-skull-2mm"] = _brain_pairs.reversed_pair(pairs["skull-to-stripped-2mm"])
             pairs["inverted-contrast-2mm"] = _brain_pairs.inverted_2mm(pairs["linear-2mm"], root)

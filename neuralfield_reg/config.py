@@ -151,11 +151,13 @@ class SamplingConfig:
     lncc_patches: int | None = None
     lncc_patch_size: int = 16
     foreground: str | None = None
+    moving_at_fixed_resolution: bool = True
 
     def __post_init__(self):
         check_fields(self, {"similarity_points": "int?", "similarity_fraction": "number",
                             "gradient_icon_points": "int", "lncc_patches": "int?",
-                            "lncc_patch_size": "int", "foreground": "str?"}, owner_name="FitConfig")
+                            "lncc_patch_size": "int", "foreground": "str?", "moving_at_fixed_resolution": "bool"},
+                     owner_name="FitConfig")
         _require(self.similarity_points is None or self.similarity_points >= 1,
                  "FitConfig.similarity_points", "None or an integer >= 1", self.similarity_points)
         _require(0 <= self.similarity_fraction <= 1, "FitConfig.similarity_fraction", "a fraction in [0, 1]",
@@ -281,6 +283,13 @@ class FitConfig:
         foreground: ``"auto"``: where the caller gives no masks, the similarity counts (and draws
             its points) only inside each image's foreground (``registration.fit.foreground_mask``);
             None uses the whole images.
+        moving_at_fixed_resolution: the fit works at the fixed image's resolution: along each
+            axis where the moving image's voxels are 1.5 times finer than the fixed image's finest
+            spacing or more (a 1 mm scan against a 2 mm template), the moving image (and its mask)
+            is smoothed and resampled to that spacing over its own field of view before the fit
+            (``geometry.resample.coarser_grid``). The maps and every output stay on the original
+            grids; the moving image's finer detail is more than the fixed grid can use, and sampling
+            it costs time. False fits on the moving image as given.
     Model:
         encoding: hash-grid settings; None picks them from the image size: ``n_levels`` levels of
             ``n_features_per_level`` features from ``base_resolution`` cells per axis up to the

@@ -305,3 +305,34 @@ def test_fit_pairs_starts_each_pair_from_its_own_headers():
     np.testing.assert_allclose(mixed[1].affine_AB[:3, 3], [600.0, 0.0, 0.0], atol=2.0)
     with pytest.raises(ValueError, match="same voxel sizes"):
         nfr.fit_pairs([moving, Image(moving.data, spacing=1.0)], [fixed, fixed], config, progress=False)
+
+
+def test_a_finer_moving_image_is_fitted_at_the_fixed_resolution():
+    """A 1 mm moving scan (and its mask) against a 2 mm fixed one: the fit samples the moving
+    image smoothed and resampled to 2 mm over its own field of view (the same unit cube), which is
+    what a fit on that coarser image given by the caller does (to 1/40 voxel: the smoothed image's
+    maximum is 1 - 2e-7, which the caller's fit rescales to 1); the result stays on the
+    given 1 mm grid, and warps the 1 mm labels as well as the fit on the 1 mm image itself."""
+    from neuralfield_reg.geometry.resample import coarsen, coarser_grid
+
+    fine_grid = Grid.from_spacing((47, 39, 39), 1.0, origin=MOVING_GRID.origin)
+    coarse_grid = coarser_grid(fine_grid, 2.0)
+    assert coarse_grid.shape == MOVING_GRID.shape
+    fixed, fixed_labels = sampled(FIXED_GRID)
+    moving, moving_labels = sampled(fine_grid, shift=(2.0, -1.5, 1.0))
+    # in [0, 1] with both ends on flat regions: normalising the intensities nearly commutes with smoothing
+    moving = moving.with_data(np.clip((moving.data - 0.3) / 0.8, 0.0, 1.0))
+    mask = moving_labels.data > 0
+    result = nfr.fit_pair(moving, fixed, QUICK, moving_mask=mask, progress=False)
+    assert result.moving_grid.same_as(fine_grid) and result.metadata["moving_fit_shape"] == coarse_grid.shape
+
+    as_coarse = Image(coarsen(torch.from_numpy(moving.data), fine_grid, coarse_grid).numpy(), coarse_grid)
+    coarse_mask = coarsen(torch.from_numpy(mask).float(), fine_grid, coarse_grid).numpy() >= 0.5
+    off = dataclasses.replace(QUICK, moving_at_fixed_resolution=False)
+    given = nfr.fit_pair(as_coarse, fixed, off, moving_mask=coarse_mask, progress=False)
+    np.testing.assert_allclose(result.world_displacement("AB"), given.world_displacement("AB"), atol=0.05)
+
+    at_1mm = nfr.fit_pair(moving, fixed, off, moving_mask=mask, progress=False)
+    assert at_1mm.metadata["moving_fit_shape"] == fine_grid.shape
+    agree = [(r.warp(moving_labels, mode="nearest").data == fixed_labels.data).mean() for r in (result, at_1mm)]
+    assert agree[0] > 0.9 and agree[0] > agree[1] - 0.01

@@ -28,6 +28,7 @@ from ..engine import FitDivergedError, Guard, Sampler, Schedule, StaticStep, mak
 from ..transforms.fields import MapPair, MapPairs
 from ..geometry.filters import gaussian_blur
 from ..geometry import Grid, Image
+from ..geometry.resample import coarsen, coarser_grid
 from ..io.images import as_image
 from .result import RegistrationResult
 from ..transforms.world import INIT_NAMES, initial_world, orientation, world_to_local
@@ -314,7 +315,8 @@ _NO_OVERLAP = 0.01
 @dataclass(frozen=True)
 class _Inputs:
     """A fit's checked inputs: ``config`` resolved for the fixed grid, the normalised images
-    ``(B, *shape)``, their grids, the masks by direction (``"A"``: moving, ``"B"``: fixed), the
+    ``(B, *shape)``, their grids (the moving images' as the fit samples them, and as given: the
+    results' grids), the masks by direction (``"A"``: moving, ``"B"``: fixed), the
     initialisation, whether all inputs carry geometry, the device and the encoder backend."""
 
     config: FitConfig
@@ -322,6 +324,7 @@ class _Inputs:
     fixed: torch.Tensor
     moving_grids: list[Grid]
     fixed_grids: list[Grid]
+    given_moving_grids: list[Grid]
     masks: dict
     init: object
     init_given: bool
@@ -356,13 +359,33 @@ def _inputs(caller: str, movings: list, fixeds: list, config: FitConfig | None, 
                              f"got {sorted({grid.spacing for grid in grids})}; fit groups of equal grids")
     masks = {"A": _check_masks(caller, "moving", moving_masks, moving_t, moving_grids),
              "B": _check_masks(caller, "fixed", fixed_masks, fixed_t, fixed_grids)}
+    given_moving_grids = moving_grids
+    if config.moving_at_fixed_resolution:
+        moving_t, masks["A"], moving_grids = _at_fixed_resolution(moving_t, masks["A"], moving_grids,
+                                                                  fixed_grids[0])
     if config.foreground == "auto":
         for key, images in (("A", moving_t), ("B", fixed_t)):
             if masks[key] is None:
                 masks[key] = torch.stack([foreground_mask(image) for image in images])
     config = config.resolved(tuple(fixed_t.shape[1:]))
-    return _Inputs(config, moving_t, fixed_t, moving_grids, fixed_grids, masks, init, init_given, known, device,
-                   resolve_backend(config.backend, device))
+    return _Inputs(config, moving_t, fixed_t, moving_grids, fixed_grids, given_moving_grids, masks, init, init_given,
+                   known, device, resolve_backend(config.backend, device))
+
+
+def _at_fixed_resolution(moving: torch.Tensor, masks: torch.Tensor | None, grids: list[Grid],
+                         fixed_grid: Grid) -> tuple[torch.Tensor, torch.Tensor | None, list[Grid]]:
+    """The ``(B, *shape)`` moving images (and masks) on grids no finer than the fixed image's
+    finest spacing (``FitConfig.moving_at_fixed_resolution``; unchanged when no axis is 1.5 times
+    finer), with those grids. A coarsened mask keeps the voxels at least half inside the given one
+    (any overlap where that leaves none)."""
+    coarse = coarser_grid(grids[0], min(fixed_grid.spacing))
+    if coarse is grids[0]:
+        return moving, masks, grids
+    moving = torch.stack([coarsen(image, grids[0], coarse) for image in moving])
+    if masks is not None:
+        shares = [coarsen(mask.float(), grids[0], coarse) for mask in masks]
+        masks = torch.stack([share >= 0.5 if bool((share >= 0.5).any()) else share > 0 for share in shares])
+    return moving, masks, [coarser_grid(grid, min(fixed_grid.spacing)) for grid in grids]
 
 
 def _initial_maps(inputs: _Inputs, caller: str, seed: int) -> tuple[MapPairs, list[float | None], list]:
@@ -445,10 +468,11 @@ def _fit(movings: list, fixeds: list, config: FitConfig | None, *, spacing, init
     results = []
     for p, pair in enumerate(maps.unstack()):
         metadata = {"seed": seed + p, "device": str(inputs.device), "rollbacks": guard.rollbacks,
-                    "init": _init_name(inits[p], config), "start_overlap": overlaps[p]}
+                    "init": _init_name(inits[p], config), "start_overlap": overlaps[p],
+                    "moving_fit_shape": tuple(inputs.moving.shape[1:])}
         if caller == "fit_pairs":
             metadata.update(batch_size=n_pairs, pair_index=p, batch_elapsed_s=elapsed)
         results.append(RegistrationResult(
-            pair, moving_grid=inputs.moving_grids[p], fixed_grid=inputs.fixed_grids[p], config=config,
+            pair, moving_grid=inputs.given_moving_grids[p], fixed_grid=inputs.fixed_grids[p], config=config,
             backend=inputs.backend, history=history.per_pair[p], elapsed_s=elapsed / n_pairs, metadata=metadata))
     return results

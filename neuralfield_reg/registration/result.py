@@ -186,9 +186,18 @@ class RegistrationResult:
         target voxel ``i`` the world position the map sends it to minus its own, so that
         ``p_source = p_target + u`` (``"AB"``: on the fixed grid, into the moving image)."""
         map_, source, target = self._direction(direction)
-        mapped = self._map_grid(map_, target.shape, direction).double().cpu().numpy()
-        own = target.voxel_to_world(np.indices(target.shape, dtype=np.float64).reshape(self.dim, -1).T)
-        return source.unit_to_world(mapped).reshape(*target.shape, self.dim) - own.reshape(*target.shape, self.dim)
+        mapped = self._map_grid(map_, target.shape, direction)          # cached: read, never written
+        displacement = source.unit_to_world(mapped.double())            # (*target shape, d) world mm
+        # minus each voxel's own world position, b + sum_k A[:, k] i_k, one voxel axis at a time
+        # (in place and by broadcasting: no (N, d) index array on a 1 mm grid)
+        matrix = torch.as_tensor(target.world_matrix, dtype=torch.float64, device=displacement.device)
+        displacement -= matrix[:self.dim, self.dim]
+        for axis, size in enumerate(target.shape):
+            index = torch.arange(size, dtype=torch.float64, device=displacement.device)
+            shape = [1] * self.dim + [1]
+            shape[axis] = size
+            displacement -= index.reshape(shape) * matrix[:self.dim, axis]
+        return displacement.cpu().numpy()
 
     # -- warping ------------------------------------------------------------------------------
     def warp(self, image, mode: str = "linear", *, reference=None, padding: str = "border"):
