@@ -325,6 +325,8 @@ def test_a_finer_moving_image_is_fitted_at_the_fixed_resolution():
     mask = moving_labels.data > 0
     result = nfr.fit_pair(moving, fixed, QUICK, moving_mask=mask, progress=False)
     assert result.moving_grid.same_as(fine_grid) and result.metadata["moving_fit_shape"] == coarse_grid.shape
+    batched = nfr.fit_pairs([moving], [fixed], QUICK, moving_masks=[mask], progress=False)[0]
+    assert batched.history == result.history and batched.moving_grid.same_as(fine_grid)
 
     as_coarse = Image(coarsen(torch.from_numpy(moving.data), fine_grid, coarse_grid).numpy(), coarse_grid)
     coarse_mask = coarsen(torch.from_numpy(mask).float(), fine_grid, coarse_grid).numpy() >= 0.5
