@@ -72,7 +72,8 @@ def _fit(args) -> dict:
         for warning in caught:
             print(f"nfreg fit: warning: {warning.message}", file=sys.stderr)
         from .viz import overview_figure              # matplotlib only when a figure is drawn
-        overview_figure(registered.result, registered.moving.data, registered.fixed.data, out / "overview.png")
+        overview_figure(registered.result, registered.moving.data, registered.fixed.data, out / "overview.png",
+                        warped=registered.warped.data)
     summary = {**registered.numbers, "backend": registered.result.backend, "moving": args.moving,
                "fixed": args.fixed}
     end_outputs(out)

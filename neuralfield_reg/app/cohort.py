@@ -96,12 +96,14 @@ def _output_suffix(fixed_path: str) -> str:
 
 
 class Registered(NamedTuple):
-    """What :func:`register_row` did: the summary's numbers, the result and the images it read."""
+    """What :func:`register_row` did: the summary's numbers, the result, the images it read and
+    the moving image warped onto the fixed grid."""
 
     numbers: dict
     result: RegistrationResult
     moving: Image
     fixed: Image
+    warped: Image
 
 
 def _check_labels(name: str, image: Image) -> None:
@@ -174,7 +176,7 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict |
     seconds = time.perf_counter() - start
     labels = images["moving_labels"]
     warped_labels = None if labels is None else result.warp(labels, mode="label")
-    write_outputs(pair_dir, result, moving, warped_labels, _output_suffix(row["fixed"]))
+    warped = write_outputs(pair_dir, result, moving, warped_labels, _output_suffix(row["fixed"]))
     determinant = result.jacobian_determinant()
     numbers = {"seconds": seconds, "folding_fraction": metrics.folding_fraction(determinant),
                "inverse_consistency_error": result.inverse_consistency_error(),
@@ -185,17 +187,18 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict |
         fixed_labels = images["fixed_labels"].data
         numbers["dice_before"] = metrics.mean_dice(resample_to(labels, fixed.grid, mode="label").data, fixed_labels)
         numbers["dice"] = metrics.mean_dice(warped_labels.data, fixed_labels)
-    return Registered(numbers, result, moving, fixed)
+    return Registered(numbers, result, moving, fixed, warped)
 
 
 def write_outputs(pair_dir: Path, result: RegistrationResult, moving: Image, warped_labels: Image | None,
-                  suffix: str) -> None:
+                  suffix: str) -> Image:
     """The result, the warped image (and the warped labels, when given), det J, the displacement
-    fields and the affine."""
+    fields and the affine; returns the warped image."""
     pair_dir = Path(pair_dir)
     fixed_grid = result.fixed_grid
     result.save(pair_dir / "result.pt")
-    write_image(pair_dir / f"warped{suffix}", result.warp(moving.with_data(np.asarray(moving.data, np.float32))))
+    warped = result.warp(moving.with_data(np.asarray(moving.data, np.float32)))
+    write_image(pair_dir / f"warped{suffix}", warped)
     if warped_labels is not None:
         write_image(pair_dir / f"warped_labels{suffix}", warped_labels)
     write_image(pair_dir / f"jacobian_determinant{suffix}", Image(result.jacobian_determinant(), fixed_grid))
@@ -204,6 +207,7 @@ def write_outputs(pair_dir: Path, result: RegistrationResult, moving: Image, war
         write_affine_itk(pair_dir / "affine.txt", result.affine_AB)
     else:
         result.save_itk(pair_dir)
+    return warped
 
 
 def _done(summary_path: Path, row: dict, settings: dict) -> bool:

@@ -57,16 +57,20 @@ def plot_loss_terms(ax, history: dict):
     return signed_axis
 
 
-def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: str | None = None):
+def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: str | None = None, warped=None):
     """Six panels: moving A, fixed B, the deformation grid of phi_AB, A warped onto B, the Jacobian
     determinant of phi_AB (log scale), and the loss curves. Saved as a PNG at ``path``; returns
-    the path. A 3D result shows the middle slice along axis 0."""
+    the path. A 3D result shows the middle slice along axis 0. ``warped``: A already warped onto
+    B's grid (``result.warp(moving)``), when the caller has it."""
     moving = np.asarray(moving, dtype=np.float32)
     fixed = np.asarray(fixed, dtype=np.float32)
-    warped = np.asarray(result.warp(moving))
+    warped = np.asarray(result.warp(moving) if warped is None else warped)
     determinant = result.jacobian_determinant()
     displacement = result.displacement()
-    grid = np.indices(result.fixed_shape).astype(np.float32) + displacement
+    if result.dim == 2:                  # where each pixel of B samples A, in A's pixels (axis 0, axis 1)
+        grid = np.indices(result.fixed_shape).astype(np.float32) + displacement
+    else:                                # the same for the middle slice's in-plane axes
+        grid = np.indices(result.fixed_shape[1:]).astype(np.float32) + displacement[1:, result.fixed_shape[0] // 2]
 
     figure = Figure(figsize=(12, 8))
     axes = figure.subplots(2, 3)
@@ -77,10 +81,7 @@ def overview_figure(result: RegistrationResult, moving, fixed, path, *, title: s
     ax = axes[0, 2]
     ax.imshow(_middle_slice(warped), cmap="gray")
     source_step = max(1.0, result.moving_shape[-1] / 32)
-    if result.dim == 2:
-        plot_deformation_grid(ax, grid, step=source_step)
-    else:
-        plot_deformation_grid(ax, grid[1:, result.fixed_shape[0] // 2], step=source_step)
+    plot_deformation_grid(ax, grid, step=source_step)
     ax.set_title(r"deformation grid $\phi_{AB}$ on B")
 
     ax = axes[1, 1]
