@@ -314,6 +314,12 @@ def test_masked_points_are_drawn_from_the_mask_voxels():
     assert counts.tolist() == [3, 2]
     assert voxels[0].tolist() == [2, 5, 7] and voxels[1, :2].tolist() == [0, 9]
     assert voxels[1, 2].item() in (0, 9)             # padding repeats a mask voxel
+    masks = torch.rand(3, 5000, generator=torch.Generator().manual_seed(0)) < torch.tensor([[0.1], [0.5], [0.9]])
+    voxels, counts = _padded_nonzero(masks)
+    for row, mask in enumerate(masks):
+        expected = torch.nonzero(mask)[:, 0]
+        assert counts[row] == len(expected) and torch.equal(voxels[row, :len(expected)], expected)
+        assert bool(mask[voxels[row]].all())
 
 
 def test_the_preset_follows_the_dimensionality_and_overrides_apply():

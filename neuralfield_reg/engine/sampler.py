@@ -70,9 +70,11 @@ def padded_nonzero(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices of each row's set voxels, ``(B, max count)`` padded with the row's first
     one, and the counts ``(B,)``."""
     counts = masks.sum(1)
-    order = torch.argsort((~masks).to(torch.uint8), dim=1, stable=True)[:, :int(counts.max())]
-    column = torch.arange(order.shape[1], device=masks.device)
-    return torch.where(column < counts[:, None], order, order[:, :1]), counts
+    rows, voxels = masks.nonzero(as_tuple=True)        # row by row, each row's voxels in increasing order
+    starts = torch.cumsum(counts, 0) - counts
+    padded = voxels[starts][:, None].repeat(1, int(counts.max()))      # padded with each row's first voxel
+    padded[rows, torch.arange(len(voxels), device=masks.device) - starts[rows]] = voxels
+    return padded, counts
 
 
 class Sampler:
