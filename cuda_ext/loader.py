@@ -1,4 +1,5 @@
-"""Build (just in time, with torch.utils.cpp_extension and ninja) and load the hash-grid kernels.
+"""Build (just in time, with torch.utils.cpp_extension and ninja, or setuptools where ninja is
+missing) and load the hash-grid kernels.
 
 The C++ kernels are always built; the CUDA kernels are added when PyTorch has CUDA and a CUDA
 toolkit (nvcc) is found. The C++ is compiled for the building machine's CPU (``-march=native``). The
@@ -96,7 +97,86 @@ def _is_built(cpp_extension, name: str) -> bool:
         folder = cpp_extension._get_build_directory(name, verbose=False)
     except Exception:  # noqa: BLE001 - a private helper: when it moves, just announce the build
         return False
-    return os.path.exists(os.path.join(folder, f"{name}.so"))
+    return os.path.exists(os.path.join(folder, f"{name}.so")) or os.path.exists(os.path.join(folder, _STAMP))
+
+
+_STAMP = "setuptools_build.txt"
+
+
+@contextlib.contextmanager
+def _compiler_output(log: str, verbose: bool):
+    """The compiler's output (it writes to this process's stdout and stderr) into ``log`` rather
+    than the terminal, unless ``verbose``; a failed build's error carries the log's end."""
+    if verbose:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(log, "wb") as file:
+            os.dup2(file.fileno(), 1)
+            os.dup2(file.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    except Exception as error:
+        with open(log, "rb") as file:
+            tail = file.read()[-3000:].decode(errors="replace")
+        raise RuntimeError(f"{error}; the compiler's last output ({log}):\n{tail}") from error
+    finally:
+        for descriptor in saved:
+            os.close(descriptor)
+
+
+def _load_without_ninja(cpp_extension, name: str, sources: list[str], flags: list[str], extra: dict,
+                        verbose: bool):
+    """The same build as ``cpp_extension.load`` where ninja is missing (PyTorch's just-in-time
+    builds need it): setuptools compiles the sources one after another (slower, once) with
+    PyTorch's ``BuildExtension`` into the same cache folder, and the build is redone when a source,
+    a flag or PyTorch changes (a stamp file holds their hash)."""
+    import hashlib
+    import importlib.util
+
+    from setuptools import Distribution
+    from torch.utils.file_baton import FileBaton
+
+    folder = cpp_extension._get_build_directory(name, verbose)
+    digest = hashlib.sha1(repr((flags, extra, _environment_tag())).encode())
+    for source in sorted(set(sources) | {str(path) for path in SOURCE_DIR.glob("*.h")}):
+        digest.update(Path(source).read_bytes())
+    library = os.path.join(folder, name + sysconfig.get_config_var("EXT_SUFFIX"))
+    stamp = os.path.join(folder, _STAMP)
+    baton = FileBaton(os.path.join(folder, "lock"))
+    if baton.try_acquire():
+        try:
+            current = Path(stamp).read_text() if os.path.exists(stamp) else None
+            if current != digest.hexdigest() or not os.path.exists(library):
+                cuda = "extra_cuda_cflags" in extra
+                kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+                compile_args = {"cxx": flags, "nvcc": extra["extra_cuda_cflags"]} if cuda else flags
+                extension = kind(name, sources, include_dirs=[str(SOURCE_DIR)], extra_compile_args=compile_args,
+                                 extra_link_args=["-fopenmp"])
+                build = cpp_extension.BuildExtension.with_options(use_ninja=False)
+                distribution = Distribution({"name": name, "ext_modules": [extension], "cmdclass": {"build_ext": build}})
+                distribution.verbose = int(verbose)
+                command = distribution.get_command_obj("build_ext")
+                command.build_lib, command.build_temp = folder, os.path.join(folder, "setuptools_objects")
+                with _compiler_output(os.path.join(folder, "setuptools_build.log"), verbose):
+                    distribution.run_command("build_ext")
+                Path(stamp).write_text(digest.hexdigest())
+        finally:
+            baton.release()
+    else:
+        baton.wait()                             # another process is building the same kernels
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load(verbose: bool = False):
@@ -121,13 +201,18 @@ def load(verbose: bool = False):
             name += "_cuda"
         announce = not _is_built(cpp_extension, name) and not os.environ.get("NEURALFIELD_REG_QUIET")
         if announce:
-            print("neuralfield_reg: building the compiled kernels for this machine (once, about half a minute; "
+            how_long = ("about half a minute" if cpp_extension.is_ninja_available() else
+                        "about two minutes without ninja, `pip install ninja` halves it")
+            print(f"neuralfield_reg: building the compiled kernels for this machine (once, {how_long}; "
                   "NEURALFIELD_REG_QUIET=1 hides this)...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         with _this_environments_ninja():
-            _module = cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
-                                         extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCE_DIR)],
-                                         verbose=verbose, **extra)
+            if cpp_extension.is_ninja_available():
+                _module = cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
+                                             extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCE_DIR)],
+                                             verbose=verbose, **extra)
+            else:
+                _module = _load_without_ninja(cpp_extension, name, sources, flags, extra, verbose)
         if announce:
             print(f"neuralfield_reg: kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)

@@ -180,3 +180,48 @@ def test_each_torch_installation_keeps_its_own_build(monkeypatch):
     assert elsewhere != here
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert loader._environment_tag() not in (here, elsewhere)
+
+
+def test_the_kernels_build_and_agree_without_ninja(tmp_path):
+    """Without ninja (PyTorch's just-in-time builds need it) the kernels are compiled by setuptools
+    into the cache folder, once (a second process finds the build), and a fit on them follows the
+    fit on the usual build. In fresh processes: one process holds one build of the module."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    pytest.importorskip("setuptools")
+    script = """
+import json, sys, dataclasses, numpy as np
+from torch.utils import cpp_extension
+if sys.argv[1] == "without":
+    cpp_extension.is_ninja_available = lambda: False
+import neuralfield_reg as nfr
+from neuralfield_reg._cuda_ext import loader
+pair = np.zeros((2, 24, 24), np.float32)
+pair[0, 6:16, 5:15] = 1.0
+pair[1, 8:18, 7:17] = 1.0
+config = dataclasses.replace(nfr.FitConfig(), iterations=20, affine=None, backend="native")
+history = nfr.fit_pair(pair[0], pair[1], config, progress=False).history
+print(json.dumps({"file": loader.load().__file__, "history": history}))
+"""
+    def run(which, folder):
+        environment = dict(os.environ, TORCH_EXTENSIONS_DIR=str(folder), NEURALFIELD_REG_QUIET="1")
+        if folder is None:
+            environment.pop("TORCH_EXTENSIONS_DIR")
+        done = subprocess.run([sys.executable, "-c", script, which], capture_output=True, text=True, env=environment)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    usual = run("with", os.environ.get("TORCH_EXTENSIONS_DIR"))
+    built = run("without", tmp_path)
+    assert built["file"].startswith(str(tmp_path)) and not usual["file"].startswith(str(tmp_path))
+    assert any(path.name == "setuptools_build.txt" for path in tmp_path.rglob("*"))
+    stamp_time = next(tmp_path.rglob("setuptools_build.txt")).stat().st_mtime
+    again = run("without", tmp_path)                                     # found, not rebuilt
+    assert again["file"] == built["file"] and next(tmp_path.rglob("setuptools_build.txt")).stat().st_mtime == stamp_time
+    for name, values in usual["history"].items():
+        np.testing.assert_allclose(built["history"][name], values, rtol=1e-4, atol=1e-7)

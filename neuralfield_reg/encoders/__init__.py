@@ -56,7 +56,8 @@ _fallback_warned = False
 def resolve_backend(backend: str = "auto", device=None) -> str:
     """The concrete backend for a request on ``device``.
 
-    ``"auto"`` prefers the compiled kernels (built on first use, about half a minute) and falls back to
+    ``"auto"`` prefers the compiled kernels (built on first use: about half a minute with ninja, two
+    minutes without) and falls back to
     the torch backend with one warning when they are unavailable. A backend named explicitly
     raises :class:`BackendUnavailableError` with the reason instead of falling back.
     """
