@@ -137,8 +137,9 @@ def _load_without_ninja(cpp_extension, name: str, sources: list[str], flags: lis
                         verbose: bool):
     """The same build as ``cpp_extension.load`` where ninja is missing (PyTorch's just-in-time
     builds need it): setuptools compiles the sources one after another (slower, once) with
-    PyTorch's ``BuildExtension`` into the same cache folder, and the build is redone when a source,
-    a flag or PyTorch changes (a stamp file holds their hash)."""
+    PyTorch's ``BuildExtension`` into the same cache folder (one per CPU kind and PyTorch
+    installation, by ``name``), and the build is redone when a source or a flag changes (a stamp
+    file holds their hash)."""
     import hashlib
     import importlib.util
 
@@ -146,7 +147,7 @@ def _load_without_ninja(cpp_extension, name: str, sources: list[str], flags: lis
     from torch.utils.file_baton import FileBaton
 
     folder = cpp_extension._get_build_directory(name, verbose)
-    digest = hashlib.sha1(repr((flags, extra, _environment_tag())).encode())
+    digest = hashlib.sha1(repr((flags, extra)).encode())     # the folder is this CPU's and PyTorch's (``name``)
     for source in sorted(set(sources) | {str(path) for path in SOURCE_DIR.glob("*.h")}):
         digest.update(Path(source).read_bytes())
     library = os.path.join(folder, name + sysconfig.get_config_var("EXT_SUFFIX"))

@@ -378,14 +378,14 @@ def _at_fixed_resolution(moving: torch.Tensor, masks: torch.Tensor | None, grids
     finest spacing (``FitConfig.moving_at_fixed_resolution``; unchanged when no axis is 1.5 times
     finer), with those grids. A coarsened mask keeps the voxels at least half inside the given one
     (any overlap where that leaves none)."""
-    coarse = coarser_grid(grids[0], min(fixed_grid.spacing))
-    if coarse is grids[0]:
+    coarse = [coarser_grid(grid, min(fixed_grid.spacing)) for grid in grids]
+    if coarse[0] is grids[0]:
         return moving, masks, grids
-    moving = torch.stack([coarsen(image, grids[0], coarse) for image in moving])
+    moving = torch.stack([coarsen(image, grids[0], coarse[0]) for image in moving])
     if masks is not None:
-        shares = [coarsen(mask.float(), grids[0], coarse) for mask in masks]
+        shares = [coarsen(mask.float(), grids[0], coarse[0]) for mask in masks]
         masks = torch.stack([share >= 0.5 if bool((share >= 0.5).any()) else share > 0 for share in shares])
-    return moving, masks, [coarser_grid(grid, min(fixed_grid.spacing)) for grid in grids]
+    return moving, masks, coarse
 
 
 def _initial_maps(inputs: _Inputs, caller: str, seed: int) -> tuple[MapPairs, list[float | None], list]:
