@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,11 +42,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2024, help="seed of the pair generator")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a FitConfig field (repeatable)")
+    parser.add_argument("--config", type=str, default=None, help="JSON file of FitConfig fields (as nfreg --config)")
+    parser.add_argument("--preset", default="2d", help="FitConfig.preset the overrides apply to (default 2d)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = dataclasses.replace(nfr.FitConfig(), **parse_overrides(args.set))
+    config = nfr.FitConfig.preset(args.preset)
+    if args.config:
+        config = nfr.FitConfig.from_dict(json.loads(Path(args.config).read_text()), base=config)
+    config = dataclasses.replace(config, **parse_overrides(args.set))
     pairs = shape_pairs(args.pairs, args.size, hollow=True, seed=args.seed)
     print(f"{args.pairs} hollow pairs at {args.size}^2, seed {args.seed}, torch threads "
           f"{torch.get_num_threads()}; overrides: {parse_overrides(args.set) or 'none'}")

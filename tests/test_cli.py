@@ -9,6 +9,7 @@ import pytest
 
 from neuralfield_reg import metrics
 from neuralfield_reg.app.cli import main
+from neuralfield_reg.app.cohort import read_row
 from neuralfield_reg.geometry import Grid, Image, resample_to
 from neuralfield_reg.io.images import read_image, write_image
 
@@ -95,6 +96,17 @@ def test_inputs_are_checked_before_fitting(files, tmp_path, capsys):
     assert main(["fit", str(files["moving"]), str(files["fixed"]), "-o", str(out), "--labels",
                  str(tmp_path / "half.nii.gz"), "--config", str(files["config"]), "--quiet"]) == 2
     assert "whole numbers" in capsys.readouterr().err
+    labels = read_image(files["moving_labels"])
+    noisy = labels.data.astype(np.float32) + np.float32(2e-4) * np.sin(np.arange(labels.data.size)).reshape(
+        labels.shape).astype(np.float32)                        # labels another tool stored as floats
+    write_image(tmp_path / "float_labels.nii.gz", Image(noisy, labels.grid))
+    row = read_row({"moving": str(files["moving"]), "fixed": str(files["fixed"]),
+                    "moving_labels": str(tmp_path / "float_labels.nii.gz")})
+    np.testing.assert_array_equal(row["moving_labels"].data, labels.data)
+    write_image(tmp_path / "far_labels.nii.gz", Image(noisy + np.float32(0.01), labels.grid))
+    with pytest.raises(ValueError, match="moving_labels.*whole numbers"):
+        read_row({"moving": str(files["moving"]), "fixed": str(files["fixed"]),
+                  "moving_labels": str(tmp_path / "far_labels.nii.gz")})
     assert main(["fit", str(files["moving"]), str(files["fixed"]), "-o", str(out), "--init", "sideways",
                  "--config", str(files["config"]), "--quiet"]) == 2
     assert "init" in capsys.readouterr().err

@@ -376,12 +376,59 @@ def test_fit_without_a_config_takes_the_3d_preset_for_volumes(monkeypatch):
     seen = {}
     original = fit_module.FitConfig.for_images
 
-    def short(dim):
+    def short(dim, scans=False):
         seen["dim"] = dim
-        return dataclasses.replace(original(dim), iterations=2)
+        return dataclasses.replace(original(dim, scans), iterations=2)
     monkeypatch.setattr(fit_module.FitConfig, "for_images", staticmethod(short))
     result = nfr.fit_pair(volume, np.roll(volume, 1, 0), progress=False)
     assert seen["dim"] == 3 and result.config.similarity == "mi" and result.config.iterations == 2
+
+
+def test_2d_images_with_a_header_take_the_scan_preset(monkeypatch):
+    import neuralfield_reg.registration.fit as fit_module
+    from neuralfield_reg.geometry import Grid, Image
+    image = np.zeros((16, 16), np.float32)
+    image[4:12, 5:11] = 1.0
+    seen = []
+    original = fit_module.FitConfig.for_images
+
+    def short(dim, scans=False):
+        seen.append((dim, scans))
+        return dataclasses.replace(original(dim, scans), iterations=2, affine=None)
+    monkeypatch.setattr(fit_module.FitConfig, "for_images", staticmethod(short))
+    grid = Grid.from_spacing((16, 16), 1.5)
+    scan = nfr.fit_pair(Image(image, grid), Image(np.roll(image, 1, 0), grid), progress=False)
+    bare = nfr.fit_pair(image, np.roll(image, 1, 0), progress=False)
+    assert seen == [(2, True), (2, False)]
+    assert scan.config.similarity == "mi" and scan.config.foreground == "auto" and bare.config.similarity == "ssd"
+    assert original(2, True) == nfr.FitConfig.preset("2d-scan") and original(3, True) == nfr.FitConfig.preset("3d")
+
+
+def test_the_scan_preset_registers_a_brain_slice_of_inverted_contrast():
+    """An axial slice of the packaged Colin27 -> MNI152 pair, the fixed slice's contrast inverted
+    inside the head (as between T1 and T2): SSD (the shape preset) can only drive the labels
+    apart; mutual information registers it."""
+    from neuralfield_reg.data.brain import load_brain_pair
+    from neuralfield_reg.geometry import Grid, Image
+    from neuralfield_reg import metrics
+    pair = load_brain_pair()
+    affine = np.eye(4)
+    affine[:2, :2], affine[:2, 3] = pair.affine[:2, :2], pair.affine[:2, 3]
+    grid = Grid((91, 109), affine)
+    fixed = pair.fixed[:, :, 45]
+    inverted = np.where(fixed > 0.05, 1.1 * fixed.max() - fixed, 0.0).astype(np.float32)
+    moving_labels, fixed_labels = pair.moving_labels[:, :, 45], pair.fixed_labels[:, :, 45]
+    labels = [int(v) for v in np.unique(fixed_labels) if v]
+
+    def dice(warped):
+        return float(np.mean(list(metrics.dice(np.asarray(warped), fixed_labels, labels).values())))
+    scores = {}
+    for name in ("2d", "2d-scan"):
+        config = dataclasses.replace(nfr.FitConfig.preset(name), iterations=150)
+        result = nfr.fit_pair(Image(pair.moving[:, :, 45], grid), Image(inverted, grid), config, progress=False)
+        scores[name] = dice(result.warp(Image(moving_labels, grid), mode="label").data)
+    start = dice(moving_labels)                          # the slices share a grid: 0.756
+    assert scores["2d-scan"] > start + 0.02 and scores["2d"] < start - 0.2, (start, scores)
 
 
 def test_foreground_mask_is_the_object_with_a_margin():

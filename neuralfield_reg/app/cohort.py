@@ -106,14 +106,27 @@ class Registered(NamedTuple):
     warped: Image
 
 
-def _check_labels(name: str, image: Image) -> None:
-    """Label maps hold whole numbers: non-integer values would be scored by truncation."""
+LABEL_TOLERANCE = 1e-3
+
+
+def _checked_labels(name: str, image: Image) -> Image:
+    """Label maps hold whole numbers: non-integer values would be scored by truncation. Float
+    values within ``LABEL_TOLERANCE`` of a whole number (a label map stored as floats by another
+    tool, 2.9999998) are rounded to it; anything further off is refused."""
     data = np.asarray(image.data)
-    if data.dtype.kind == "f" and not (np.isfinite(data).all() and (data == np.round(data)).all()):
-        raise ValueError(f"{name}: a label map must hold whole numbers, got values such as "
-                         f"{data[data != np.round(data)][:3].tolist()}")
     if data.dtype.kind not in "biuf":
         raise TypeError(f"{name}: expected integer labels, got dtype {data.dtype}")
+    if data.dtype.kind != "f":
+        return image
+    if not np.isfinite(data).all():
+        raise ValueError(f"{name}: a label map must hold whole numbers, got {int((~np.isfinite(data)).sum())} "
+                         "NaN or infinite values")
+    rounded = np.round(data)
+    off = np.abs(data - rounded) > LABEL_TOLERANCE
+    if off.any():
+        raise ValueError(f"{name}: a label map must hold whole numbers, got values such as "
+                         f"{data[off][:3].tolist()}")
+    return image.with_data(rounded.astype(data.dtype, copy=False))
 
 
 def read_row(row: dict[str, str], names: dict[str, str] | None = None) -> dict[str, Image | None]:
@@ -139,7 +152,7 @@ def read_row(row: dict[str, str], names: dict[str, str] | None = None) -> dict[s
             raise ValueError(f"{names[column]}: {row[column]!r} lies on {image.grid}, not on the {owner} image's "
                              f"{images[owner].grid}")
         if column.endswith("labels"):
-            _check_labels(names[column], image)
+            images[column] = _checked_labels(names[column], image)
     return images
 
 
@@ -169,7 +182,7 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict |
     headers = _output_suffix(row["moving"]) != ".npy" and _output_suffix(row["fixed"]) != ".npy"
     inputs = {key: image if headers or image is None else image.data for key, image in images.items()}
     if not isinstance(config, FitConfig):       # None or overrides: on top of the dimensionality's preset
-        config = FitConfig.from_dict(config or {}, base=FitConfig.for_images(moving.dim))
+        config = FitConfig.from_dict(config or {}, base=FitConfig.for_images(moving.dim, scans=headers))
     start = time.perf_counter()
     result = fit_pair(inputs["moving"], inputs["fixed"], config, init=init, device=device, progress=progress,
                       moving_mask=inputs["moving_mask"], fixed_mask=inputs["fixed_mask"])

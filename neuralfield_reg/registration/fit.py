@@ -340,8 +340,8 @@ def _inputs(caller: str, movings: list, fixeds: list, config: FitConfig | None, 
     if config is not None and not isinstance(config, FitConfig):
         raise TypeError(f"config: expected a FitConfig or None, got {type(config).__name__}")
     moving_images, fixed_images, known = _as_images(caller, movings, fixeds, spacing)
-    if config is None:                  # the preset of the images' dimensionality
-        config = FitConfig.for_images(moving_images[0].dim)
+    if config is None:                  # the preset of the images' dimensionality (and, in 2D, kind)
+        config = FitConfig.for_images(moving_images[0].dim, scans=known)
     init_given = init is not None
     init = _check_init(init, known)
     if device is None:
