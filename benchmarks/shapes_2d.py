@@ -2,6 +2,7 @@
 
     python benchmarks/shapes_2d.py                      # 20 pairs at 128^2, default FitConfig
     python benchmarks/shapes_2d.py --pairs 5 --set iterations=300 --set gradient_icon_weight=0.2
+    python benchmarks/shapes_2d.py --preset 2d-scan          # another preset (--config FILE.json on top)
 
 Prints one row per pair and a summary: Dice before/after (filled-shape labels), folding
 fraction (share of pixels with det J <= 0), inverse-consistency error (pixels), seconds.
