@@ -1,8 +1,8 @@
 """Settings of a fit, gathered in small frozen dataclasses with measured defaults.
 
 ``FitConfig`` gathers the settings of a fit in sections (schedule, objective, sampling, model,
-affine, runtime); ``FitConfig.preset("2d")`` (= ``FitConfig()``) and ``"3d"`` are what
-``fit_pair`` uses when no config is given. Every setting can be changed by its name:
+affine, runtime); ``FitConfig.preset("2d")`` (= ``FitConfig()``), ``"2d-scan"`` and ``"3d"``
+are what ``fit_pair`` uses when no config is given (``FitConfig.for_images``). Every setting can be changed by its name:
 ``dataclasses.replace(FitConfig(), iterations=1000)``. ``to_dict``/``from_dict`` turn a config
 into plain Python values (for saving results) and back.
 """
@@ -479,10 +479,11 @@ def default_encoding(shape: Sequence[int], finest_cell_voxels: float | None = No
 # "2d-scan" (benchmarks/slices_2d.py: axial, coronal and sagittal slices of the brain pairs at 1 and
 #   2 mm, of the deformed pairs, and of Colin27 with its skull against the stripped MNI152): the
 #   3D preset's objective, foreground and MI-refined affine stage on the 2D network. The 2D
-#   defaults scored 0.734 / 0.736 on the clean slices against 0.760 / 0.756 (ANTs SyN 0.775 /
-#   0.754), and on the skull slices fell from the start's 0.66 to 0.26 (SyN 0.70; now 0.74);
-#   the 3D preset's network and schedule as well gave the same Dice. On the shape pairs the MI
-#   affine stage inside thin outlines is misled (one pair of 20: 0.685), hence two 2D presets.
+#   defaults scored 0.734 / 0.736 on the clean slices at 1 / 2 mm against 0.760 / 0.756 (ANTs
+#   SyN 0.773 / 0.747), and on the skull slices fell from the start's 0.700 to 0.344 (SyN 0.762;
+#   now 0.780); the 3D preset's network and schedule as well gave the same Dice. On the shape
+#   pairs the MI affine stage inside thin outlines is misled (one pair of 20: 0.685), hence two
+#   2D presets.
 # The 2D defaults (benchmarks/shapes_2d.py, 20 pairs each of two seeds of the generator): one hidden
 # layer of 16 and 2048 points per direction give the Dice of two layers of 32 and 4096 points
 # (0.9862 / 0.9864 against 0.9859 / 0.9869) in about half the time.

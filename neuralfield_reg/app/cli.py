@@ -9,8 +9,8 @@
 Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). NIfTI files are
 registered in world coordinates: the fit starts from their headers' alignment (``--init world``),
 whatever the orientation, origin, field of view or spacing of each file. ``--config`` takes a JSON
-file of FitConfig fields that override the preset of the images' dimensionality (``FitConfig.preset``),
-e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
+file of FitConfig fields that override the images' preset (``FitConfig.for_images``: ``3d`` for
+volumes, ``2d-scan`` for 2D NIfTI files, ``2d`` for 2D ``.npy`` arrays), e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from ..registration.result import RegistrationResult
 
 
 def _config(path: str | None) -> dict | None:
-    """The ``--config`` file's fields (checked now), which override the preset that the images'
-    dimensionality picks; None without the option."""
+    """The ``--config`` file's fields (checked now), which override the preset that the images
+    pick (``FitConfig.for_images``); None without the option."""
     if path is None:
         return None
     file = Path(path)
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "centers (image centres aligned), moments (intensity moments and a rotation "
                                   "search; the default for .npy), or an ITK affine file (.mat/.txt, fixed -> "
                                   "moving, as ANTs writes)")
-        command.add_argument("--config", help="JSON file of FitConfig fields (on top of the 2d or 3d preset)")
+        command.add_argument("--config", help="JSON file of FitConfig fields (on top of the images' preset: 3d, 2d-scan for 2D NIfTI, 2d for .npy)")
         command.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu, or the rank's GPU)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

@@ -160,8 +160,8 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict |
                  init=None, names: dict[str, str] | None = None) -> Registered:
     """Fit one pair of the CSV and write its outputs (see the module docstring).
 
-    ``config``: a FitConfig, or None / a dict of fields over the preset of the images'
-    dimensionality. Every input is read and checked first (:func:`read_row`), and no input may be one of the
+    ``config``: a FitConfig, or None / a dict of fields over the images' preset
+    (``FitConfig.for_images``: NIfTI files are scans). Every input is read and checked first (:func:`read_row`), and no input may be one of the
     outputs; then the folder is marked incomplete and its earlier outputs removed
     (:func:`~neuralfield_reg.io.files.begin_outputs`): the caller writes ``summary.json`` and calls
     ``end_outputs`` when it is done. The fit starts from ``init``
@@ -181,7 +181,7 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict |
     # .npy files have no header: their arrays go in bare (identity geometry, image-based start)
     headers = _output_suffix(row["moving"]) != ".npy" and _output_suffix(row["fixed"]) != ".npy"
     inputs = {key: image if headers or image is None else image.data for key, image in images.items()}
-    if not isinstance(config, FitConfig):       # None or overrides: on top of the dimensionality's preset
+    if not isinstance(config, FitConfig):       # None or overrides: on top of the images' preset
         config = FitConfig.from_dict(config or {}, base=FitConfig.for_images(moving.dim, scans=headers))
     start = time.perf_counter()
     result = fit_pair(inputs["moving"], inputs["fixed"], config, init=init, device=device, progress=progress,

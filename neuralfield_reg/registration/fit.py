@@ -79,8 +79,9 @@ def fit_pair(moving, fixed, config: FitConfig | None = None, *, spacing=None, in
             number of axes (grids may differ). Images and files carry their geometry (world
             space); bare arrays get identity geometry (voxel sizes ``spacing``, no orientation).
             Intensities are rescaled to [0, 1] internally.
-        config: :class:`FitConfig`; None takes the preset of the images' dimensionality
-            (``FitConfig.preset("2d")`` = ``FitConfig()``, or ``"3d"``), printed in the README.
+        config: :class:`FitConfig`; None takes the images' preset (:meth:`FitConfig.for_images`):
+            ``"3d"`` for volumes, ``"2d-scan"`` for 2D images with a header, ``"2d"`` (=
+            ``FitConfig()``) for bare 2D arrays; printed in the README.
         spacing: for bare arrays only: voxel size per axis for both images (None: 1), or
             ``(moving_spacing, fixed_spacing)``. The inverse-consistency penalty is measured in
             physical units.
