@@ -86,6 +86,11 @@ def test_nifti_round_trip_keeps_the_header_and_a_bad_header_names_the_file(tmp_p
     nibabel.save(nibabel.Nifti1Image(data, singular), tmp_path / "bad.nii.gz")
     with pytest.raises(ValueError, match="bad.nii.gz.*singular"):
         read_image(tmp_path / "bad.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(data[:, :1], np.eye(4)), tmp_path / "coronal.nii.gz")   # a coronal slice
+    with pytest.raises(ValueError, match=r"coronal.nii.gz.*one voxel along axis 1.*axial"):
+        read_image(tmp_path / "coronal.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(data[:, :, :1], np.eye(4)), tmp_path / "axial.nii.gz")  # an axial one: 2D
+    assert read_image(tmp_path / "axial.nii.gz").grid.dim == 2
 
 
 def test_big_endian_files_are_read(tmp_path):

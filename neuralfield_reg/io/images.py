@@ -63,6 +63,11 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
         array = array[..., 0]
     if array.ndim not in (2, 3):
         raise ValueError(f"path: {str(path)!r} holds an array of shape {array.shape}; expected a 2D or 3D image")
+    if array.ndim == 3 and 1 in array.shape:
+        raise ValueError(f"path: {str(path)!r} holds a slice of shape {array.shape} (one voxel along axis "
+                         f"{array.shape.index(1)}); a 2D image must be an axial slice, its single voxel along the "
+                         "last axis and its plane the world's x-y plane (as ITK reads 2D images): register the "
+                         "volumes, or save the slice as a 2D image whose header maps its two axes to x and y")
     return _native_byte_order(array), affine
 
 
