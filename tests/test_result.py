@@ -36,6 +36,17 @@ def test_warp_of_a_known_translation():
     expected = np.zeros(shape, dtype=np.int16)
     expected[2:9, 8:17] = 7
     np.testing.assert_array_equal(warped, expected)
+    # A label at the moving image's edge: outside the scan there is no label (zeros), for label
+    # maps by default; an intensity image keeps its edge value (border), unless asked otherwise.
+    edge = np.zeros(shape, dtype=np.int16)
+    edge[14:, :] = 3                                     # the last rows; the map reads rows up to 22
+    inside = (np.arange(11, 20) < 17)[:, None] & (np.arange(shape[1]) >= 2)[None]   # reads rows 14..19, columns >= 0
+    for mode in ("nearest", "label"):
+        np.testing.assert_array_equal(result.warp(edge, mode=mode)[11:], np.where(inside, 3, 0))
+    bright = result.warp(edge.astype(np.float32))
+    assert (bright[17:, 2:] == 3).all()
+    assert (result.warp(edge.astype(np.float32), padding="zeros")[17:] == 0).all()
+    np.testing.assert_array_equal(result.warp(edge, mode="label", padding="border")[17:, 2:], 3)
     # Linear warp of a smooth image: f(x) -> f(x + t), exact for a ramp away from the border.
     i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     ramp = (0.5 * i + 0.25 * j).astype(np.float32)

@@ -200,7 +200,7 @@ class RegistrationResult:
         return displacement.cpu().numpy()
 
     # -- warping ------------------------------------------------------------------------------
-    def warp(self, image, mode: str = "linear", *, reference=None, padding: str = "border"):
+    def warp(self, image, mode: str = "linear", *, reference=None, padding: str | None = None):
         """Resample a moving-space image onto the fixed grid (or ``reference``): ``image o phi_AB``.
 
         Args:
@@ -211,20 +211,24 @@ class RegistrationResult:
             mode: ``"linear"`` for intensities, ``"nearest"`` for label maps (dtype kept).
             reference: the output grid: None (the fixed grid), a Grid, an Image or a file path;
                 a grid other than the fixed one is placed by world coordinates.
-            padding: ``"border"`` (outside the image, its nearest edge value) or ``"zeros"``.
+            padding: what the image is outside its grid: ``"border"`` (its nearest edge value)
+                or ``"zeros"``; None: zeros for label maps (``"label"``, ``"nearest"``: no label
+                outside the scan, as ANTs and ITK warp them), the edge value for ``"linear"``.
         Returns:
             The warped image on the output grid: an Image for an Image (or path) input, else
             the same kind (numpy/torch) that came in.
         """
         return self._warp(image, mode, "AB", reference, padding)
 
-    def warp_inverse(self, image, mode: str = "linear", *, reference=None, padding: str = "border"):
+    def warp_inverse(self, image, mode: str = "linear", *, reference=None, padding: str | None = None):
         """Resample a fixed-space image onto the moving grid (or ``reference``): ``image o phi_BA``;
         arguments as :meth:`warp`."""
         return self._warp(image, mode, "BA", reference, padding)
 
     def _warp(self, image, mode: str, direction: str, reference, padding: str):
         check_choice("mode", mode, ("linear", "nearest", "label"))
+        if padding is None:
+            padding = "border" if mode == "linear" else "zeros"
         check_choice("padding", padding, ("border", "zeros"))
         map_, source, target = self._direction(direction)
         which = "moving" if direction == "AB" else "fixed"
