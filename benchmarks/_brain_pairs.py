@@ -112,6 +112,25 @@ def shifted_origin_2mm(linear: dict, folder: Path, offset=(500.0, -250.0, 350.0)
     return out
 
 
+def partial_coverage_2mm(linear: dict, folder: Path, keep: float = 0.6) -> dict:
+    """The :func:`linear_2mm` pair ``linear`` with the moving Colin27 (and its labels) cut to the
+    upper ``keep`` of its slices, headers kept true: a scan that covers part of the fixed one
+    (a limited field of view). Dice stays over all of the fixed image's labels, so the labels the
+    cut removed score 0 for every method."""
+    folder = Path(folder) / "partial_coverage_2mm"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = dict(linear)
+    for key in ("moving", "moving_labels"):
+        image = read_image(linear[key])
+        first = int(round(image.shape[2] * (1.0 - keep)))
+        affine = np.array(image.grid.affine, dtype=np.float64)
+        affine[:3, 3] += affine[:3, 2] * first
+        out[key] = folder / Path(linear[key]).name
+        data = np.asarray(image.data)[:, :, first:]
+        write_image(out[key], Image(np.ascontiguousarray(data), Grid(data.shape, affine)))
+    return out
+
+
 def original_1mm(sources, folder: Path) -> dict:
     folder = Path(folder) / "original_1mm"
     folder.mkdir(parents=True, exist_ok=True)
