@@ -60,16 +60,18 @@ def dice(warped_labels: np.ndarray, fixed_labels: np.ndarray) -> tuple[float, fl
 
 
 def folds_of_itk_field(path: Path) -> float:
-    """Share of voxels where ``x -> x + u(x)`` of an ITK displacement NIfTI folds (det J <= 0)."""
+    """Share of voxels where ``x -> x + u(x)`` of an ITK displacement NIfTI folds (det J <= 0),
+    2D (``(X, Y, 1, 1, 2)``) or 3D."""
     import nibabel
     image = nibabel.load(str(path))
-    u = np.asarray(image.dataobj, dtype=np.float64).reshape(*image.shape[:3], 3)
-    spacing = np.linalg.norm(image.affine[:3, :3], axis=0)
-    direction = image.affine[:3, :3] / spacing
-    flip = np.diag([-1.0, -1.0, 1.0])
+    d = image.shape[-1]
+    u = np.asarray(image.dataobj, dtype=np.float64).reshape(*image.shape[:d], d)
+    spacing = np.linalg.norm(image.affine[:d, :d], axis=0)
+    direction = image.affine[:d, :d] / spacing
+    flip = np.diag([-1.0, -1.0, 1.0][:d])
     # the field's components are LPS; its voxel axes run along the (RAS) direction columns
-    gradient = np.stack([np.stack(np.gradient(u[..., c], *spacing), -1) for c in range(3)], -2)   # d u_c / d i_k
-    jacobian = np.eye(3) + gradient @ (flip @ direction).T
+    gradient = np.stack([np.stack(np.gradient(u[..., c], *spacing), -1) for c in range(d)], -2)   # d u_c / d i_k
+    jacobian = np.eye(d) + gradient @ (flip @ direction).T
     return float((np.linalg.det(jacobian) <= 0).mean())
 
 
@@ -97,20 +99,23 @@ class _Silenced:
 
 
 def run_greedy(pair: dict, folder: Path) -> dict:
-    from picsl_greedy import Greedy3D
+    from picsl_greedy import Greedy2D, Greedy3D
+    dim = read_image(pair["fixed"]).dim
     with _Silenced():
-        return _greedy(Greedy3D(), pair, folder)
+        return _greedy(Greedy3D() if dim == 3 else Greedy2D(), pair, folder, dim)
 
 
-def _greedy(g, pair: dict, folder: Path) -> dict:
+def _greedy(g, pair: dict, folder: Path, dim: int = 3) -> dict:
+    """3D: affine (12 degrees of freedom) then deformable; 2D: rigid (6) then deformable."""
     affine, warp, out = folder / "greedy_affine.mat", folder / "greedy_warp.nii.gz", folder / "greedy_labels.nii.gz"
+    dof, coarse, fine = (12, "4x4x4", "2x2x2") if dim == 3 else (6, "4x4", "2x2")
     started = time.perf_counter()
-    g.execute(f"-threads {THREADS} -d 3 -i {pair['fixed']} {pair['moving']} -a -dof 12 -ia-image-centers "
-              f"-m NCC 4x4x4 -n 100x50x10 -o {affine}")
-    g.execute(f"-threads {THREADS} -d 3 -i {pair['fixed']} {pair['moving']} -it {affine} -m NCC 2x2x2 "
+    g.execute(f"-threads {THREADS} -d {dim} -i {pair['fixed']} {pair['moving']} -a -dof {dof} -ia-image-centers "
+              f"-m NCC {coarse} -n 100x50x10 -o {affine}")
+    g.execute(f"-threads {THREADS} -d {dim} -i {pair['fixed']} {pair['moving']} -it {affine} -m NCC {fine} "
               f"-n 100x50x10 -s 2.0vox 0.5vox -o {warp}")
-    g.execute(f"-threads {THREADS} -d 3 -rf {pair['fixed']} -ri LABEL 0.2vox -rm {pair['moving_labels']} {out} "
-              f"-r {warp} {affine}")
+    g.execute(f"-threads {THREADS} -d {dim} -rf {pair['fixed']} -ri LABEL 0.2vox -rm {pair['moving_labels']} "
+              f"{out} -r {warp} {affine}")
     seconds = time.perf_counter() - started
     return {"labels": read_image(out).data, "seconds": seconds, "folds": folds_of_itk_field(warp)}
 

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_peers import THREADS, _Silenced, dice  # noqa: E402  (also sets ITK's threads)
+from real_peers import RUNNERS, dice  # noqa: E402  (the same runners as the 3D benchmark; sets ITK's threads)
 
-from neuralfield_reg.geometry import resample_to  # noqa: E402
 from neuralfield_reg.io.images import read_image  # noqa: E402
 
 CLEAN = [("z", -20), ("z", 0), ("z", 20), ("z", 40), ("x", -30), ("x", 30), ("y", 0), ("y", -40)]
@@ -59,49 +56,12 @@ def write_slice(source: Path, out: Path, axis: str, position: float, step: int) 
     nibabel.save(nibabel.Nifti1Image(values, scaled[order][:, order]), str(out))
 
 
-def run_start(pair: dict, folder: Path) -> np.ndarray:
-    fixed_labels = read_image(pair["fixed_labels"])
-    return resample_to(read_image(pair["moving_labels"]), fixed_labels.grid, mode="label", padding="zeros").data
-
-
-def run_greedy(pair: dict, folder: Path) -> np.ndarray:
-    from picsl_greedy import Greedy2D
-    g, affine, warp, out = Greedy2D(), folder / "g_affine.mat", folder / "g_warp.nii.gz", folder / "g_labels.nii.gz"
-    with _Silenced():
-        g.execute(f"-threads {THREADS} -d 2 -i {pair['fixed']} {pair['moving']} -a -dof 6 -ia-image-centers "
-                  f"-m NCC 4x4 -n 100x50x10 -o {affine}")
-        g.execute(f"-threads {THREADS} -d 2 -i {pair['fixed']} {pair['moving']} -it {affine} -m NCC 2x2 "
-                  f"-n 100x50x10 -s 2.0vox 0.5vox -o {warp}")
-        g.execute(f"-threads {THREADS} -d 2 -rf {pair['fixed']} -ri LABEL 0.2vox -rm {pair['moving_labels']} {out} "
-                  f"-r {warp} {affine}")
-    return read_image(out).data
-
-
-def run_ants(pair: dict, folder: Path) -> np.ndarray:
-    import ants
-    with _Silenced():
-        fixed, moving = ants.image_read(str(pair["fixed"])), ants.image_read(str(pair["moving"]))
-        registration = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(folder / "ants_"))
-        return ants.apply_transforms(fixed, ants.image_read(str(pair["moving_labels"])),
-                                     transformlist=registration["fwdtransforms"], interpolator="genericLabel").numpy()
-
-
-def run_nfreg(pair: dict, folder: Path, config: Path | None = None) -> np.ndarray:
-    out = folder / f"nfreg_{config.stem if config else 'default'}"
-    command = [sys.executable, "-m", "neuralfield_reg.app.cli", "fit", str(pair["moving"]), str(pair["fixed"]),
-               "-o", str(out), "--labels", str(pair["moving_labels"]), "--quiet"]
-    subprocess.run(command + (["--config", str(config)] if config else []), check=True, stdout=subprocess.DEVNULL)
-    return read_image(out / "warped_labels.nii.gz").data
-
-
-RUNNERS = {"start": run_start, "greedy": run_greedy, "ants": run_ants, "nfreg": run_nfreg}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sources", nargs=2, type=Path, required=True, metavar=("MRICRON_TEMPLATES", "ANTSPYX_DATA"))
     parser.add_argument("--skull", action="store_true", help="add the skull -> stripped slices")
-    parser.add_argument("--methods", nargs="+", default=["start", "greedy", "ants", "nfreg"], choices=list(RUNNERS))
+    parser.add_argument("--methods", nargs="+", default=["start", "greedy", "ants", "nfreg"],
+                        choices=["start", "greedy", "ants", "nfreg"])
     parser.add_argument("--nfreg-config", nargs="*", type=Path, default=[], help="also nfreg fit with each config")
     parser.add_argument("--keep", type=Path, default=None, help="folder for the slices and outputs (default: temporary)")
     args = parser.parse_args()
@@ -127,10 +87,9 @@ def main() -> None:
         fixed_labels = read_image(pair["fixed_labels"]).data
         row = []
         for name, (method, config) in zip(names, methods):
-            started = time.perf_counter()
-            warped = RUNNERS[method](pair, folder, config) if config else RUNNERS[method](pair, folder)
-            seconds = time.perf_counter() - started
-            score = dice(np.asarray(warped).reshape(fixed_labels.shape), fixed_labels)[0]
+            run = RUNNERS[method](pair, folder, config) if config else RUNNERS[method](pair, folder)
+            seconds = run["seconds"]
+            score = dice(np.asarray(run["labels"]).reshape(fixed_labels.shape), fixed_labels)[0]
             table[name][label] = (score, seconds)
             row.append(f"{score:.3f} {seconds:5.1f} s")
         print(f"{label:<20}" + "".join(f"{r:>22}" for r in row), flush=True)
