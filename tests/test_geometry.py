@@ -105,6 +105,37 @@ def test_big_endian_files_are_read(tmp_path):
         torch.from_numpy(np.ascontiguousarray(read.data))          # usable by torch
 
 
+def test_every_numeric_dtype_is_written_and_read_back(tmp_path):
+    """numpy's int64 (what a label map made with numpy is), bool and float16 have no NIfTI code
+    nibabel writes by default: they are stored as int32 (where every value fits), uint8 and float32."""
+    values = np.arange(24).reshape(2, 3, 4)
+    for dtype, stored in ((np.int64, np.int32), (np.uint64, np.int32), (np.bool_, np.uint8),
+                          (np.float16, np.float32), (np.uint16, np.uint16), (np.complex64, np.complex64)):
+        write_image(tmp_path / "a.nii.gz", Image(values.astype(dtype), spacing=1.0))
+        read = read_image(tmp_path / "a.nii.gz").data
+        assert read.dtype == stored, dtype
+        np.testing.assert_array_equal(read, values.astype(dtype))
+    big = values.astype(np.int64) * 2 ** 40                                # beyond int32: kept 64-bit
+    write_image(tmp_path / "big.nii.gz", Image(big, spacing=1.0))
+    assert read_image(tmp_path / "big.nii.gz").data.dtype == np.int64
+    np.testing.assert_array_equal(read_image(tmp_path / "big.nii.gz").data, big)
+
+
+def test_an_rgb_image_is_refused_by_name(tmp_path):
+    rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nibabel.save(nibabel.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    from neuralfield_reg.validation import check_image
+    with pytest.raises(TypeError, match="moving: expected an array of numbers.*RGB"):
+        check_image("moving", read_image(tmp_path / "rgb.nii.gz").data)
+
+
+def test_intensities_beyond_float32_are_warped_in_float64():
+    from neuralfield_reg.app.cohort import _storable
+    assert _storable(np.array([[1.0, 2.0], [3.0, 4.0]])).dtype == np.float32
+    huge = np.array([[1e300, 2.0], [3.0, 4.0]])
+    assert _storable(huge).dtype == np.float64 and np.isfinite(_storable(huge)).all()
+
+
 def test_as_image_says_which_inputs_carry_geometry(tmp_path):
     array = np.zeros((4, 5, 6), np.float32)
     assert as_image("moving", array, spacing=2.0)[1] is False
@@ -118,6 +149,10 @@ def test_as_image_says_which_inputs_carry_geometry(tmp_path):
     assert as_image("moving", tmp_path / "a.npy")[1] is False         # .npy has no header
     with pytest.raises(TypeError, match="moving"):
         as_image("moving", [1, 2, 3])
+    with pytest.raises(FileNotFoundError, match="^moving: path: no file at .*missing.nii.gz"):
+        as_image("moving", tmp_path / "missing.nii.gz")
+    with pytest.raises(ValueError, match="^moving: path: 'hello' has an unknown extension"):
+        as_image("moving", "hello")
 
 
 def test_resampling_by_world_coordinates_is_exact_for_a_linear_function():

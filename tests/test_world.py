@@ -253,9 +253,11 @@ def test_initialisation_choices_and_their_errors(tmp_path):
     write_affine_itk(tmp_path / "start.mat", centers.affine_AB)
     given = nfr.fit_pair(moving, fixed, config, init=str(tmp_path / "start.mat"), progress=False)
     np.testing.assert_allclose(given.affine_AB, centers.affine_AB, atol=1e-5)
+    (tmp_path / "bad.mat").write_text("garbage")
     for bad, message in (("nowhere", "no such file"), (np.eye(3), r"\(4, 4\)"),
+                         (str(tmp_path / "bad.mat"), "bad.mat' is not a readable ITK affine"),
                          (np.diag([-1.0, 1.0, 1.0, 1.0]), "reflection")):
-        with pytest.raises(ValueError, match=f"init.*{message}"):
+        with pytest.raises(ValueError, match=f"^init: .*{message}"):
             nfr.fit_pair(moving, fixed, config, init=bad, progress=False)
     with pytest.raises(ValueError, match="moving and fixed.*header"):
         nfr.fit_pair(moving, fixed.data, config, progress=False)

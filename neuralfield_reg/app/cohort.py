@@ -203,6 +203,14 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict |
     return Registered(numbers, result, moving, fixed, warped)
 
 
+def _storable(data) -> np.ndarray:
+    """Intensities to warp and write: float32, or float64 where a value is beyond float32's range."""
+    data = np.asarray(data)
+    if data.dtype == np.float64 and data.size and float(np.abs(data).max()) > np.finfo(np.float32).max:
+        return data
+    return data.astype(np.float32)
+
+
 def write_outputs(pair_dir: Path, result: RegistrationResult, moving: Image, warped_labels: Image | None,
                   suffix: str) -> Image:
     """The result, the warped image (and the warped labels, when given), det J, the displacement
@@ -210,7 +218,7 @@ def write_outputs(pair_dir: Path, result: RegistrationResult, moving: Image, war
     pair_dir = Path(pair_dir)
     fixed_grid = result.fixed_grid
     result.save(pair_dir / "result.pt")
-    warped = result.warp(moving.with_data(np.asarray(moving.data, np.float32)))
+    warped = result.warp(moving.with_data(_storable(moving.data)))
     write_image(pair_dir / f"warped{suffix}", warped)
     if warped_labels is not None:
         write_image(pair_dir / f"warped_labels{suffix}", warped_labels)

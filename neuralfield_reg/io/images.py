@@ -105,7 +105,11 @@ def as_image(name: str, value, *, spacing=None) -> tuple[Image, bool]:
     if isinstance(value, Image):
         return value, True
     if isinstance(value, (str, Path)):
-        return read_image(value), _suffix(Path(value)) != ".npy"
+        try:
+            image = read_image(value)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"{name}: {error}") from error
+        return image, _suffix(Path(value)) != ".npy"
     if hasattr(value, "affine") and hasattr(value, "dataobj"):           # a nibabel image
         array = np.asarray(value.dataobj)
         while array.ndim > 2 and array.shape[-1] == 1:
@@ -124,6 +128,24 @@ def spacing_of(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
     return tuple(float(np.linalg.norm(affine[:3, k])) for k in range(ndim))
 
 
+def _nifti_dtype(array: np.ndarray) -> np.ndarray:
+    """The array in a type NIfTI stores as it is and other tools read: booleans as uint8,
+    float16 as float32, 64-bit integers as int32 where every value fits (a label map made with
+    numpy is int64), kept 64-bit otherwise; NIfTI has no other types (RGB or structured arrays)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    if array.dtype in (np.int64, np.uint64):
+        info = np.iinfo(np.int32)
+        if array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max):
+            return array.astype(np.int32)
+        return array
+    if array.dtype.kind not in "iufc":
+        raise TypeError(f"array: NIfTI stores numbers; got dtype {array.dtype}")
+    return array
+
+
 def save_image(path, array, affine=None) -> None:
     """Write ``array`` to ``path`` (``.npy`` or NIfTI with ``affine``, default identity), atomically."""
     path = Path(path)
@@ -138,7 +160,8 @@ def save_image(path, array, affine=None) -> None:
                 np.save(stream, array, allow_pickle=False)
     else:
         nibabel = _nibabel(path)
+        array = _nifti_dtype(array)
 
         def write(temporary):
-            nibabel.save(nibabel.Nifti1Image(array, affine), temporary)
+            nibabel.save(nibabel.Nifti1Image(array, affine, dtype=array.dtype), temporary)
     atomic_write(path, write, suffix=suffix)

@@ -91,7 +91,11 @@ def initial_world(init, moving: Grid, fixed: Grid) -> np.ndarray:
         return out
     if isinstance(init, (str, Path)):
         from .itk import read_affine_itk
-        return _checked_world("init", read_affine_itk(init, d), d)
+        try:
+            matrix = read_affine_itk(init, d)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"init: {error}") from error
+        return _checked_world("init", matrix, d)
     return _checked_world("init", init, d)
 
 
