@@ -59,6 +59,24 @@ def check_image(name: str, value, *, dims: Sequence[int] = (2, 3), device=None,
     return tensor, was_numpy
 
 
+def check_mask(name: str, tensor: torch.Tensor, value=None) -> torch.Tensor:
+    """A mask's values: boolean, or 0/1 in any real dtype (a value such as 0.5 or 255 is
+    refused rather than read as "inside"); returns it as a boolean tensor, refused when empty."""
+    value = tensor if value is None else value
+    if tensor.is_complex() or (tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())):
+        raise ValueError(f"{name}: expected a boolean or 0/1 mask, got {describe(value)}")
+    if tensor.dtype != torch.bool:
+        other = tensor[(tensor != 0) & (tensor != 1)]
+        if other.numel():
+            values = sorted(set(other[:1000].tolist()))
+            hint = " (a mask of 0 and one other value: write it as 0/1, e.g. mask > 0)" if len(values) == 1 else ""
+            raise ValueError(f"{name}: expected a boolean or 0/1 mask, got values such as {values[:3]}{hint}")
+    tensor = tensor != 0
+    if not bool(tensor.any()):
+        raise ValueError(f"{name}: the mask is empty; nothing would be compared")
+    return tensor
+
+
 def check_image_shape(name: str, tensor, dims: Sequence[int] = (2, 3), value=None) -> None:
     """The shape checks of :func:`check_image`: ``dims`` axes, not empty, every axis >= 2 voxels."""
     value = tensor if value is None else value

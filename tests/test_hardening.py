@@ -2,9 +2,12 @@
 half-written output folder that looks complete, no silent wrong answer, a clear error (exit 2,
 naming the argument or file, no traceback) for everything else, and divergence that stays finite."""
 
+import argparse
 import csv
 import json
 import os
+import pickle
+import re
 import stat
 
 import numpy as np
@@ -90,7 +93,10 @@ def test_clear_errors_before_any_fit(pair, tmp_path, capsys, monkeypatch):
         raise AssertionError("fit_pair should not run")
     monkeypatch.setattr(cohort, "fit_pair", no_fit)
     (tmp_path / "a_file").write_text("x")
+    save_image(tmp_path / "mask255.npy", (np.load(pair["moving"]) > 0.5).astype(np.uint8) * 255)
     cases = [
+        (["-o", str(tmp_path / "o"), "--moving-mask", str(tmp_path / "mask255.npy")],
+         "--moving-mask: expected a boolean or 0/1 mask, got values such as [255] (a mask of 0 and one other value"),
         (["-o", str(tmp_path / "a_file")], "is a file"),
         (["-o", str(tmp_path / "a_file" / "sub")], "cannot be written"),
         (["-o", str(tmp_path / "o"), "--device", "banana"], "--device"),
@@ -127,6 +133,19 @@ def test_crafted_result_files_are_refused_by_name(pair, tmp_path, capsys):
     assert main(["warp", str(tmp_path / "crafted.pt"), str(pair["moving"]), "-o", str(tmp_path / "w.npy")]) == 2
     err = capsys.readouterr().err
     assert "crafted.pt" in err and "architecture" in err and "Traceback" not in err
+    # each file is named by its argument; a pickle of other objects is refused without torch's
+    # advice to load it with weights_only=False (which would run its code)
+    (tmp_path / "pickled.pt").write_bytes(pickle.dumps(argparse.Namespace(a=1)))
+    for argv, message in (([str(tmp_path / "pickled.pt"), str(pair["moving"]), "-o", str(tmp_path / "w.npy")],
+                           "result: path: .*pickled.pt' is not a readable neuralfield_reg result.*tensors and plain "
+                           "values, the only kind read$"),
+                          ([str(out / "result.pt"), str(tmp_path / "none.npy"), "-o", str(tmp_path / "w.npy")],
+                           "image: path: no file"),
+                          ([str(out / "result.pt"), str(pair["moving"]), "-o", str(tmp_path / "w.txt")],
+                           "-o: .*w.txt' has an unknown extension")):
+        assert main(["warp", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.search(message, err) and "weights_only" not in err, (argv, err)
 
 
 def test_masks_and_labels_must_mean_what_they_say(pair):

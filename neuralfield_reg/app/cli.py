@@ -27,7 +27,7 @@ from . import benchmark_vs_icon
 from .cohort import register_row, run_cohort
 from ..config import FitConfig
 from .distributed import shutdown
-from ..io.images import read_image, write_image
+from ..io.images import SUFFIXES, as_image, write_image
 from ..registration.result import RegistrationResult
 
 
@@ -106,8 +106,13 @@ def _warp(args) -> None:
     for name, value in (("result", args.result), ("image", args.image), ("--reference", args.reference)):
         if value and same_file(value, output):
             raise ValueError(f"-o: {args.output!r} is the {name} file; it would be overwritten")
-    result = RegistrationResult.load(args.result)
-    image = read_image(args.image)
+    if not output.name.lower().endswith(SUFFIXES):
+        raise ValueError(f"-o: {args.output!r} has an unknown extension; expected one of {', '.join(SUFFIXES)}")
+    try:
+        result = RegistrationResult.load(args.result)
+    except (OSError, ValueError) as error:
+        raise type(error)(f"result: {error}") from error
+    image, _ = as_image("image", args.image)
     mode = "nearest" if args.nearest else args.interpolation
     warp = result.warp_inverse if args.inverse else result.warp
     write_image(args.output, warp(image, mode=mode, reference=args.reference))

@@ -49,6 +49,7 @@ from ..geometry import Image, orientation_code, resample_to
 from ..io.images import read_image, save_image, write_image
 from ..registration.result import RegistrationResult
 from ..transforms.itk import write_affine_itk
+from ..validation import as_tensor, check_mask
 
 COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "moving_mask", "fixed_mask")
 # Every file a pair folder can hold (all of them are replaced, or removed, by a new run).
@@ -153,6 +154,8 @@ def read_row(row: dict[str, str], names: dict[str, str] | None = None) -> dict[s
                              f"{images[owner].grid}")
         if column.endswith("labels"):
             images[column] = _checked_labels(names[column], image)
+        else:
+            check_mask(names[column], as_tensor(names[column], np.asarray(image.data))[0])
     return images
 
 

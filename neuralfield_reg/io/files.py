@@ -96,8 +96,13 @@ def safe_load(path, *, format_name: str, what: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        text = str(error)
+        # torch's message for a pickle with objects other than tensors advises loading it with
+        # weights_only=False, i.e. running its code: not advice to pass on for a foreign file
+        reason = ("it is not a file of tensors and plain values, the only kind read"
+                  if "weights_only" in text else (text.splitlines() or [type(error).__name__])[0])
         raise ValueError(f"path: {str(path)!r} is not a readable {what} "
-                         f"(truncated or foreign file?): {error}") from error
+                         f"(truncated or foreign file?): {reason}") from error
     if not isinstance(state, dict) or state.get("format") != format_name:
         raise ValueError(f"path: {str(path)!r} is not a {what} file")
     return state

@@ -32,7 +32,7 @@ from ..geometry.resample import coarsen, coarser_grid
 from ..io.images import as_image
 from .result import RegistrationResult
 from ..transforms.world import INIT_NAMES, initial_world, orientation, world_to_local
-from ..validation import as_tensor, check_image, check_spacing, describe
+from ..validation import as_tensor, check_image, check_mask, check_spacing, describe
 
 __all__ = ["FitDivergedError", "fit_pair", "fit_pairs", "foreground_mask", "normalize_intensity"]
 
@@ -169,17 +169,7 @@ def _check_masks(caller: str, kind: str, masks, images: torch.Tensor, grids: lis
         if tuple(tensor.shape) != tuple(images.shape[1:]):
             raise ValueError(f"{name}: expected the {kind} image's shape {tuple(images.shape[1:])}, "
                              f"got {describe(mask)}")
-        if tensor.is_complex() or (tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())):
-            raise ValueError(f"{name}: expected a boolean or 0/1 mask, got {describe(mask)}")
-        if tensor.dtype != torch.bool:
-            other = tensor[(tensor != 0) & (tensor != 1)]
-            if other.numel():
-                raise ValueError(f"{name}: expected a boolean or 0/1 mask, got values such as "
-                                 f"{sorted(set(other[:1000].tolist()))[:3]}")
-        tensor = tensor != 0
-        if not bool(tensor.any()):
-            raise ValueError(f"{name}: the mask is empty; nothing would be compared")
-        checked.append(tensor)
+        checked.append(check_mask(name, tensor, mask))
     return torch.stack(checked)
 
 
