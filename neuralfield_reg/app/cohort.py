@@ -209,7 +209,7 @@ def register_row(row: dict[str, str], pair_dir: Path, config: FitConfig | dict |
 def _storable(data) -> np.ndarray:
     """Intensities to warp and write: float32, or float64 where a value is beyond float32's range."""
     data = np.asarray(data)
-    if data.dtype == np.float64 and data.size and float(np.abs(data).max()) > np.finfo(np.float32).max:
+    if data.dtype == np.float64 and data.size and float(np.abs(data).max()) > float(np.finfo(np.float32).max):
         return data
     return data.astype(np.float32)
 
