@@ -82,6 +82,39 @@ def test_fit_and_warp_work_in_world_coordinates(files, tmp_path, capsys):
     assert metrics.mean_dice(inverse.data, moving_labels.data) > 0.85
 
 
+def test_freesurfer_mgz_files_register_as_their_nifti_copies(files, tmp_path, capsys):
+    """MGH/MGZ files (FreeSurfer's) carry a voxel-to-RAS matrix as NIfTI files do: the same
+    images as .mgz give the same fit, with NIfTI outputs on the fixed grid."""
+    mgz = {}
+    for name in ("moving", "fixed", "moving_labels", "fixed_labels"):
+        image = nibabel.load(files[name])
+        mgz[name] = tmp_path / f"{name}.mgz"
+        nibabel.save(nibabel.MGHImage(np.asarray(image.dataobj), image.affine), mgz[name])
+        again = read_image(mgz[name])
+        assert again.grid.same_as(read_image(files[name]).grid)
+        np.testing.assert_array_equal(again.data, read_image(files[name]).data)
+    summaries = {}
+    for kind, paths in (("nifti", files), ("mgz", mgz)):
+        out = tmp_path / kind
+        assert main(["fit", str(paths["moving"]), str(paths["fixed"]), "-o", str(out), "--labels",
+                     str(paths["moving_labels"]), "--fixed-labels", str(paths["fixed_labels"]), "--config",
+                     str(files["config"]), "--quiet"]) == 0, capsys.readouterr().err
+        summaries[kind] = json.loads((out / "summary.json").read_text())
+        assert read_image(out / "warped_labels.nii.gz").grid.same_as(read_image(files["fixed"]).grid)
+    for key in ("dice", "dice_before", "folding_fraction", "inverse_consistency_error", "world_overlap"):
+        assert summaries["mgz"][key] == pytest.approx(summaries["nifti"][key]), key
+    # nfreg warp writes MGH too, in the types MGH holds
+    assert main(["warp", str(tmp_path / "mgz" / "result.pt"), str(mgz["moving_labels"]), "-o",
+                 str(tmp_path / "w.mgz"), "--interpolation", "label"]) == 0
+    np.testing.assert_array_equal(read_image(tmp_path / "w.mgz").data,
+                                  read_image(tmp_path / "mgz" / "warped_labels.nii.gz").data)
+    from neuralfield_reg.io.images import save_image
+    save_image(tmp_path / "i64.mgz", np.arange(24, dtype=np.int64).reshape(2, 3, 4))
+    assert read_image(tmp_path / "i64.mgz").data.dtype == np.int32
+    with pytest.raises(TypeError, match="big.mgz.*MGH files hold"):
+        save_image(tmp_path / "big.mgz", np.full((2, 3, 4), 2 ** 40, dtype=np.int64))
+
+
 def test_inputs_are_checked_before_fitting(files, tmp_path, capsys):
     other = Grid.from_spacing((20, 22, 18), 2.0, origin=(-10.0, -21.0, -17.0))      # moved 7 mm
     write_image(tmp_path / "shifted_labels.nii.gz", Image(read_image(files["moving_labels"]).data, other))

@@ -6,11 +6,12 @@
     nfreg demo [--out OUT] [--brain]            (the 2D triangle/circle demo; the real brain pair)
     nfreg benchmark [--dataset shapes2d|bodies3d|brain]  (neural fields against conv GradICON/ICON)
 
-Images are ``.npy`` or NIfTI (``.nii``, ``.nii.gz``; needs the ``nifti`` extra). NIfTI files are
+Images are ``.npy``, NIfTI (``.nii``, ``.nii.gz``) or MGH (``.mgz``, ``.mgh``; these two need the
+``nifti`` extra); outputs of images with headers are NIfTI. NIfTI and MGH files are
 registered in world coordinates: the fit starts from their headers' alignment (``--init world``),
 whatever the orientation, origin, field of view or spacing of each file. ``--config`` takes a JSON
 file of FitConfig fields that override the images' preset (``FitConfig.for_images``: ``3d`` for
-volumes, ``2d-scan`` for 2D NIfTI files, ``2d`` for 2D ``.npy`` arrays), e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
+volumes, ``2d-scan`` for 2D NIfTI or MGH files, ``2d`` for 2D ``.npy`` arrays), e.g. ``{"iterations": 1000, "clip_percentiles": [1, 99]}``.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "centers (image centres aligned), moments (intensity moments and a rotation "
                                   "search; the default for .npy), or an ITK affine file (.mat/.txt, fixed -> "
                                   "moving, as ANTs writes)")
-        command.add_argument("--config", help="JSON file of FitConfig fields (on top of the images' preset: 3d, 2d-scan for 2D NIfTI, 2d for .npy)")
+        command.add_argument("--config", help="JSON file of FitConfig fields (on top of the images' preset: 3d, 2d-scan for 2D NIfTI or MGH, 2d for .npy)")
         command.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu, or the rank's GPU)")
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

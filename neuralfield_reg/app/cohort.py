@@ -93,7 +93,8 @@ def read_pairs(pairs_csv) -> list[dict[str, str]]:
 
 
 def _output_suffix(fixed_path: str) -> str:
-    return ".nii.gz" if fixed_path.lower().endswith((".nii", ".nii.gz")) else ".npy"
+    """Outputs of images with headers (NIfTI, MGH) are NIfTI files, as the ITK fields must be."""
+    return ".npy" if fixed_path.lower().endswith(".npy") else ".nii.gz"
 
 
 class Registered(NamedTuple):

@@ -1,9 +1,10 @@
-"""Images in and out: ``.npy`` arrays and NIfTI (``.nii``, ``.nii.gz``; the optional ``nifti`` extra).
+"""Images in and out: ``.npy`` arrays, NIfTI (``.nii``, ``.nii.gz``) and FreeSurfer's MGH (``.mgz``,
+``.mgh``), the last two with the optional ``nifti`` extra (nibabel).
 
 :func:`read_image` gives an :class:`~neuralfield_reg.geometry.Image`: the voxel array in the
 file's axis order on its :class:`~neuralfield_reg.geometry.Grid`, whose 4x4 voxel-to-world
-matrix (RAS+ mm) is the header's as nibabel resolves sform/qform (for ``.npy``, the identity:
-1 mm voxels at the origin). :func:`write_image` writes an Image back with that matrix.
+matrix (RAS+ mm) is the header's as nibabel resolves sform/qform (MGH: its vox2ras; ``.npy``:
+the identity, 1 mm voxels at the origin). :func:`write_image` writes an Image back with that matrix.
 :func:`as_image` turns what users pass (Images, paths, nibabel images, bare arrays) into Images.
 Saving writes a temporary file in the target folder and renames it into place, so an existing
 file is never left half-written. Every error names the path.
@@ -20,12 +21,13 @@ from .files import atomic_write
 from ..geometry import Grid, Image
 from ..validation import check_image_shape
 
-SUFFIXES = (".npy", ".nii", ".nii.gz")
+SUFFIXES = (".npy", ".nii", ".nii.gz", ".mgz", ".mgh")
+MGH_SUFFIXES = (".mgz", ".mgh")          # FreeSurfer's format: a voxel-to-RAS matrix, as NIfTI's
 
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
-    for suffix in (".nii.gz", ".nii", ".npy"):
+    for suffix in (".nii.gz", ".nii", ".npy", ".mgz", ".mgh"):
         if name.endswith(suffix):
             return suffix
     raise ValueError(f"path: {str(path)!r} has an unknown extension; expected one of {', '.join(SUFFIXES)}")
@@ -146,8 +148,25 @@ def _nifti_dtype(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _mgh_dtype(array: np.ndarray, path: Path) -> np.ndarray:
+    """The array in one of the four types MGH stores (uint8, int16, int32, float32), values kept;
+    what does not fit is refused naming the file."""
+    array = _nifti_dtype(array)
+    if array.dtype in (np.uint8, np.int16, np.int32, np.float32):
+        return array
+    if array.dtype.kind in "iu":
+        info = np.iinfo(np.int32)
+        if array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max):
+            return array.astype(np.int32)
+    elif array.dtype.kind == "f":
+        if array.size == 0 or float(np.abs(array).max()) <= float(np.finfo(np.float32).max):
+            return array.astype(np.float32)
+    raise TypeError(f"path: {str(path)!r}: MGH files hold uint8, int16, int32 or float32 values; {array.dtype} "
+                    "values that do not fit them need another format (.nii.gz)")
+
+
 def save_image(path, array, affine=None) -> None:
-    """Write ``array`` to ``path`` (``.npy`` or NIfTI with ``affine``, default identity), atomically."""
+    """Write ``array`` to ``path`` (``.npy``, or NIfTI / MGH with ``affine``, default identity), atomically."""
     path = Path(path)
     suffix = _suffix(path)
     array = np.asarray(array)
@@ -158,6 +177,12 @@ def save_image(path, array, affine=None) -> None:
         def write(temporary):
             with open(temporary, "wb") as stream:
                 np.save(stream, array, allow_pickle=False)
+    elif suffix in MGH_SUFFIXES:
+        nibabel = _nibabel(path)
+        array = _mgh_dtype(array, path)
+
+        def write(temporary):
+            nibabel.save(nibabel.MGHImage(array, affine), temporary)
     else:
         nibabel = _nibabel(path)
         array = _nifti_dtype(array)
