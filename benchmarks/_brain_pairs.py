@@ -11,7 +11,9 @@ Every builder returns ``{"moving", "fixed", "moving_labels", "fixed_labels"}`` -
 * :func:`skull_2mm`: Colin27 with its skull against the skull-stripped MNI152 (:func:`reversed_pair`: the
   other way round);
   :func:`inverted_2mm`: the linear 2 mm pair with the fixed image's contrast inverted;
-  :func:`shifted_origin_2mm`: the linear 2 mm pair with the moving header's origin 660 mm off.
+  :func:`shifted_origin_2mm`: the linear 2 mm pair with the moving header's origin 660 mm off;
+  :func:`partial_coverage_2mm`: the moving Colin27 cut to its upper 60 %;
+  :func:`cropped_2mm`: both images cropped to their brains.
 * :func:`deformed`: an inter-subject-like pair with exact labels: MNI152 (moving) against Colin27
   moved by a random affine and a smooth random deformation, its intensities changed by a bias
   field and a gamma (fixed), so that the start is far from aligned and the two brains differ.
@@ -128,6 +130,29 @@ def partial_coverage_2mm(linear: dict, folder: Path, keep: float = 0.6) -> dict:
         out[key] = folder / Path(linear[key]).name
         data = np.asarray(image.data)[:, :, first:]
         write_image(out[key], Image(np.ascontiguousarray(data), Grid(data.shape, affine)))
+    return out
+
+
+def cropped_2mm(linear: dict, folder: Path, margin: int = 2) -> dict:
+    """The :func:`linear_2mm` pair ``linear`` with each image (and its labels) cropped to its
+    brain's bounding box plus ``margin`` voxels, headers kept true: the small field of view of
+    skull-stripped, cropped datasets (about 0.57 M voxels against 0.9 M). Greedy's and ANTs'
+    time follows the image's voxels, the fields' mostly the brain's."""
+    folder = Path(folder) / "cropped_2mm"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = dict(linear)
+    for image_key in ("moving", "fixed"):
+        image = read_image(linear[image_key])
+        inside = np.argwhere(np.asarray(image.data) > 0)
+        low = np.maximum(inside.min(0) - margin, 0)
+        high = np.minimum(inside.max(0) + 1 + margin, image.shape)
+        affine = np.array(image.grid.affine, dtype=np.float64)
+        affine[:3, 3] += affine[:3, :3] @ low
+        box = tuple(slice(a, b) for a, b in zip(low, high))
+        for key in (image_key, f"{image_key}_labels"):
+            data = np.ascontiguousarray(np.asarray(read_image(linear[key]).data)[box])
+            out[key] = folder / Path(linear[key]).name
+            write_image(out[key], Image(data, Grid(data.shape, affine)))
     return out
 
 

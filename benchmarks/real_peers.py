@@ -8,8 +8,9 @@ Pairs (``benchmarks/_brain_pairs.py``): the packaged 2 mm Colin27 -> MNI152 pair
 with ``--sources`` the original files at 2 mm (linear), with ``--one-mm`` at 1 mm, and with
 ``--harder`` the 1 mm Colin27 against the 2 mm MNI152, Colin27 with its skull against the stripped
 MNI152 (both ways), the 2 mm pair with the fixed image's contrast inverted, the 2 mm pair with
-the moving header's origin 660 mm off, and the 2 mm pair with the moving Colin27 cut to its upper
-60 % (a scan covering part of the other); with ``--deformed N``, N inter-subject-like pairs
+the moving header's origin 660 mm off, the 2 mm pair with the moving Colin27 cut to its upper
+60 % (a scan covering part of the other), and the 2 mm pair cropped to the brains (76x95x79 and
+76x94x79 voxels: a small field of view); with ``--deformed N``, N inter-subject-like pairs
 (MNI152 -> a moved, deformed, re-contrasted Colin27).
 Methods, each on every pair, pair by pair (so the machine's slow phases hit all methods alike):
 
@@ -169,7 +170,8 @@ def main() -> None:
                         help="with --sources: the 1 mm Colin27 against the 2 mm MNI152, Colin27 with its skull "
                              "against the stripped MNI152 (both ways), "
                              "a contrast-inverted fixed MNI152, a moving header with its origin 660 mm off, "
-                             "and a moving Colin27 cut to its upper 60 %% (partial coverage)")
+                             "a moving Colin27 cut to its upper 60 %% (partial coverage), "
+                             "and both images cropped to their brains")
     parser.add_argument("--deformed", type=int, default=0, help="how many deformed inter-subject-like pairs")
     parser.add_argument("--methods", nargs="+", default=["start", "greedy", "ants", "nfreg"], choices=RUNNERS)
     parser.add_argument("--nfreg-config", nargs="*", type=Path, default=[],
@@ -193,6 +195,7 @@ def main() -> None:
             pairs["inverted-contrast-2mm"] = _brain_pairs.inverted_2mm(pairs["linear-2mm"], root)
             pairs["shifted-origin-2mm"] = _brain_pairs.shifted_origin_2mm(pairs["linear-2mm"], root)
             pairs["partial-coverage-2mm"] = _brain_pairs.partial_coverage_2mm(pairs["linear-2mm"], root)
+            pairs["cropped-2mm"] = _brain_pairs.cropped_2mm(pairs["linear-2mm"], root)
     for seed in range(args.deformed):
         pairs[f"deformed-{seed}"] = _brain_pairs.deformed(root, seed)
     if args.pairs:
