@@ -27,10 +27,11 @@ def as_tensor(name: str, value, *, device=None) -> tuple[torch.Tensor, bool]:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise TypeError(f"{name}: expected a numeric array, got an array of Python objects")
+        if value.dtype.fields:
+            raise TypeError(f"{name}: expected an array of numbers, one per voxel, got several channels per voxel "
+                            f"(e.g. RGB: dtype {value.dtype}); convert it to one channel (a grey-level image) first")
         if value.dtype.kind not in "biufc":
-            what = "several channels per voxel (e.g. RGB)" if value.dtype.fields else f"dtype {value.dtype}"
-            raise TypeError(f"{name}: expected an array of numbers, one per voxel, got {what}; "
-                            "convert it to one channel (e.g. a grey-level image) first")
+            raise TypeError(f"{name}: expected an array of numbers, got dtype {value.dtype}")
         tensor = torch.from_numpy(np.ascontiguousarray(value))
         return (tensor if device is None else tensor.to(device)), True
     raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {describe(value)}")
