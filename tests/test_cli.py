@@ -162,3 +162,29 @@ def test_the_brain_pair_as_distributed_starts_from_its_headers(tmp_path, capsys)
     assert 0.75 < summary["dice_before"] < 0.78, summary
     assert summary["dice"] > summary["dice_before"] + 0.05, summary
     assert summary["folding_fraction"] < 1e-4
+
+
+def test_kernels_command_builds_or_finds_the_compiled_kernels(capsys):
+    """`nfreg kernels` loads (building if needed) the module that fits use, and names its file."""
+    import os
+
+    from neuralfield_reg._cuda_ext import load
+
+    assert main(["kernels"]) == 0
+    printed = capsys.readouterr().out.strip()
+    path = printed.rsplit(": ", 1)[1]
+    assert printed.startswith("compiled kernels for the CPU")
+    assert path == load().__file__ and os.path.isfile(path)
+
+
+def test_kernels_command_says_why_they_cannot_be_built(monkeypatch, capsys):
+    """Without a compiler the command exits 1 with the build's reason and the fallback it means."""
+    import neuralfield_reg._cuda_ext as extension
+
+    def failing(verbose=False):
+        raise extension.NativeBuildError("building the hash-grid kernels failed: no C++ compiler found")
+
+    monkeypatch.setattr(extension, "load", failing)
+    assert main(["kernels"]) == 1
+    error = capsys.readouterr().err
+    assert "no C++ compiler found" in error and "pure-PyTorch backend" in error

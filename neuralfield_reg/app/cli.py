@@ -4,6 +4,7 @@
     nfreg warp RESULT IMAGE -o OUT [--nearest] [--inverse] [--reference GRID]
     nfreg cohort PAIRS.csv -o OUTDIR            (under torchrun: sharded over the processes)
     nfreg demo [--out OUT] [--brain]            (the 2D triangle/circle demo; the real brain pair)
+    nfreg kernels                               (build the compiled kernels now, not on the first fit)
     nfreg benchmark [--dataset shapes2d|bodies3d|brain]  (neural fields against conv GradICON/ICON)
 
 Images are ``.npy``, NIfTI (``.nii``, ``.nii.gz``) or MGH (``.mgz``, ``.mgh``; these two need the
@@ -150,6 +151,23 @@ def _demo(args) -> None:
     run_demo(Path(args.out), seed=2 if args.seed is None else args.seed, size=args.size, progress=not args.quiet)
 
 
+def _kernels(args) -> int:
+    """Build the compiled kernels now (or find the cached build) instead of on the first fit."""
+    import time
+
+    from .._cuda_ext import NativeBuildError, load
+    started = time.perf_counter()
+    try:
+        module = load()
+    except NativeBuildError as error:
+        print(f"nfreg kernels: {error}\nnfreg kernels: fits will use the pure-PyTorch backend (about 12 times slower "
+              "in 3D; see docs/backends.md)", file=sys.stderr)
+        return 1
+    devices = "CPU and CUDA" if module.__name__.endswith("_cuda") else "CPU"
+    print(f"compiled kernels for the {devices} ready in {time.perf_counter() - started:.1f} s: {module.__file__}")
+    return 0
+
+
 def _benchmark(args) -> None:
     benchmark_vs_icon.run(args)
 
@@ -199,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=128)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+
+    kernels = commands.add_parser("kernels", help="build the compiled kernels now (otherwise the first fit "
+                                                  "builds them: about 40 s), or say why they cannot be built")
+    kernels.set_defaults(run=_kernels)
 
     benchmark = commands.add_parser("benchmark", help="neural fields against conv GradICON/ICON on the same pairs",
                                     description=benchmark_vs_icon.__doc__,
