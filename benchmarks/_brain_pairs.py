@@ -13,7 +13,8 @@ Every builder returns ``{"moving", "fixed", "moving_labels", "fixed_labels"}`` -
   :func:`inverted_2mm`: the linear 2 mm pair with the fixed image's contrast inverted;
   :func:`shifted_origin_2mm`: the linear 2 mm pair with the moving header's origin 660 mm off;
   :func:`partial_coverage_2mm`: the moving Colin27 cut to its upper 60 %;
-  :func:`cropped_2mm`: both images cropped to their brains.
+  :func:`cropped_2mm`: both images cropped to their brains;
+  :func:`noisy_skull_2mm`: Colin27 with its skull and Rician noise of 6 % everywhere, as a raw scan.
 * :func:`deformed`: an inter-subject-like pair with exact labels: MNI152 (moving) against Colin27
   moved by a random affine and a smooth random deformation, its intensities changed by a bias
   field and a gamma (fixed), so that the start is far from aligned and the two brains differ.
@@ -130,6 +131,22 @@ def partial_coverage_2mm(linear: dict, folder: Path, keep: float = 0.6) -> dict:
         out[key] = folder / Path(linear[key]).name
         data = np.asarray(image.data)[:, :, first:]
         write_image(out[key], Image(np.ascontiguousarray(data), Grid(data.shape, affine)))
+    return out
+
+
+def noisy_skull_2mm(skull: dict, folder: Path, level: float = 0.06, seed: int = 0) -> dict:
+    """The :func:`skull_2mm` pair ``skull`` with MR noise on the moving Colin27 head: Rician, of
+    standard deviation ``level`` times its 99.5th percentile, everywhere (the air around the head of
+    a raw scan is noise, not zero)."""
+    folder = Path(folder) / "noisy_skull_2mm"
+    folder.mkdir(parents=True, exist_ok=True)
+    image = read_image(skull["moving"])
+    data = np.asarray(image.data, dtype=np.float64)
+    sigma = level * np.percentile(data, 99.5)
+    generator = np.random.default_rng(seed)
+    real, imaginary = (generator.normal(0.0, sigma, data.shape) for _ in range(2))
+    out = dict(skull, moving=folder / "ch2_noisy.nii.gz")
+    write_image(out["moving"], image.with_data(np.sqrt((data + real) ** 2 + imaginary ** 2).astype(np.float32)))
     return out
 
 

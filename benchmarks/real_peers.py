@@ -9,8 +9,9 @@ with ``--sources`` the original files at 2 mm (linear), with ``--one-mm`` at 1 m
 ``--harder`` the 1 mm Colin27 against the 2 mm MNI152, Colin27 with its skull against the stripped
 MNI152 (both ways), the 2 mm pair with the fixed image's contrast inverted, the 2 mm pair with
 the moving header's origin 660 mm off, the 2 mm pair with the moving Colin27 cut to its upper
-60 % (a scan covering part of the other), and the 2 mm pair cropped to the brains (76x95x79 and
-76x94x79 voxels: a small field of view); with ``--deformed N``, N inter-subject-like pairs
+60 % (a scan covering part of the other), the 2 mm pair cropped to the brains (76x95x79 and
+76x94x79 voxels: a small field of view), and Colin27 with its skull and Rician noise of 6 % of
+its range everywhere (the air of a raw scan) against the stripped MNI152, both ways; with ``--deformed N``, N inter-subject-like pairs
 (MNI152 -> a moved, deformed, re-contrasted Colin27).
 Methods, each on every pair, pair by pair (so the machine's slow phases hit all methods alike):
 
@@ -177,7 +178,8 @@ def main() -> None:
                              "against the stripped MNI152 (both ways), "
                              "a contrast-inverted fixed MNI152, a moving header with its origin 660 mm off, "
                              "a moving Colin27 cut to its upper 60 %% (partial coverage), "
-                             "and both images cropped to their brains")
+                             "both images cropped to their brains, "
+                             "and Colin27 with its skull and Rician noise against the stripped MNI152 (both ways)")
     parser.add_argument("--deformed", type=int, default=0, help="how many deformed inter-subject-like pairs")
     parser.add_argument("--methods", nargs="+", default=["start", "greedy", "ants", "nfreg"], choices=RUNNERS)
     parser.add_argument("--nfreg-config", nargs="*", type=Path, default=[],
@@ -202,6 +204,8 @@ def main() -> None:
             pairs["shifted-origin-2mm"] = _brain_pairs.shifted_origin_2mm(pairs["linear-2mm"], root)
             pairs["partial-coverage-2mm"] = _brain_pairs.partial_coverage_2mm(pairs["linear-2mm"], root)
             pairs["cropped-2mm"] = _brain_pairs.cropped_2mm(pairs["linear-2mm"], root)
+            pairs["noisy-skull-to-stripped-2mm"] = _brain_pairs.noisy_skull_2mm(pairs["skull-to-stripped-2mm"], root)
+            pairs["stripped-to-noisy-skull-2mm"] = _brain_pairs.reversed_pair(pairs["noisy-skull-to-stripped-2mm"])
     for seed in range(args.deformed):
         pairs[f"deformed-{seed}"] = _brain_pairs.deformed(root, seed)
     if args.pairs:

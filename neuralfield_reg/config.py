@@ -281,7 +281,8 @@ class FitConfig:
             random cubic patches of ``lncc_patch_size`` voxels per axis (per image and pair), so an
             iteration costs the same for any volume size.
         foreground: ``"auto"``: where the caller gives no masks, the similarity counts (and draws
-            its points) only inside each image's foreground (``registration.fit.foreground_mask``);
+            its points) only inside each image's foreground (``registration.fit.foreground_mask``:
+            above 0.05 of the range, or above twice the level of a noisy background);
             None uses the whole images.
         moving_at_fixed_resolution: the fit works at the fixed image's resolution: along each
             axis where the moving image's voxels are 1.5 times finer than the fixed image's finest

@@ -451,6 +451,33 @@ def test_foreground_mask_is_the_object_with_a_margin():
         assert torch.equal(foreground_mask(image), expected)
 
 
+def test_foreground_mask_leaves_out_a_noisy_background():
+    """The air around a head in a raw MR scan is noise (Rician, here 6 % of the range), whose mean
+    lies above the dark-background threshold: the mask is still the object with its margin, as
+    for the same object on a clean background. An object filling the box, or a bright background,
+    keeps the whole image (as before)."""
+    from neuralfield_reg.registration.fit import foreground_mask
+    generator = torch.Generator().manual_seed(1)
+    axes = torch.meshgrid(*[torch.arange(40.0)] * 3, indexing="ij")
+    radius = sum((a - 19.5) ** 2 for a in axes).sqrt()
+    clean = torch.where(radius < 12, 0.6, 0.0)
+    clean[radius < 4] = 0.15                                   # a dark structure inside (CSF-like)
+    noise = [0.06 * torch.randn(clean.shape, generator=generator) for _ in range(2)]
+    noisy = ((clean + noise[0]) ** 2 + noise[1] ** 2).sqrt()
+    noisy = noisy / noisy.max()
+    expected = foreground_mask(clean)
+    mask = foreground_mask(noisy)
+    assert bool(mask[radius < 12].all())                       # the whole object, its dark inside too
+    assert float(mask[radius > 16].float().mean()) < 0.01      # and not the air
+    overlap = (mask & expected).sum() / (mask | expected).sum()
+    assert overlap > 0.9, (float(overlap), int(mask.sum()), int(expected.sum()))
+    assert float(mask[radius > 16].float().mean()) < float((noisy > 0.05)[radius > 16].float().mean()) - 0.5
+    textured = 0.5 + 0.3 * torch.rand(30, 30, 30, generator=generator)   # tissue up to every face
+    assert foreground_mask(textured).all()
+    bright = torch.where(radius < 12, 0.1, 0.9)                # a dark object on a bright background
+    assert foreground_mask(bright).all()
+
+
 def test_hidden_layers_start_with_zero_biases():
     from neuralfield_reg.transforms.fields import DisplacementFields
     fields = DisplacementFields(3, 2, nfr.HashGridConfig(), (32, 32), backend="torch")

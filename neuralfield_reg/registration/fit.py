@@ -173,13 +173,27 @@ def _check_masks(caller: str, kind: str, masks, images: torch.Tensor, grids: lis
     return torch.stack(checked)
 
 
+BACKGROUND_FACTOR, BACKGROUND_NOISE = 2.0, 0.1
+
+
 def foreground_mask(image: torch.Tensor, threshold: float = 0.05, dilation: int = 2) -> torch.Tensor:
     """Where an image (normalised to [0, 1], ``(*spatial)``) is not background: above
     ``threshold`` after a 1-voxel Gaussian blur (noise and isolated voxels do not count), dilated
     by ``dilation`` voxels so the borders of the object stay in. The whole image if that leaves
-    fewer than 1 % of the voxels."""
+    fewer than 1 % of the voxels.
+
+    Where the background is noise rather than dark (the air around a head in a raw MR scan, whose
+    noise averages 5-10 % of the range), the threshold is twice its level: the median of the
+    blurred image on the faces of the box, when that lies between ``threshold / 2`` and
+    ``BACKGROUND_NOISE`` (0.1). Images with a dark background (stripped brains, CT) keep
+    ``threshold``, and so do those whose faces are brighter (an object that fills the box, a
+    bright background), as the whole image passes it there."""
     blurred = gaussian_blur(image.float(), 1.0)
-    mask = (blurred > threshold).float()[None, None]
+    faces = torch.cat([blurred.select(axis, index).reshape(-1) for axis in range(image.ndim) for index in (0, -1)])
+    background = float(faces.median())
+    cut = BACKGROUND_FACTOR * background if background <= BACKGROUND_NOISE else threshold
+    cut = max(threshold, cut)
+    mask = (blurred > cut).float()[None, None]
     pool = F.max_pool3d if image.ndim == 3 else F.max_pool2d
     for axis in range(image.ndim):       # the box dilation, one axis at a time (the same mask, faster)
         size = [1] * image.ndim
