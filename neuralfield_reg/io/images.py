@@ -27,7 +27,7 @@ MGH_SUFFIXES = (".mgz", ".mgh")          # FreeSurfer's format: a voxel-to-RAS m
 
 def _suffix(path: Path) -> str:
     name = path.name.lower()
-    for suffix in (".nii.gz", ".nii", ".npy", ".mgz", ".mgh"):
+    for suffix in SUFFIXES:                  # none ends another (".nii.gz" does not end in ".nii")
         if name.endswith(suffix):
             return suffix
     raise ValueError(f"path: {str(path)!r} has an unknown extension; expected one of {', '.join(SUFFIXES)}")
@@ -130,6 +130,11 @@ def spacing_of(affine: np.ndarray, ndim: int) -> tuple[float, ...]:
     return tuple(float(np.linalg.norm(affine[:3, k])) for k in range(ndim))
 
 
+def _fits_int32(array: np.ndarray) -> bool:
+    info = np.iinfo(np.int32)
+    return array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max)
+
+
 def _nifti_dtype(array: np.ndarray) -> np.ndarray:
     """The array in a type NIfTI stores as it is and other tools read: booleans as uint8,
     float16 as float32, 64-bit integers as int32 where every value fits (a label map made with
@@ -139,10 +144,7 @@ def _nifti_dtype(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.float16:
         return array.astype(np.float32)
     if array.dtype in (np.int64, np.uint64):
-        info = np.iinfo(np.int32)
-        if array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max):
-            return array.astype(np.int32)
-        return array
+        return array.astype(np.int32) if _fits_int32(array) else array
     if array.dtype.kind not in "iufc":
         raise TypeError(f"array: NIfTI stores numbers; got dtype {array.dtype}")
     return array
@@ -155,8 +157,7 @@ def _mgh_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     if array.dtype in (np.uint8, np.int16, np.int32, np.float32):
         return array
     if array.dtype.kind in "iu":
-        info = np.iinfo(np.int32)
-        if array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max):
+        if _fits_int32(array):
             return array.astype(np.int32)
     elif array.dtype.kind == "f":
         if array.size == 0 or float(np.abs(array).max()) <= float(np.finfo(np.float32).max):
