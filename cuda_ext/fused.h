@@ -238,6 +238,17 @@ void encode_jet(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D>* cells, c
         out[ch * LF] = sum0;
         out[ch * LF + 1] = sum1;
       }
+    } else if (F == 4) {                       // the 3D preset's: every channel's sums in registers
+      scalar_t sum[C][4] = {};                 // (the general loop below stores them corner by corner)
+      for (int c = 0; c < K; ++c) {
+        const scalar_t* row = table + cell.row[c] * 4;
+        for (int ch = 0; ch < C; ++ch) {
+          for (int f = 0; f < 4; ++f) sum[ch][f] += coefficient[c][ch] * row[f];
+        }
+      }
+      for (int ch = 0; ch < C; ++ch) {
+        for (int f = 0; f < 4; ++f) out[ch * LF + f] = sum[ch][f];
+      }
     } else {
       for (int c = 0; c < K; ++c) {
         const scalar_t* row = table + cell.row[c] * F;
@@ -614,8 +625,10 @@ void scatter_records(const CornerRecord<scalar_t, C>* records, int64_t R, const 
       const int64_t l = active[i];
       const CornerRecord<scalar_t, C>* level_records = records + l * R * K;
       const scalar_t* level_adj = adj + l * R * C * F;
-      if (F == 2) {                            // the default: the feature loops unrolled
+      if (F == 2) {                            // 2D's default and 3D's: the feature loops unrolled
         scatter_level<scalar_t, D, C, 2>(level_records, R, level_adj, F, grad_table);
+      } else if (F == 4) {
+        scatter_level<scalar_t, D, C, 4>(level_records, R, level_adj, F, grad_table);
       } else {
         scatter_level<scalar_t, D, C, 0>(level_records, R, level_adj, F, grad_table);
       }

@@ -49,7 +49,7 @@ def test_fit_and_warp_work_in_world_coordinates(files, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["fit", str(files["moving"]), str(files["fixed"]), "-o", str(out), "--labels",
                  str(files["moving_labels"]), "--fixed-labels", str(files["fixed_labels"]), "--config",
-                 str(files["config"]), "--quiet"])
+                 str(files["config"]), "--quiet", "--figure"])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["init"] == "world" and (summary["moving_orientation"], summary["fixed_orientation"]) == ("RAS", "LAS")

@@ -122,3 +122,8 @@ def test_label_interpolation_is_the_most_likely_label(dim, blocky):
     assert torch.equal(sample(labels, centres, mode="label"), labels.reshape(-1))
     outside = sample(labels, torch.full((1, dim), 1.5, dtype=torch.float64), mode="label", padding="zeros")
     assert outside.item() == 0
+    # channels are label maps of their own: each comes out as it does alone
+    stacked = torch.stack([labels, labels.flip(0), torch.zeros_like(labels)])
+    by_channel = sample(stacked, points, mode="label")
+    assert torch.equal(by_channel[0], out) and not by_channel[2].any()
+    assert torch.equal(by_channel[1], sample(labels.flip(0), points, mode="label"))

@@ -25,6 +25,8 @@ CASES = [  # (dim, encoding, hidden widths); every encoding mixes dense and hash
     (3, HashGridConfig(n_levels=3, log2_hashmap_size=8, base_resolution=3, per_level_scale=2.0), (8, 40, 8)),
     (3, HashGridConfig(n_levels=2, n_features_per_level=1, log2_hashmap_size=7, base_resolution=4,
                        per_level_scale=1.7, interpolation="Smoothstep"), (8, 8)),
+    (3, HashGridConfig(n_levels=2, n_features_per_level=4, log2_hashmap_size=7, base_resolution=3,
+                       per_level_scale=2.0), (16,)),                  # the 3D preset's 4 features
 ]
 
 

@@ -68,18 +68,20 @@ def test_refit_leaves_no_stale_files_and_an_interrupted_run_says_so(pair, tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(viz, "overview_figure", interrupted)
-    assert fit(pair, out) == 130
+    assert fit(pair, out, "--figure") == 130
     assert (out / "INCOMPLETE").exists() and not (out / "summary.json").exists()
     assert (out / "result.pt").exists() and not (out / "overview.png").exists()   # this run's files only
     monkeypatch.undo()
-    assert fit(pair, out) == 0
+    assert fit(pair, out, "--figure") == 0
     assert not (out / "INCOMPLETE").exists() and (out / "overview.png").exists()
+    assert fit(pair, out) == 0                                          # no figure asked for: none left
+    assert not (out / "overview.png").exists() and (out / "summary.json").exists()
 
 
 def test_files_follow_the_umask(pair, tmp_path):
     previous = os.umask(0o022)
     try:
-        assert fit(pair, tmp_path / "out") == 0
+        assert fit(pair, tmp_path / "out", "--figure") == 0
     finally:
         os.umask(previous)
     for name in ("result.pt", "warped.npy", "summary.json", "overview.png"):

@@ -94,6 +94,26 @@ def test_inverse_consistency_error_in_voxels():
     assert result.inverse_consistency_error() == pytest.approx(0.5, rel=1e-4)
 
 
+def test_inverse_consistency_error_over_every_second_voxel():
+    """``every=2``: the mean residual over the voxels with even indices, as map_points gives it
+    (the residual grows across the image here, so the sample's mean is not the full mean)."""
+    result = affine_result(np.array([[1.1, 0.1], [0.0, 0.9]]), [0.02, -0.03], (13, 16), moving_shape=(15, 12))
+    result.maps.matrices[1] *= 1.02                                     # phi_BA a little off the inverse
+    errors = []
+    for shape, inner, outer in (((15, 12), "BA", "AB"), ((13, 16), "AB", "BA")):
+        other = (13, 16) if inner == "BA" else (15, 12)
+        i, j = np.meshgrid(np.arange(0, shape[0], 2), np.arange(0, shape[1], 2), indexing="ij")
+        voxels = np.stack([i.ravel(), j.ravel()], 1).astype(np.float32)
+        middle = result.map_points(voxels, inner)
+        inside = ((middle >= 0) & (middle <= np.array(other) - 1)).all(1)
+        back = result.map_points(middle[inside], outer)
+        errors.append(np.linalg.norm(back - voxels[inside], axis=1).mean())
+    assert result.inverse_consistency_error(every=2) == pytest.approx(np.mean(errors), rel=1e-4)
+    assert result.inverse_consistency_error() != pytest.approx(np.mean(errors), rel=1e-3)
+    with pytest.raises(ValueError, match="every"):
+        result.inverse_consistency_error(every=0)
+
+
 def test_jacobian_in_physical_units_with_different_grids():
     # Moving grid twice as fine along axis 0 with half the spacing: the same physical domain, so the
     # identity in unit coordinates is the identity in millimetres (det 1).

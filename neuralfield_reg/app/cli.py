@@ -73,9 +73,10 @@ def _fit(args) -> dict:
                                       init=args.init, names=_OPTION_NAMES)
         for warning in caught:
             print(f"nfreg fit: warning: {warning.message}", file=sys.stderr)
-        from .viz import overview_figure              # matplotlib only when a figure is drawn
-        overview_figure(registered.result, registered.moving.data, registered.fixed.data, out / "overview.png",
-                        warped=registered.warped.data)
+        if args.figure:
+            from .viz import overview_figure          # matplotlib only when a figure is drawn
+            overview_figure(registered.result, registered.moving.data, registered.fixed.data, out / "overview.png",
+                            warped=registered.warped.data)
     summary = {**registered.numbers, "backend": registered.result.backend, "moving": args.moving,
                "fixed": args.fixed}
     end_outputs(out)
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--fixed-labels", help="fixed label map (Dice in the summary)")
     fit.add_argument("--moving-mask", help="where the moving image counts in the similarity")
     fit.add_argument("--fixed-mask", help="where the fixed image counts in the similarity")
+    fit.add_argument("--figure", action="store_true",
+                     help="also draw overview.png: middle slices of the images, the warped image, the "
+                          "deformation grid, det J and the loss terms (about 0.5 s more)")
     fit.set_defaults(run=_fit)
 
     warp = commands.add_parser("warp", help="apply a saved result to another moving-space image")

@@ -133,26 +133,29 @@ def _sample_label(image: torch.Tensor, flat: torch.Tensor, spatial: tuple[int, .
     inside = ((position >= -0.5) & (position <= sizes - 0.5)).all(-1)
     position = torch.minimum(position.clamp_min(0), (sizes - 1).to(position.dtype))
     low = torch.minimum(position.floor().long(), sizes - 2).clamp_min(0)
-    fraction = position - low
-    strides = torch.tensor([math.prod(spatial[k + 1:]) for k in range(d)], device=flat.device)
-    labels, weights = [], []
-    for corner in range(1 << d):               # the 2^d corners, generically
-        bits = torch.tensor([(corner >> (d - 1 - k)) & 1 for k in range(d)], device=flat.device)
-        index = ((low + bits) * strides).sum(-1)
-        labels.append(image.reshape(image.shape[0], -1)[:, index])                    # (C, N)
-        weights.append(torch.where(bits.bool(), fraction, 1.0 - fraction).prod(-1))   # (N,)
-    labels = torch.stack(labels, -1)                                                  # (C, N, 2^d)
-    weights = torch.stack(weights, -1)                                                # (N, 2^d)
-    values = labels[..., 0].clone()
+    strides = [math.prod(spatial[k + 1:]) for k in range(d)]
+    base = low @ torch.tensor(strides, device=flat.device)                            # (N,) flat index
+    source = image.reshape(image.shape[0], -1)
+    # corner c's bit k (from the most significant) says upper (1) or lower (0) along axis k
+    offsets = [sum(strides[k] for k in range(d) if (corner >> (d - 1 - k)) & 1) for corner in range(1 << d)]
+    labels = [source.index_select(1, base + offset) for offset in offsets]           # 2^d x (C, N)
+    values = labels[0].clone()
     # Where the corners hold different labels (near boundaries: a minority of the voxels), the
     # weight of each corner's label; elsewhere that one label wins outright.
-    mixed = (labels != labels[..., :1]).any(-1)                                       # (C, N)
+    mixed = labels[1] != labels[0]
+    for corner_labels in labels[2:]:
+        mixed |= corner_labels != labels[0]                                          # (C, N)
     if bool(mixed.any()):
-        corners = labels[mixed]                                                       # (M, 2^d)
-        corner_weights = weights.expand(*labels.shape)[mixed]
+        channel, point = mixed.nonzero(as_tuple=True)
+        corners = torch.stack([corner_labels[channel, point] for corner_labels in labels], -1)   # (M, 2^d)
+        fraction = position[point] - low[point]                                       # (M, d)
+        corner_weights = [torch.ones_like(fraction[:, 0])]
+        for k in range(d):                     # the corners' linear weights, in corner order
+            corner_weights = [w * f for w in corner_weights for f in (1.0 - fraction[:, k], fraction[:, k])]
+        corner_weights = torch.stack(corner_weights, -1)                              # (M, 2^d)
         same = corners[:, :, None] == corners[:, None, :]                             # (M, 2^d, 2^d)
         total = (same * corner_weights[:, None, :]).sum(-1)                           # (M, 2^d)
-        values[mixed] = torch.gather(corners, -1, total.argmax(-1, keepdim=True))[:, 0]
+        values[channel, point] = torch.gather(corners, -1, total.argmax(-1, keepdim=True))[:, 0]
     if padding == "zeros":
         values = torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
     return values
