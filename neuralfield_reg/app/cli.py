@@ -1,6 +1,7 @@
 """The ``nfreg`` command: register files, apply a saved result, register a cohort.
 
     nfreg fit MOVING FIXED -o OUTDIR [--labels MOVING_LABELS] [--fixed-labels FIXED_LABELS] [--init INIT]
+              [--figure]                        (--figure: also overview.png)
     nfreg warp RESULT IMAGE -o OUT [--nearest] [--inverse] [--reference GRID]
     nfreg cohort PAIRS.csv -o OUTDIR            (under torchrun: sharded over the processes)
     nfreg demo [--out OUT] [--brain]            (the 2D triangle/circle demo; the real brain pair)

@@ -13,7 +13,8 @@ written to ``OUT/pairs/i/``:
   (``RegistrationResult.displacement``) and ``affine.txt``;
 * ``summary.json``, written last: the pair's Dice before (the moving labels resampled onto the
   fixed grid by world coordinates: what the headers' alignment alone gives) and after (when both
-  label maps are given), folding fraction, inverse-consistency error, the start (``init``) and
+  label maps are given), folding fraction, inverse-consistency error (over every second voxel
+  along each axis), the start (``init``) and
   the share of the fixed image's box inside the moving image's (``world_overlap``), seconds,
   rank, and ``status`` ("ok" or "failed" with the error).
 
