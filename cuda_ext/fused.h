@@ -625,9 +625,9 @@ void scatter_records(const CornerRecord<scalar_t, C>* records, int64_t R, const 
       const int64_t l = active[i];
       const CornerRecord<scalar_t, C>* level_records = records + l * R * K;
       const scalar_t* level_adj = adj + l * R * C * F;
-      if (F == 2) {                            // 2D's default and 3D's: the feature loops unrolled
+      if (F == 2) {                            // the 2D presets': the feature loops unrolled
         scatter_level<scalar_t, D, C, 2>(level_records, R, level_adj, F, grad_table);
-      } else if (F == 4) {
+      } else if (F == 4) {                     // the 3D preset's
         scatter_level<scalar_t, D, C, 4>(level_records, R, level_adj, F, grad_table);
       } else {
         scatter_level<scalar_t, D, C, 0>(level_records, R, level_adj, F, grad_table);

@@ -14,9 +14,9 @@ written to ``OUT/pairs/i/``:
 * ``summary.json``, written last: the pair's Dice before (the moving labels resampled onto the
   fixed grid by world coordinates: what the headers' alignment alone gives) and after (when both
   label maps are given), folding fraction, inverse-consistency error (over every second voxel
-  along each axis), the start (``init``) and
-  the share of the fixed image's box inside the moving image's (``world_overlap``), seconds,
-  rank, and ``status`` ("ok" or "failed" with the error).
+  along each axis), the start (``init``) and the share of the fixed image's box inside the
+  moving image's (``world_overlap``), seconds, rank, and ``status`` ("ok" or "failed" with the
+  error).
 
 Every file of a row is read and checked before its fit: label maps and masks must lie on their
 image's grid (shape and header). A pair whose summary says "ok" is skipped by a rerun, so a run killed midway resumes
