@@ -6,7 +6,8 @@
 //   v <- beta2 v + (1 - beta2) g^2
 //   p <- p - (lr / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 // with t the parameter's own step count (after this step), as torch.optim.Adam with its defaults
-// (no weight decay, amsgrad or maximize).
+// (no weight decay, amsgrad or maximize). With AVX (the kernels are built with -march=native),
+// 8 floats or 4 doubles at a time; the scalar loop does the rest.
 #include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
@@ -44,43 +45,30 @@ inline void adam_scalar(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v
 }
 
 #if defined(__AVX__)
-// AVX registers of 8 floats or 4 doubles, with the operations the update needs.
+// AVX registers of 8 floats (suffix ps) or 4 doubles (pd), with the operations the update needs.
 template <typename scalar_t>
 struct Avx;
 
-template <>
-struct Avx<float> {
-  using reg = __m256;
-  static constexpr int kLanes = 8;
-  static reg load(const float* x) { return _mm256_loadu_ps(x); }
-  static void store(float* x, reg r) { _mm256_storeu_ps(x, r); }
-  static reg splat(float a) { return _mm256_set1_ps(a); }
-  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
-  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
-  static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
-  static reg sqrt(reg a) { return _mm256_sqrt_ps(a); }
-  static reg is_zero(reg a) { return _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_EQ_OQ); }
-  static int bits(reg mask) { return _mm256_movemask_ps(mask); }
-  static reg pick(reg where_clear, reg where_set, reg mask) { return _mm256_blendv_ps(where_clear, where_set, mask); }
-};
-
-template <>
-struct Avx<double> {
-  using reg = __m256d;
-  static constexpr int kLanes = 4;
-  static reg load(const double* x) { return _mm256_loadu_pd(x); }
-  static void store(double* x, reg r) { _mm256_storeu_pd(x, r); }
-  static reg splat(double a) { return _mm256_set1_pd(a); }
-  static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
-  static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
-  static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
-  static reg div(reg a, reg b) { return _mm256_div_pd(a, b); }
-  static reg sqrt(reg a) { return _mm256_sqrt_pd(a); }
-  static reg is_zero(reg a) { return _mm256_cmp_pd(a, _mm256_setzero_pd(), _CMP_EQ_OQ); }
-  static int bits(reg mask) { return _mm256_movemask_pd(mask); }
-  static reg pick(reg where_clear, reg where_set, reg mask) { return _mm256_blendv_pd(where_clear, where_set, mask); }
-};
+#define NFREG_AVX_OPERATIONS(T, REG, S, LANES)                                                     \
+  template <>                                                                                     \
+  struct Avx<T> {                                                                                 \
+    using reg = REG;                                                                              \
+    static constexpr int kLanes = LANES;                                                          \
+    static reg load(const T* x) { return _mm256_loadu_##S(x); }                                   \
+    static void store(T* x, reg r) { _mm256_storeu_##S(x, r); }                                   \
+    static reg splat(T a) { return _mm256_set1_##S(a); }                                          \
+    static reg add(reg a, reg b) { return _mm256_add_##S(a, b); }                                 \
+    static reg sub(reg a, reg b) { return _mm256_sub_##S(a, b); }                                 \
+    static reg mul(reg a, reg b) { return _mm256_mul_##S(a, b); }                                 \
+    static reg div(reg a, reg b) { return _mm256_div_##S(a, b); }                                 \
+    static reg sqrt(reg a) { return _mm256_sqrt_##S(a); }                                         \
+    static reg is_zero(reg a) { return _mm256_cmp_##S(a, _mm256_setzero_##S(), _CMP_EQ_OQ); }     \
+    static int bits(reg mask) { return _mm256_movemask_##S(mask); }                               \
+    static reg pick(reg where_clear, reg where_set, reg mask) { return _mm256_blendv_##S(where_clear, where_set, mask); } \
+  };
+NFREG_AVX_OPERATIONS(float, __m256, ps, 8)
+NFREG_AVX_OPERATIONS(double, __m256d, pd, 4)
+#undef NFREG_AVX_OPERATIONS
 
 // The same update a register of entries at a time: the scalar loop's square root and division
 // one entry at a time, and its branch on each gradient (a hash table's untouched rows are
