@@ -201,6 +201,24 @@ void find_cells(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, 
   }
 }
 
+// out[ch * LF + f] = sum over the K corners c of coefficient[c][ch] * row_c[f], for kF features per
+// row known at compile time: every sum is formed in registers before it is stored (the general
+// loop of encode_jet stores them corner by corner).
+template <typename scalar_t, int K, int C, int kF>
+inline void weighted_rows(const scalar_t (&coefficient)[K][C], const int64_t* rows, const scalar_t* table, int LF,
+                          scalar_t* out) {
+  scalar_t sum[C][kF] = {};
+  for (int c = 0; c < K; ++c) {
+    const scalar_t* row = table + rows[c] * kF;
+    for (int ch = 0; ch < C; ++ch) {
+      for (int f = 0; f < kF; ++f) sum[ch][f] += coefficient[c][ch] * row[f];
+    }
+  }
+  for (int ch = 0; ch < C; ++ch) {
+    for (int f = 0; f < kF; ++f) out[ch * LF + f] = sum[ch][f];
+  }
+}
+
 // jet (C x L*F, channel-major, zeroed here): the encoding of point p, whose cells find_cells found,
 // and, for C = 1 + D, its derivatives. records (optional): every corner's row and coefficients for
 // scatter_records, level l's 2^D corners at records + l * level_stride (records are kept
@@ -227,28 +245,10 @@ void encode_jet(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D>* cells, c
       }
     }
     scalar_t* out = jet + l * F;
-    if (F == 2) {                              // the common case, without the inner loop
-      for (int ch = 0; ch < C; ++ch) {
-        scalar_t sum0 = 0, sum1 = 0;
-        for (int c = 0; c < K; ++c) {
-          const scalar_t* row = table + cell.row[c] * 2;
-          sum0 += coefficient[c][ch] * row[0];
-          sum1 += coefficient[c][ch] * row[1];
-        }
-        out[ch * LF] = sum0;
-        out[ch * LF + 1] = sum1;
-      }
-    } else if (F == 4) {                       // the 3D preset's: every channel's sums in registers
-      scalar_t sum[C][4] = {};                 // (the general loop below stores them corner by corner)
-      for (int c = 0; c < K; ++c) {
-        const scalar_t* row = table + cell.row[c] * 4;
-        for (int ch = 0; ch < C; ++ch) {
-          for (int f = 0; f < 4; ++f) sum[ch][f] += coefficient[c][ch] * row[f];
-        }
-      }
-      for (int ch = 0; ch < C; ++ch) {
-        for (int f = 0; f < 4; ++f) out[ch * LF + f] = sum[ch][f];
-      }
+    if (F == 2) {                              // 2D's: the sums in registers
+      weighted_rows<scalar_t, K, C, 2>(coefficient, cell.row, table, LF, out);
+    } else if (F == 4) {                       // the 3D preset's
+      weighted_rows<scalar_t, K, C, 4>(coefficient, cell.row, table, LF, out);
     } else {
       for (int c = 0; c < K; ++c) {
         const scalar_t* row = table + cell.row[c] * F;
