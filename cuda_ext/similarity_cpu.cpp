@@ -334,40 +334,44 @@ std::vector<at::Tensor> similarity(const at::Tensor& points, const at::Tensor& t
       }
     });
 
-    // Weights and the SSD of each field; dL/du for the reverse mode.
+    // Weights and the measure of each field, the fields in parallel (each one's measure is a serial
+    // sum: a 2 mm brain's MI histogram took a thread 0.2 ms per field); dL/du for the reverse mode.
     const scalar_t* mask = has_masks ? masks.data_ptr<scalar_t>() : nullptr;
     scalar_t* grad_u = scratch<scalar_t>(5, need_grad ? P * D : 0);
+    std::vector<double> values(T, 0.0);
+    at::parallel_for(0, T, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t first = t * N;
+        int64_t count = 0;
+        for (int64_t n = 0; n < N; ++n) count += inside[first + n];
+        const bool all_points = count < kMinInside;
+        std::vector<scalar_t> w(N);
+        bool any = false;
+        for (int64_t n = 0; n < N; ++n) {
+          const bool kept = (all_points || inside[first + n]) && (mask == nullptr || mask[first + n] != 0);
+          w[n] = kept ? scalar_t(1) : scalar_t(0);
+          any = any || kept;
+        }
+        if (!any) std::fill(w.begin(), w.end(), scalar_t(1));     // the mask leaves none: compare all
+        double total = 0;
+        for (int64_t n = 0; n < N; ++n) total += w[n];
+        // the field's value and d sim / d v_n per point (into factor), v_n = r_n + target_n
+        std::vector<double> factor(need_grad ? N : 0);
+        const scalar_t* r = residual + first;
+        const scalar_t* tn = target + first;
+        values[t] = measure == kSsd ? ssd_measure(r, tn, w.data(), N, total, need_grad ? factor.data() : nullptr)
+                    : measure == kNcc ? ncc_measure(r, tn, w.data(), N, total, eps,
+                                                    need_grad ? factor.data() : nullptr)
+                                      : mi_measure(r, tn, w.data(), N, total, bins,
+                                                   need_grad ? factor.data() : nullptr);
+        for (int64_t n = 0; n < N && need_grad; ++n) {
+          const scalar_t f = static_cast<scalar_t>(factor[n]);
+          for (int k = 0; k < D; ++k) grad_u[(first + n) * D + k] = f * image_gradient[(first + n) * D + k];
+        }
+      }
+    });
     scalar_t* sim = similarity.data_ptr<scalar_t>();
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t first = t * N;
-      int64_t count = 0;
-      for (int64_t n = 0; n < N; ++n) count += inside[first + n];
-      const bool all_points = count < kMinInside;
-      std::vector<scalar_t> w(N);
-      bool any = false;
-      for (int64_t n = 0; n < N; ++n) {
-        const bool kept = (all_points || inside[first + n]) && (mask == nullptr || mask[first + n] != 0);
-        w[n] = kept ? scalar_t(1) : scalar_t(0);
-        any = any || kept;
-      }
-      if (!any) std::fill(w.begin(), w.end(), scalar_t(1));     // the mask leaves none: compare all
-      double total = 0;
-      for (int64_t n = 0; n < N; ++n) total += w[n];
-      // the field's value and d sim / d v_n per point (into factor), v_n = r_n + target_n
-      std::vector<double> factor(need_grad ? N : 0);
-      const scalar_t* r = residual + first;
-      const scalar_t* tn = target + first;
-      const double value = measure == kSsd ? ssd_measure(r, tn, w.data(), N, total, need_grad ? factor.data() : nullptr)
-                           : measure == kNcc ? ncc_measure(r, tn, w.data(), N, total, eps,
-                                                           need_grad ? factor.data() : nullptr)
-                                             : mi_measure(r, tn, w.data(), N, total, bins,
-                                                          need_grad ? factor.data() : nullptr);
-      sim[t / 2] += static_cast<scalar_t>(value);
-      for (int64_t n = 0; n < N && need_grad; ++n) {
-        const scalar_t f = static_cast<scalar_t>(factor[n]);
-        for (int k = 0; k < D; ++k) grad_u[(first + n) * D + k] = f * image_gradient[(first + n) * D + k];
-      }
-    }
+    for (int64_t t = 0; t < T; ++t) sim[t / 2] += static_cast<scalar_t>(values[t]);   // in field order
     if (!need_grad) return;
     auto grad_table = at::zeros_like(table);
     MlpGradients<scalar_t> gradients(at::get_num_threads(), T, mlp);
