@@ -177,22 +177,34 @@ inline void bspline_weights(double q, int64_t* first, double* value, double* slo
 // -2 .. bins + 1 (index + 2), cubic B-spline windows, weighted by w_n / W. With p_a = sum_b p_ab
 // (t does not move), d mi / d v_n = -(w_n (bins - 1) / W) sum_ab slope_a(q_n) window_b(s_n)
 // (log p_ab - log p_a), where 0 <= v_n <= 1 (the clamp passes the gradient there, as torch's).
+// Both passes over the points are parallel (inside another parallel loop they run serially in
+// the calling thread): the histogram as per-thread partial histograms added in thread order (the
+// same result for the same thread count), the gradient point by point.
 template <typename scalar_t>
 double mi_measure(const scalar_t* r, const scalar_t* t, const scalar_t* w, int64_t N, double total, int64_t bins,
                   double* factor) {
+  constexpr int64_t kMiGrain = 2048;
   const int64_t K = bins + 4;
   const double last = static_cast<double>(bins - 1);
-  std::vector<double> joint(K * K, 0.0);
   auto position = [&](double value) { return std::min(std::max(value, 0.0), 1.0) * last + 2; };
-  for (int64_t n = 0; n < N; ++n) {
-    if (w[n] == 0) continue;
-    int64_t first_a, first_b;
-    double wa[4], wb[4];
-    bspline_weights(position(static_cast<double>(r[n]) + t[n]), &first_a, wa, nullptr);
-    bspline_weights(position(t[n]), &first_b, wb, nullptr);
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) joint[(first_a + i) * K + first_b + j] += w[n] * wa[i] * wb[j];
+  const int threads = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(threads) * K * K, 0.0);
+  at::parallel_for(0, N, kMiGrain, [&](int64_t begin, int64_t end) {
+    double* mine = partial.data() + static_cast<int64_t>(at::get_thread_num()) * K * K;
+    for (int64_t n = begin; n < end; ++n) {
+      if (w[n] == 0) continue;
+      int64_t first_a, first_b;
+      double wa[4], wb[4];
+      bspline_weights(position(static_cast<double>(r[n]) + t[n]), &first_a, wa, nullptr);
+      bspline_weights(position(t[n]), &first_b, wb, nullptr);
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) mine[(first_a + i) * K + first_b + j] += w[n] * wa[i] * wb[j];
+      }
     }
+  });
+  std::vector<double> joint(K * K, 0.0);
+  for (int thread = 0; thread < threads; ++thread) {
+    for (int64_t e = 0; e < K * K; ++e) joint[e] += partial[thread * K * K + e];
   }
   std::vector<double> p_a(K, 0.0), p_b(K, 0.0), log_joint(K * K, 0.0);
   double mi = 0;
@@ -213,26 +225,29 @@ double mi_measure(const scalar_t* r, const scalar_t* t, const scalar_t* w, int64
     mi -= p_a[k] * log_a[k];
     if (p_b[k] > 0) mi -= p_b[k] * std::log(p_b[k]);
   }
-  for (int64_t n = 0; factor != nullptr && n < N; ++n) {
-    const double v = static_cast<double>(r[n]) + t[n];
-    factor[n] = 0;
-    if (w[n] == 0 || v < 0 || v > 1) continue;
-    int64_t first_a, first_b;
-    double wa[4], slope[4], wb[4];
-    bspline_weights(position(v), &first_a, wa, slope);
-    bspline_weights(position(t[n]), &first_b, wb, nullptr);
-    double sum = 0;
-    for (int i = 0; i < 4; ++i) {
-      const int64_t a = first_a + i;
-      double inner = 0;
-      for (int j = 0; j < 4; ++j) {
-        const int64_t b = first_b + j;
-        if (wb[j] > 0 && joint[a * K + b] > 0) inner += wb[j] * (log_joint[a * K + b] - log_a[a]);
+  if (factor == nullptr) return -mi;
+  at::parallel_for(0, N, kMiGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const double v = static_cast<double>(r[n]) + t[n];
+      factor[n] = 0;
+      if (w[n] == 0 || v < 0 || v > 1) continue;
+      int64_t first_a, first_b;
+      double wa[4], slope[4], wb[4];
+      bspline_weights(position(v), &first_a, wa, slope);
+      bspline_weights(position(t[n]), &first_b, wb, nullptr);
+      double sum = 0;
+      for (int i = 0; i < 4; ++i) {
+        const int64_t a = first_a + i;
+        double inner = 0;
+        for (int j = 0; j < 4; ++j) {
+          const int64_t b = first_b + j;
+          if (wb[j] > 0 && joint[a * K + b] > 0) inner += wb[j] * (log_joint[a * K + b] - log_a[a]);
+        }
+        sum += slope[i] * inner;
       }
-      sum += slope[i] * inner;
+      factor[n] = -w[n] * last / total * sum;
     }
-    factor[n] = -w[n] * last / total * sum;
-  }
+  });
   return -mi;
 }
 
@@ -441,13 +456,18 @@ std::vector<at::Tensor> affine_ncc(const at::Tensor& image, const at::Tensor& po
     double* slope = scratch<double>(2, measure == kMi ? K * P : 0);
     if (measure == kMi) {          // -MI per map, d / d w_p into slope (mi_measure, unit weights)
       const std::vector<double> ones(P, 1.0);
-      at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+      auto maps = [&](int64_t begin, int64_t end) {
         std::vector<double> residual(P);
         for (int64_t k = begin; k < end; ++k) {
           for (int64_t p = 0; p < P; ++p) residual[p] = warped[k * P + p] - t[p];
           c[k] = mi_measure(residual.data(), t, ones.data(), P, static_cast<double>(P), bins, slope + k * P);
         }
-      });
+      };
+      if (K >= at::get_num_threads()) {
+        at::parallel_for(0, K, 1, maps);     // the search's candidates: a map per thread
+      } else {
+        maps(0, K);                          // the refinement's one map: mi_measure's threads
+      }
     } else if (ssd) {                     // d ssd / d w_p = 2 (w_p - t_p) / P
       const std::vector<double> squares = per_map_sums(K, P, 1, [&](double* sum, int64_t i, int64_t, int64_t p) {
         sum[0] += (warped[i] - t[p]) * (warped[i] - t[p]);
