@@ -7,12 +7,21 @@ build is cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torc
 kind of CPU and per installation of PyTorch (each Python environment keeps its own build), and redone
 when a source changes. ``load()`` raises
 ``NativeBuildError`` with the reason when the extension cannot be built or imported.
+
+A successful load leaves a record (the built library and a hash of the sources, flags and build
+name: ``{name}.json`` in ``TORCH_EXTENSIONS_DIR``, or else in ``~/.cache/neuralfield_reg``); the next
+process whose hash matches imports that library directly. Importing ``torch.utils.cpp_extension``
+(it imports setuptools) and asking ninja took 0.12-0.18 s of every ``nfreg`` command.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
+import json
 import os
+import tempfile
 import shutil
 import sys
 import sysconfig
@@ -32,11 +41,12 @@ class NativeBuildError(RuntimeError):
 
 def _with_cuda() -> bool:
     import torch
+
+    if os.environ.get("NEURALFIELD_REG_NO_CUDA_BUILD") or not torch.cuda.is_available():
+        return False
     from torch.utils import cpp_extension
 
-    if os.environ.get("NEURALFIELD_REG_NO_CUDA_BUILD"):
-        return False
-    return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    return cpp_extension.CUDA_HOME is not None
 
 
 def _cpu_tag() -> str:
@@ -180,6 +190,57 @@ def _load_without_ninja(cpp_extension, name: str, sources: list[str], flags: lis
     return module
 
 
+def _record_path(name: str) -> Path:
+    """Where the record of build ``name`` is kept (see the module docstring)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "neuralfield_reg")
+    return Path(root) / f"{name}.json"
+
+
+def _build_digest(name: str, sources: list[str], flags: list[str], extra: dict) -> str:
+    """A hash of everything a build depends on here: its name (CPU kind, PyTorch installation,
+    CUDA or not), the flags, the extensions folder, and every source and header."""
+    digest = hashlib.sha1(repr((name, flags, sorted(extra.items()), os.environ.get("TORCH_EXTENSIONS_DIR"))).encode())
+    for source in sorted(set(sources) | {str(path) for path in SOURCE_DIR.glob("*.h")}):
+        digest.update(Path(source).read_bytes())
+    return digest.hexdigest()
+
+
+def _load_recorded(name: str, digest: str):
+    """The library a record names when its hash is ``digest`` and the library is there, else None
+    (no record, another build, a library that does not import: then the usual load runs)."""
+    try:
+        record = json.loads(_record_path(name).read_text())
+        if record["digest"] != digest or not os.path.isfile(record["library"]):
+            return None
+        spec = importlib.util.spec_from_file_location(record["module"], record["library"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception:  # noqa: BLE001 - any unusable record means: load the usual way
+        return None
+
+
+def _write_record(name: str, digest: str, module) -> None:
+    """Record a loaded build (written to a temporary file, then renamed: a process reading it
+    meanwhile sees the old record or the new one); a folder that cannot be written is skipped."""
+    path = _record_path(name)
+    text = json.dumps({"digest": digest, "library": os.path.abspath(module.__file__), "module": module.__name__})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    except OSError:
+        return
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
 def load(verbose: bool = False):
     """The compiled extension module (built on first use, then cached for the process)."""
     global _module, _error
@@ -188,8 +249,6 @@ def load(verbose: bool = False):
     if _error is not None:
         raise NativeBuildError(_error)
     try:
-        from torch.utils import cpp_extension
-
         sources = [str(SOURCE_DIR / source) for source in ("bindings.cpp", "hashgrid_cpu.cpp", "fused_cpu.cpp",
                                                                  "similarity_cpu.cpp", "optim_cpu.cpp")]
         flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
@@ -200,6 +259,12 @@ def load(verbose: bool = False):
             flags.append("-DWITH_CUDA")
             extra["extra_cuda_cflags"] = ["-O3", "-DWITH_CUDA"]
             name += "_cuda"
+        digest = _build_digest(name, sources, flags, extra)
+        _module = _load_recorded(name, digest)
+        if _module is not None:
+            return _module
+        from torch.utils import cpp_extension
+
         announce = not _is_built(cpp_extension, name) and not os.environ.get("NEURALFIELD_REG_QUIET")
         if announce:
             how_long = ("about half a minute" if cpp_extension.is_ninja_available() else
@@ -217,6 +282,7 @@ def load(verbose: bool = False):
         if announce:
             print(f"neuralfield_reg: kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
+        _write_record(name, digest, _module)
     except Exception as error:  # noqa: BLE001 - any build failure is reported the same way
         _error = f"building the hash-grid kernels in {SOURCE_DIR} failed: {type(error).__name__}: {error}"
         raise NativeBuildError(_error) from error

@@ -225,3 +225,61 @@ print(json.dumps({"file": loader.load().__file__, "history": history}))
     assert again["file"] == built["file"] and next(tmp_path.rglob("setuptools_build.txt")).stat().st_mtime == stamp_time
     for name, values in usual["history"].items():
         np.testing.assert_allclose(built["history"][name], values, rtol=1e-4, atol=1e-7)
+
+
+def test_a_recorded_build_is_imported_without_the_build_machinery(monkeypatch, tmp_path):
+    """After a load, the build's record (library, hash of what it was built from) lets the next
+    load import the library directly; a record of another hash, of a missing library or an
+    unreadable one is passed over (the usual load then runs)."""
+    import json
+
+    from neuralfield_reg._cuda_ext import loader
+
+    module = loader.load()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = module.__name__
+    assert loader._record_path(name) == tmp_path / f"{name}.json"
+    loader._write_record(name, "digest-1", module)
+    assert json.loads((tmp_path / f"{name}.json").read_text())["library"] == module.__file__
+    assert [path.name for path in tmp_path.iterdir()] == [f"{name}.json"]       # no temporary file left
+    again = loader._load_recorded(name, "digest-1")
+    assert again is not None and again.__file__ == module.__file__ and hasattr(again, "similarity")
+    assert loader._load_recorded(name, "digest-2") is None
+    assert loader._load_recorded("another_build", "digest-1") is None
+    (tmp_path / f"{name}.json").write_text(json.dumps({"digest": "digest-1", "library": str(tmp_path / "gone.so"),
+                                                       "module": name}))
+    assert loader._load_recorded(name, "digest-1") is None
+    (tmp_path / f"{name}.json").write_text("{not json")
+    assert loader._load_recorded(name, "digest-1") is None
+
+
+def test_the_build_hash_follows_sources_flags_and_name(tmp_path, monkeypatch):
+    from neuralfield_reg._cuda_ext import loader
+
+    source = tmp_path / "kernel.cpp"
+    source.write_text("int f() { return 1; }\n")
+    first = loader._build_digest("build", [str(source)], ["-O3"], {})
+    assert loader._build_digest("build", [str(source)], ["-O3"], {}) == first
+    assert loader._build_digest("build_cuda", [str(source)], ["-O3"], {}) != first
+    assert loader._build_digest("build", [str(source)], ["-O2"], {}) != first
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert loader._build_digest("build", [str(source)], ["-O3"], {}) != first
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    source.write_text("int f() { return 2; }\n")
+    assert loader._build_digest("build", [str(source)], ["-O3"], {}) != first
+
+
+def test_a_new_process_loads_the_recorded_build_directly():
+    """In a fresh process the kernels load without importing torch.utils.cpp_extension (and with it
+    setuptools), from the library this process loaded."""
+    import subprocess
+    import sys
+
+    from neuralfield_reg._cuda_ext import loader
+
+    library = loader.load().__file__
+    script = ("import sys; from neuralfield_reg._cuda_ext import loader; module = loader.load(); "
+              "print(module.__file__, 'torch.utils.cpp_extension' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [library, "False"]
