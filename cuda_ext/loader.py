@@ -11,7 +11,7 @@ when a source changes. ``load()`` raises
 A successful load leaves a record (the built library and a hash of the sources, flags and build
 name: ``{name}.json`` in ``TORCH_EXTENSIONS_DIR``, or else in ``~/.cache/neuralfield_reg``); the next
 process whose hash matches imports that library directly. Importing ``torch.utils.cpp_extension``
-(it imports setuptools) and asking ninja took 0.12-0.18 s of every ``nfreg`` command.
+(it imports setuptools) and asking ninja took 0.14-0.18 s of every ``nfreg`` command.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -150,23 +150,18 @@ def _load_without_ninja(cpp_extension, name: str, sources: list[str], flags: lis
     PyTorch's ``BuildExtension`` into the same cache folder (one per CPU kind and PyTorch
     installation, by ``name``), and the build is redone when a source or a flag changes (a stamp
     file holds their hash)."""
-    import hashlib
-    import importlib.util
-
     from setuptools import Distribution
     from torch.utils.file_baton import FileBaton
 
     folder = cpp_extension._get_build_directory(name, verbose)
-    digest = hashlib.sha1(repr((flags, extra)).encode())     # the folder is this CPU's and PyTorch's (``name``)
-    for source in sorted(set(sources) | {str(path) for path in SOURCE_DIR.glob("*.h")}):
-        digest.update(Path(source).read_bytes())
+    digest = _build_digest(name, sources, flags, extra)
     library = os.path.join(folder, name + sysconfig.get_config_var("EXT_SUFFIX"))
     stamp = os.path.join(folder, _STAMP)
     baton = FileBaton(os.path.join(folder, "lock"))
     if baton.try_acquire():
         try:
             current = Path(stamp).read_text() if os.path.exists(stamp) else None
-            if current != digest.hexdigest() or not os.path.exists(library):
+            if current != digest or not os.path.exists(library):
                 cuda = "extra_cuda_cflags" in extra
                 kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
                 compile_args = {"cxx": flags, "nvcc": extra["extra_cuda_cflags"]} if cuda else flags
@@ -179,7 +174,7 @@ def _load_without_ninja(cpp_extension, name: str, sources: list[str], flags: lis
                 command.build_lib, command.build_temp = folder, os.path.join(folder, "setuptools_objects")
                 with _compiler_output(os.path.join(folder, "setuptools_build.log"), verbose):
                     distribution.run_command("build_ext")
-                Path(stamp).write_text(digest.hexdigest())
+                Path(stamp).write_text(digest)
         finally:
             baton.release()
     else:
