@@ -464,9 +464,9 @@ inline void weight_gradient(scalar_t* const* in, int first_channel, scalar_t* co
                             int64_t n_out, bool skip_zero_rows, scalar_t* gW) {
   if (first_channel == 0) {
     weight_gradient_from<scalar_t, C, 0>(in, adj, n_in, n_out, skip_zero_rows, gW);
-  } else {
-    weight_gradient_from<scalar_t, C, (C > 1 ? 1 : 0)>(in, adj, n_in, n_out, skip_zero_rows, gW);
-  }
+  } else if constexpr (C > 1) {
+    weight_gradient_from<scalar_t, C, 1>(in, adj, n_in, n_out, skip_zero_rows, gW);
+  }                                            // (one vector from channel 1: nothing to add)
 }
 
 // C vectors through the MLP together: at[k][c] is vector c's input of layer k, at[n_layers][c] its
