@@ -256,6 +256,7 @@ def test_a_recorded_build_is_imported_without_the_build_machinery(monkeypatch, t
 def test_the_build_hash_follows_sources_flags_and_name(tmp_path, monkeypatch):
     from neuralfield_reg._cuda_ext import loader
 
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     source = tmp_path / "kernel.cpp"
     source.write_text("int f() { return 1; }\n")
     first = loader._build_digest("build", [str(source)], ["-O3"], {})
