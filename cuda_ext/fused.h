@@ -201,21 +201,22 @@ void find_cells(const Clamped<scalar_t, D>& p, int64_t t, const Levels& levels, 
   }
 }
 
-// out[ch * LF + f] = sum over the K corners c of coefficient[c][ch] * row_c[f], for kF features per
-// row known at compile time: every sum is formed in registers before it is stored (the general
-// loop of encode_jet stores them corner by corner).
+// out[ch * LF + f] = sum over the K corners c of coefficient[c][ch] * row_c[f], with F features per
+// row (kF: F known at compile time, or 0), as scatter_level does: every sum is formed in registers
+// before it is stored.
 template <typename scalar_t, int K, int C, int kF>
-inline void weighted_rows(const scalar_t (&coefficient)[K][C], const int64_t* rows, const scalar_t* table, int LF,
-                          scalar_t* out) {
-  scalar_t sum[C][kF] = {};
+inline void weighted_rows(const scalar_t (&coefficient)[K][C], const int64_t* rows, const scalar_t* table, int F,
+                          int LF, scalar_t* out) {
+  const int n = kF > 0 ? kF : F;
+  scalar_t sum[C][kF > 0 ? kF : 8] = {};       // F <= 8 (make_levels checks)
   for (int c = 0; c < K; ++c) {
-    const scalar_t* row = table + rows[c] * kF;
+    const scalar_t* row = table + rows[c] * n;
     for (int ch = 0; ch < C; ++ch) {
-      for (int f = 0; f < kF; ++f) sum[ch][f] += coefficient[c][ch] * row[f];
+      for (int f = 0; f < n; ++f) sum[ch][f] += coefficient[c][ch] * row[f];
     }
   }
   for (int ch = 0; ch < C; ++ch) {
-    for (int f = 0; f < kF; ++f) out[ch * LF + f] = sum[ch][f];
+    for (int f = 0; f < n; ++f) out[ch * LF + f] = sum[ch][f];
   }
 }
 
@@ -245,17 +246,12 @@ void encode_jet(const Clamped<scalar_t, D>& p, const Cell<scalar_t, D>* cells, c
       }
     }
     scalar_t* out = jet + l * F;
-    if (F == 2) {                              // 2D's: the sums in registers
-      weighted_rows<scalar_t, K, C, 2>(coefficient, cell.row, table, LF, out);
+    if (F == 2) {                              // 2D's: the feature loops unrolled
+      weighted_rows<scalar_t, K, C, 2>(coefficient, cell.row, table, F, LF, out);
     } else if (F == 4) {                       // the 3D preset's
-      weighted_rows<scalar_t, K, C, 4>(coefficient, cell.row, table, LF, out);
+      weighted_rows<scalar_t, K, C, 4>(coefficient, cell.row, table, F, LF, out);
     } else {
-      for (int c = 0; c < K; ++c) {
-        const scalar_t* row = table + cell.row[c] * F;
-        for (int ch = 0; ch < C; ++ch) {
-          for (int f = 0; f < F; ++f) out[ch * LF + f] += coefficient[c][ch] * row[f];
-        }
-      }
+      weighted_rows<scalar_t, K, C, 0>(coefficient, cell.row, table, F, LF, out);
     }
     if (records != nullptr) {
       for (int c = 0; c < K; ++c) {
