@@ -143,18 +143,25 @@ def _compiler_output(log: str, verbose: bool):
             os.close(descriptor)
 
 
+def _import_library(module_name: str, library: str):
+    """The extension module ``module_name`` from the built library ``library``."""
+    spec = importlib.util.spec_from_file_location(module_name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load_without_ninja(cpp_extension, name: str, sources: list[str], flags: list[str], extra: dict,
-                        verbose: bool):
+                        digest: str, verbose: bool):
     """The same build as ``cpp_extension.load`` where ninja is missing (PyTorch's just-in-time
     builds need it): setuptools compiles the sources one after another (slower, once) with
     PyTorch's ``BuildExtension`` into the same cache folder (one per CPU kind and PyTorch
     installation, by ``name``), and the build is redone when a source or a flag changes (a stamp
-    file holds their hash)."""
+    file holds their hash, ``digest``: _build_digest's)."""
     from setuptools import Distribution
     from torch.utils.file_baton import FileBaton
 
     folder = cpp_extension._get_build_directory(name, verbose)
-    digest = _build_digest(name, sources, flags, extra)
     library = os.path.join(folder, name + sysconfig.get_config_var("EXT_SUFFIX"))
     stamp = os.path.join(folder, _STAMP)
     baton = FileBaton(os.path.join(folder, "lock"))
@@ -179,10 +186,7 @@ def _load_without_ninja(cpp_extension, name: str, sources: list[str], flags: lis
             baton.release()
     else:
         baton.wait()                             # another process is building the same kernels
-    spec = importlib.util.spec_from_file_location(name, library)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _import_library(name, library)
 
 
 def _record_path(name: str) -> Path:
@@ -209,10 +213,7 @@ def _load_recorded(name: str, digest: str):
         record = json.loads(_record_path(name).read_text())
         if record["digest"] != digest or not os.path.isfile(record["library"]):
             return None
-        spec = importlib.util.spec_from_file_location(record["module"], record["library"])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return _import_library(record["module"], record["library"])
     except Exception:  # noqa: BLE001 - any unusable record means: load the usual way
         return None
 
@@ -273,7 +274,7 @@ def load(verbose: bool = False):
                                              extra_ldflags=["-fopenmp"], extra_include_paths=[str(SOURCE_DIR)],
                                              verbose=verbose, **extra)
             else:
-                _module = _load_without_ninja(cpp_extension, name, sources, flags, extra, verbose)
+                _module = _load_without_ninja(cpp_extension, name, sources, flags, extra, digest, verbose)
         if announce:
             print(f"neuralfield_reg: kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
